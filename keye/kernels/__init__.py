@@ -1,0 +1,1 @@
+"""keye.kernels"""
