@@ -1,0 +1,54 @@
+"""pipelines.yaml schema: the default validates; bad configs fail before any work with the field path."""
+
+from pathlib import Path
+
+import pytest
+
+from keye.config import ConfigError, PathSource, SyntheticSource, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_default_pipeline_validates():
+    cfg = load_config(ROOT / "pipelines.yaml")
+    assert cfg.stages == ["ingest", "caption", "shard"]
+    assert isinstance(cfg.sources[0], SyntheticSource)
+
+
+def test_overrides_and_short_source_forms(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("sources:\n  - path: /data/videos\n  - synthetic: {n_videos: 3}\n")
+    cfg = load_config(p, overrides=["ingest.max_clip_seconds=12", "shard.fps=4"], workspace=tmp_path / "ws")
+    assert isinstance(cfg.sources[0], PathSource) and cfg.sources[0].path == "/data/videos"
+    assert cfg.sources[1].n_videos == 3
+    assert cfg.ingest.max_clip_seconds == 12.0 and cfg.shard.fps == 4.0
+    assert cfg.workspace == str(tmp_path / "ws")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "expected"),
+    [
+        ("caption:\n  backend: magic\n", [], "caption.backend"),
+        ("ingest:\n  max_clip_secs: 3\n", [], "ingest.max_clip_secs: unknown field"),
+        ("stages: [ingest, train_everything]\n", [], "unknown stage(s) ['train_everything']"),
+        ("ingest:\n  min_clip_seconds: 9\n  max_clip_seconds: 3\n", [], "min_clip_seconds must not exceed"),
+        ("sources: []\n", [], "at least one source"),
+        ("", ["shard.target_bytes=-5"], "shard.target_bytes"),
+        ("- just\n- a list\n", [], "top level must be a mapping"),
+        ("a: [unclosed\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides=overrides)
+    assert expected in str(e.value)
+    assert str(p) in str(e.value) or "YAML" in str(e.value) or "top level" in str(e.value)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, overrides=["ingest.max_clip_seconds"])
