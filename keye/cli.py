@@ -1,0 +1,269 @@
+"""The `keye` command. Its commands and options are a contract (DESIGN.md "The command line").
+
+Prefect is imported only after the workspace is known, so PREFECT_HOME and friends point inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Keye: long-video multimodal training pipeline."
+)
+convert_app = typer.Typer(no_args_is_help=True, help="Import weights from other layouts.")
+app.add_typer(convert_app, name="convert")
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace directory")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config field: key=value (repeatable)")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="pipeline YAML (default: built-in)")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str] | None, workspace: Path | None):
+    from keye.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides=overrides or [], workspace=workspace)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _prepare(workspace: str | Path) -> None:
+    from keye.orchestration import configure_environment
+    from keye.workspace import Workspace
+
+    configure_environment(Workspace.at(workspace))
+
+
+def _run_guarded(fn):
+    """Turn the errors a user can fix into one clear line and a non-zero exit, not a traceback."""
+    from keye.config import ConfigError
+    from keye.data.sources import SourceError
+    from keye.lineage import LineageError
+    from keye.workspace import WorkspaceLocked
+
+    try:
+        return fn()
+    except WorkspaceLocked as e:
+        _fail(str(e), 3)
+    except (ConfigError, SourceError, LineageError) as e:
+        _fail(str(e), 2)
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Path | None, typer.Argument(help="pipeline YAML (default ./pipelines.yaml)")] = None,
+    workspace: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="overrides the config's workspace")
+    ] = None,
+    stages: Annotated[str | None, typer.Option("--stages", help="comma-separated subset of stages")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the pipeline flow (default: ./pipelines.yaml, its workspace)."""
+    if pipeline is None:
+        pipeline = Path("pipelines.yaml")
+        if not pipeline.is_file():
+            _fail("no pipelines.yaml here: pass a pipeline YAML (e.g. `keye run pipelines.yaml`)")
+    overrides = list(set_ or [])
+    stage_list = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
+    cfg = _load(pipeline, overrides + ([f"stages=[{stages}]"] if stages else []), workspace)
+    _prepare(cfg.workspace)
+    from flows.pipeline import pipeline as pipeline_flow
+    from keye.summary import render
+
+    summary = _run_guarded(
+        lambda: pipeline_flow(
+            config_path=str(pipeline),
+            workspace=cfg.workspace,
+            stages=stage_list,
+            overrides=_as_dict(overrides) or None,
+        )
+    )
+    typer.echo(render(summary))
+
+
+def _as_dict(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        k, _, v = o.partition("=")
+        out[k.strip()] = v
+    return out
+
+
+def _stage_config(source: str | None, workspace: Path, config: Path | None, set_: list[str] | None):
+    overrides = list(set_ or [])
+    cfg = _load(config, overrides, workspace)
+    if source is not None:
+        from keye.config import PathSource, SyntheticSource
+
+        src = SyntheticSource() if source == "synthetic" else PathSource(path=source)
+        cfg = cfg.model_copy(update={"sources": [src]})
+    _prepare(cfg.workspace)
+    return cfg
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="folder, glob, fsspec URL, manifest file, or 'synthetic'")],
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Scan, hash, probe and clip the videos of SOURCE."""
+    cfg = _stage_config(source, workspace, config, set_)
+    from flows.ingest import ingest as ingest_flow
+    from keye.summary import pipeline_summary, render
+
+    vs = _run_guarded(lambda: ingest_flow(cfg))
+    _print_stage(pipeline_summary, render, cfg, {"videoset": vs})
+
+
+def _print_stage(pipeline_summary, render, cfg, outputs) -> None:
+    from keye.lineage import Lineage
+
+    typer.echo(render(pipeline_summary(Lineage(cfg.workspace, read_only=True), outputs)))
+
+
+@app.command()
+def caption(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    videoset: Annotated[str | None, typer.Option(help="VideoSet id (default: the latest)")] = None,
+) -> None:
+    """Caption the clips of a VideoSet with the configured backend."""
+    cfg = _stage_config(None, workspace, config, set_)
+    from flows.caption import caption as caption_flow
+    from keye.lineage import Lineage
+    from keye.summary import pipeline_summary, render
+
+    vs = videoset or _run_guarded(lambda: Lineage(cfg.workspace, read_only=True).latest_artifact("videoset"))
+    cs = _run_guarded(lambda: caption_flow(cfg, vs))
+    _print_stage(pipeline_summary, render, cfg, {"captionset": cs})
+
+
+@app.command()
+def shard(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    captionset: Annotated[str | None, typer.Option(help="CaptionSet id (default: the latest)")] = None,
+) -> None:
+    """Write WebDataset shards of the captioned clips."""
+    cfg = _stage_config(None, workspace, config, set_)
+    from flows.shard import shard as shard_flow
+    from keye.lineage import Lineage
+    from keye.summary import pipeline_summary, render
+
+    cs = captionset or _run_guarded(
+        lambda: Lineage(cfg.workspace, read_only=True).latest_artifact("captionset")
+    )
+    ss = _run_guarded(lambda: shard_flow(cfg, cs))
+    _print_stage(pipeline_summary, render, cfg, {"shardset": ss})
+
+
+@app.command()
+def verify(workspace: WorkspaceOpt = Path("./workspace")) -> None:
+    """Re-hash every shard (and checkpoint) against lineage; non-zero exit on any mismatch."""
+    from keye.verify import verify_workspace
+
+    report = _run_guarded(lambda: verify_workspace(workspace))
+    for line in report.problems:
+        typer.secho(f"MISMATCH {line}", fg=typer.colors.RED)
+    typer.echo(f"verified {report.checked} artifacts: {len(report.problems)} problem(s)")
+    raise typer.Exit(1 if report.problems else 0)
+
+
+@app.command()
+def lineage(
+    artifact: Annotated[
+        str, typer.Argument(help="an id (video, clip, caption, shard, pack, run, checkpoint) or a path")
+    ],
+    workspace: WorkspaceOpt = Path("./workspace"),
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Where an artifact came from (upstream) and what used it (downstream)."""
+    from keye.lineage import Lineage
+
+    def walk():
+        store = Lineage(workspace, read_only=True)
+        node = store.resolve(artifact)
+        return node, store.upstream(node["id"]), store.downstream(node["id"])
+
+    node, up, down = _run_guarded(walk)
+    if as_json:
+        typer.echo(json.dumps({"node": node, "upstream": up, "downstream": down}, default=str, indent=2))
+        return
+    typer.echo(f"{node['kind']} {node['id']}  {node['label'] or ''}")
+    for title, rows in (("upstream (came from)", up), ("downstream (used by)", down)):
+        typer.echo(f"\n{title}: {len(rows)}")
+        for r in rows:
+            typer.echo(f"  {'  ' * (r['depth'] - 1)}{r['kind']:<10} {r['id']}  {r['label'] or ''}")
+
+
+@convert_app.command("hf")
+def convert_hf(
+    src_dir: Annotated[Path, typer.Argument(help="Hugging Face model dir (config.json + safetensors)")],
+    out_dir: Annotated[Path, typer.Argument(help="output checkpoint dir")],
+) -> None:
+    """Qwen3-MoE causal LM or SigLIP vision weights -> this project's checkpoint."""
+    from keye.model.convert import convert_hf as _convert
+
+    try:
+        out = _convert(src_dir, out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def up(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
+    worker: Annotated[bool, typer.Option(help="also start a process worker")] = True,
+) -> None:
+    """Start local Prefect and MLflow servers (127.0.0.1) with workspace-local stores."""
+    from keye.services import up as _up
+
+    urls = _up(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port, worker=worker)
+    for name, url in urls.items():
+        typer.echo(f"{name:<8} {url}")
+
+
+@app.command()
+def down(workspace: WorkspaceOpt = Path("./workspace")) -> None:
+    """Stop exactly the servers `keye up` started."""
+    from keye.services import down as _down
+
+    stopped = _down(workspace)
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def doctor(workspace: WorkspaceOpt = Path("./workspace")) -> None:
+    """Check the environment: torch/triton/CUDA, versions, ports, disk; say how to fix what is missing."""
+    from keye.doctor import render, run_checks
+
+    checks = run_checks(workspace)
+    typer.echo(render(checks))
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="keye")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

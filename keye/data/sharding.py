@@ -1,0 +1,152 @@
+"""The shard stage around keye.data.shards: which clips go in, their sample JSON, and shard ids for lineage.
+
+Work is split so a crash loses little: clips are encoded into a cache (atomic, skipped when present), then shards
+are planned by actual size and each is written atomically and recorded in lineage as soon as it exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keye.atomic import remove_stale_temps
+from keye.config import ShardSettings
+from keye.data.shards import (
+    EncodeParams,
+    ShardInfo,
+    clip_key,
+    ensure_clip,
+    sha256_file,
+    shard_sha256,
+    write_shard,
+)
+from keye.lineage import Lineage, make_id
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    key: str
+    clip_id: str
+    caption_id: str
+    video_id: str
+    video_sha256: str | None
+    source_path: str
+    start: float
+    end: float
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    item: ShardItem
+    mp4: str
+    width: int
+    height: int
+    fps: float
+    duration: float
+    bytes: int
+
+
+def remove_partial_files(out_dir: str | Path, cache_dir: str | Path, params: EncodeParams) -> int:
+    """Temp files of writers killed in an earlier run (the stage holds the workspace lock, so none is live)."""
+    return len(remove_stale_temps(out_dir)) + len(remove_stale_temps(Path(cache_dir) / params.digest()))
+
+
+def encode_params(s: ShardSettings) -> EncodeParams:
+    return EncodeParams(max_side=s.max_side, fps=s.fps, gop_seconds=s.gop_seconds)
+
+
+def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
+    """Clips with an 'ok' caption in the caption set, in key order."""
+    rows = lineage.query(
+        """SELECT k.caption_id, k.record, c.clip_id, c.start_s, c.end_s, v.video_id, v.sha256, v.path
+           FROM captions k JOIN clips c USING (clip_id) JOIN videos v ON v.video_id = c.video_id
+           WHERE k.caption_id IN (SELECT member_id FROM set_members WHERE set_id = ?) AND k.status = 'ok'""",
+        [captionset_id],
+    )
+    import json
+
+    items = [
+        ShardItem(
+            key=clip_key(r["clip_id"]),
+            clip_id=r["clip_id"],
+            caption_id=r["caption_id"],
+            video_id=r["video_id"],
+            video_sha256=r["sha256"],
+            source_path=r["path"],
+            start=r["start_s"],
+            end=r["end_s"],
+            record=json.loads(r["record"]) if isinstance(r["record"], str) else (r["record"] or {}),
+        )
+        for r in rows
+    ]
+    return sorted(items, key=lambda i: i.key)
+
+
+def encode_items(items: list[ShardItem], cache_dir: str, params: EncodeParams) -> list[EncodedItem]:
+    out = []
+    for it in items:
+        path, info, _ = ensure_clip(cache_dir, it.key, it.source_path, it.start, it.end, params)
+        out.append(EncodedItem(it, str(path), info.width, info.height, info.fps, info.duration, info.bytes))
+    return out
+
+
+_TASK_FIELDS = ("caption", "dense_captions", "grounding", "mcq", "subtitles")
+
+
+def sample_json(e: EncodedItem) -> dict[str, Any]:
+    """docs/DATA_FORMATS.md section 3."""
+    it, rec = e.item, e.item.record
+    return {
+        "key": it.key,
+        "clip_id": it.clip_id,
+        "video_id": it.video_id,
+        "video_sha256": it.video_sha256,
+        "source_path": it.source_path,
+        "clip_start": it.start,
+        "clip_end": it.end,
+        "duration": e.duration,
+        "fps": e.fps,
+        "width": e.width,
+        "height": e.height,
+        "split": rec.get("split") or (rec.get("meta") or {}).get("split") or "train",
+        **{f: rec.get(f, "" if f == "caption" else []) for f in _TASK_FIELDS},
+        "caption_meta": {
+            "caption_id": it.caption_id,
+            "backend": rec.get("backend"),
+            "model": rec.get("model"),
+            "prompt_version": rec.get("prompt_version"),
+        },
+    }
+
+
+def shard_id_for(shardset_id: str, name: str) -> str:
+    return make_id("s", shardset_id, name)
+
+
+def ensure_shard(out_dir: str, name: str, group: list[EncodedItem]) -> ShardInfo:
+    """Write one planned shard unless an identical one is already in place (a re-run after a crash)."""
+    samples = [(e.item.key, e.mp4, sample_json(e)) for e in group]
+    final = Path(out_dir) / f"{name}.tar"
+    if final.exists():
+        want = shard_sha256(samples)
+        if sha256_file(final) == want:
+            return ShardInfo(
+                final, want, len(samples), final.stat().st_size, [s[0] for s in samples], skipped=True
+            )
+    return write_shard(out_dir, name, samples)
+
+
+def shard_row(shardset_id: str, name: str, info: ShardInfo) -> dict[str, Any]:
+    return {
+        "shard_id": shard_id_for(shardset_id, name),
+        "path": str(info.path),
+        "sha256": info.sha256,
+        "n_samples": info.n_samples,
+        "bytes": info.bytes,
+    }
+
+
+def member_rows(group: list[EncodedItem]) -> list[dict[str, Any]]:
+    return [{"key": e.item.key, "clip_id": e.item.clip_id, "caption_id": e.item.caption_id} for e in group]

@@ -1,0 +1,175 @@
+"""Where videos come from: a folder, a glob, an fsspec URL, a manifest file, or the embedded synthetic set.
+
+Remote files (any fsspec URL that is not local) are copied into the workspace cache first, so decoding and
+hashing always read a local file and a re-run does not download again.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from keye.atomic import atomic_path
+from keye.config import IngestSettings, PathSource, SyntheticSource
+from keye.workspace import Workspace
+
+MANIFEST_SUFFIXES = {".txt", ".jsonl", ".csv", ".lst"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (as opposed to a bad video inside it, which is rejected and recorded)."""
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A local file to ingest; size and mtime make cache keys change when the file changes."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    source: str
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s and not s.startswith("file://")
+
+
+def _stat(path: str, source: str) -> FileRef:
+    st = os.stat(path)
+    return FileRef(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, source)
+
+
+def _wanted(path: str, settings: IngestSettings) -> bool:
+    return Path(path).suffix.lower() in {e.lower() for e in settings.extensions}
+
+
+def _manifest_entries(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f'{path}:{i}: not valid JSON ({e}); each line needs {{"path": ...}}') from e
+            if "path" not in row:
+                raise SourceError(f"{path}:{i}: missing field 'path'")
+            out.append(str(row["path"]))
+        return out
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and "path" not in rows[0]:
+            raise SourceError(f"{path}: the CSV needs a 'path' column (found {list(rows[0])})")
+        return [r["path"] for r in rows if r.get("path")]
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _fetch_remote(url: str, ws: Workspace) -> str:
+    import fsspec
+
+    name = Path(url.split("?")[0]).name or "video"
+    dest = ws.cache / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    if dest.exists():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with fsspec.open(url, "rb") as src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    return str(dest)
+
+
+def _expand_url(url: str, settings: IngestSettings, ws: Workspace) -> list[str]:
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(url)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    found: list[str] = []
+    for p in paths:
+        if fs.isdir(p):
+            found += [f for f in fs.find(p) if _wanted(f, settings)]
+        else:
+            found.append(p)
+    if protocol in ("file", "local"):
+        return found
+    return [_fetch_remote(f"{protocol}://{p}" if "://" not in p else p, ws) for p in sorted(found)]
+
+
+def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -> list[FileRef]:
+    """Expand one user source into local files (sorted, so runs are deterministic)."""
+    spec = src.path
+    label = spec
+    if _is_url(spec):
+        files = _expand_url(spec, settings, ws)
+    else:
+        p = Path(spec.removeprefix("file://")).expanduser()
+        if any(ch in spec for ch in "*?["):
+            files = [f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f)]
+        elif p.is_dir():
+            it = p.rglob("*") if src.recursive else p.glob("*")
+            files = [str(f) for f in it if f.is_file() and _wanted(str(f), settings)]
+        elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
+            base = p.parent
+            files = []
+            for entry in _manifest_entries(p):
+                if _is_url(entry):
+                    files += _expand_url(entry, settings, ws)
+                else:
+                    e = Path(entry).expanduser()
+                    files.append(str(e if e.is_absolute() else base / e))
+        elif p.is_file():
+            files = [str(p)]
+        else:
+            raise SourceError(
+                f"source {spec!r} does not exist: give an existing folder, a glob, an fsspec URL or a manifest "
+                f"file ({', '.join(sorted(MANIFEST_SUFFIXES))})"
+            )
+    out = []
+    for f in sorted(set(files)):
+        if os.path.exists(f):
+            out.append(_stat(f, label))
+        else:  # listed in a manifest but missing: keep it, ingest records it as rejected
+            out.append(FileRef(str(Path(f).resolve()), -1, 0, label))
+    return out
+
+
+def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:
+    return ws.videos / f"synthetic-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
+
+
+def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
+    """Generate the synthetic set once; a crash mid-generation leaves only a temp dir that is discarded."""
+    from keye.data.synthetic import generate_dataset
+
+    final = synthetic_dir(src, ws)
+    if final.is_dir():
+        return final
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    generate_dataset(tmp, n_videos=src.n_videos, n_long=src.n_long, seed=src.seed)
+    os.replace(tmp, final)
+    return final
+
+
+def list_sources(sources: list, settings: IngestSettings, ws: Workspace) -> list[FileRef]:
+    files: list[FileRef] = []
+    for src in sources:
+        if isinstance(src, SyntheticSource):
+            d = materialise_synthetic(src, ws)
+            files += list_path_source(PathSource(path=str(d)), settings, ws)
+        else:
+            files += list_path_source(src, settings, ws)
+    seen: set[str] = set()
+    unique = []
+    for f in files:
+        if f.path not in seen:
+            seen.add(f.path)
+            unique.append(f)
+    return unique
