@@ -1,0 +1,144 @@
+"""One entry point per kernel: the model calls these, and they pick the plain-torch reference or a Triton kernel.
+
+Choice by the environment variable KEYE_KERNELS:
+  reference  always the torch reference (the spec; the CPU path)
+  triton     always the Triton kernel when one is registered (on CPU only useful under TRITON_INTERPRET=1)
+  auto       (default) Triton for CUDA tensors when registered, else the reference
+Every Triton function must have exactly the signature of the reference it replaces (see dsa_reference.py and
+moe_reference.py); `_triton_table` below is the single place where they plug in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import lru_cache
+
+from torch import Tensor
+
+from keye.kernels import dsa_reference, moe_reference
+
+KERNEL_NAMES = (
+    "indexer_topk",
+    "sparse_attention",
+    "dense_attention",
+    "indexer_kl",
+    "moe_experts",
+    "dsa_decode",
+    "decode_attention",
+)
+
+_REFERENCE: dict[str, Callable[..., object]] = {
+    "indexer_topk": dsa_reference.indexer_topk_reference,
+    "sparse_attention": dsa_reference.sparse_attention_reference,
+    "dense_attention": dsa_reference.dense_attention_reference,
+    "indexer_kl": dsa_reference.indexer_kl_reference,
+    "moe_experts": moe_reference.experts_reference,
+    "dsa_decode": dsa_reference.dsa_decode_reference,
+    "decode_attention": dsa_reference.decode_attention_reference,
+}
+
+
+@lru_cache(maxsize=1)
+def _triton_table() -> dict[str, Callable[..., object]]:
+    """Triton implementations by kernel name. PLUG-IN POINT for the Triton kernels: import them here and return
+    e.g. {"sparse_attention": triton_sparse_attention}. Missing names fall back to the reference."""
+    try:  # imported lazily: triton may be absent on a bare CPU box
+        from keye.kernels.decode import dsa_decode as triton_dsa_decode
+        from keye.kernels.indexer_kl import indexer_kl as triton_indexer_kl
+        from keye.kernels.indexer_topk import indexer_topk as triton_indexer_topk
+        from keye.kernels.moe import moe_experts as triton_moe_experts
+        from keye.kernels.sparse_attention import sparse_attention as triton_sparse_attention
+    except ImportError:
+        return {}
+    return {
+        "indexer_topk": triton_indexer_topk,
+        "sparse_attention": triton_sparse_attention,
+        "indexer_kl": triton_indexer_kl,
+        "moe_experts": triton_moe_experts,
+        "dsa_decode": triton_dsa_decode,
+    }
+
+
+def mode() -> str:
+    """The KEYE_KERNELS setting, validated."""
+    value = os.environ.get("KEYE_KERNELS", "auto").strip().lower() or "auto"
+    if value not in ("reference", "triton", "auto"):
+        raise ValueError(f"KEYE_KERNELS must be reference, triton or auto, got {value!r}")
+    return value
+
+
+def pick(name: str, like: Tensor) -> Callable[..., object]:
+    """The implementation of kernel `name` to use for tensors like `like`."""
+    if name not in _REFERENCE:
+        raise KeyError(f"unknown kernel {name!r}; known: {KERNEL_NAMES}")
+    chosen = mode()
+    if chosen == "reference":
+        return _REFERENCE[name]
+    fast = _triton_table().get(name)
+    if fast is None:
+        return _REFERENCE[name]
+    if chosen == "triton" or like.device.type == "cuda":
+        return fast
+    return _REFERENCE[name]
+
+
+def backend_name(name: str, like: Tensor) -> str:
+    """'triton' or 'reference': which path `pick` takes (for logs and benchmarks)."""
+    return "reference" if pick(name, like) is _REFERENCE[name] else "triton"
+
+
+def indexer_topk(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    return pick("indexer_topk", q_idx)(q_idx, k_idx, w, cu_seqlens, topk, block)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return pick("sparse_attention", q)(q, k, v, indices, scale)
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    return pick("dense_attention", q)(q, k, v, cu_seqlens, scale, block)
+
+
+def indexer_kl(
+    q: Tensor,
+    k: Tensor,
+    cu_seqlens: Tensor,
+    scale: float,
+    q_idx: Tensor,
+    k_idx: Tensor,
+    w: Tensor,
+    indices: Tensor | None,
+    block: int = 1024,
+) -> Tensor:
+    return pick("indexer_kl", q_idx)(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, block)
+
+
+def moe_experts(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor
+) -> Tensor:
+    return pick("moe_experts", x)(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+def dsa_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_idx: Tensor,
+    k_idx_cache: Tensor,
+    w: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return pick("dsa_decode", q)(q, k_cache, v_cache, q_idx, k_idx_cache, w, cache_lens, topk, scale)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    return pick("decode_attention", q)(q, k_cache, v_cache, cache_lens, scale)

@@ -1,0 +1,100 @@
+"""LM self-attention: Qwen3 GQA with QK-norm and M-RoPE, in three modes per layer (Keye-VL-2.0 / DeepSeek-V3.2):
+
+  dense       causal per-sample attention (cu_seqlens)
+  dsa_warmup  dense attention; the lightning indexer learns from KL to the head-summed attention distribution
+  dsa         top-k keys per query token from the indexer (one set shared by all heads, each KV group attends
+              over it); indexer input detached, its KL restricted to the selected set
+
+The heavy functions come from keye.kernels.dispatch (torch reference on CPU, Triton on CUDA when available).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from keye.kernels import dispatch
+from keye.model.cache import KVCache
+from keye.model.config import LMConfig
+from keye.model.indexer import LightningIndexer
+from keye.model.norm import RMSNorm
+from keye.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.indexer = LightningIndexer(cfg.hidden_size, cfg.dsa)
+        self.scale = d**-0.5
+        self.force_indexer_loss = False  # compute the KL in eval mode too (diagnostics)
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.mode_of(self.layer_idx)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        rope_idx: tuple[Tensor, Tensor],
+        cu_seqlens: Tensor,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x [T, H] -> (out [T, H], indexer KL loss or None)."""
+        t = x.shape[0]
+        hq, hkv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, hq, d)), *rope)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(t, hkv, d)), *rope)
+        v = self.v_proj(x).view(t, hkv, d)
+        mode = self.mode
+        q_idx = k_idx = w = None
+        if mode != "dense":
+            q_idx, k_idx, w = self.indexer(x.detach(), *rope_idx)
+
+        if cache is not None and cache.decoding:
+            cache.write_decode(self.layer_idx, k, v, k_idx)
+            o = self._decode(q, cache, q_idx, w)
+            return self.o_proj(o.reshape(t, hq * d)), None
+        if cache is not None:
+            cache.write_prefill(self.layer_idx, k, v, k_idx, cu_seqlens)
+
+        indices = None
+        block = self.cfg.dsa.block
+        want_kl = mode != "dense" and ((self.training and torch.is_grad_enabled()) or self.force_indexer_loss)
+        # top-k covering every sample selects all visible keys: sparse == dense, so take the exact dense path
+        covers = int(torch.diff(cu_seqlens).max()) <= self.cfg.dsa.topk if t else True
+        if mode == "dsa" and (not covers or want_kl):
+            indices, _ = dispatch.indexer_topk(
+                q_idx.detach(), k_idx.detach(), w.detach(), cu_seqlens, self.cfg.dsa.topk, block
+            )
+        if mode == "dsa" and not covers:
+            o, _ = dispatch.sparse_attention(q, k, v, indices, self.scale)
+        else:
+            o, _ = dispatch.dense_attention(q, k, v, cu_seqlens, self.scale, block)
+        kl = None
+        if want_kl:
+            kl = dispatch.indexer_kl(
+                q.detach(), k.detach(), cu_seqlens, self.scale, q_idx, k_idx, w, indices, block
+            )
+        return self.o_proj(o.reshape(t, hq * d)), kl
+
+    def _decode(self, q: Tensor, cache: KVCache, q_idx: Tensor | None, w: Tensor | None) -> Tensor:
+        """One query per sequence over its cached rows 0..lengths[b] (the new token included)."""
+        i = self.layer_idx
+        lens = cache.lengths + 1
+        if self.mode == "dsa":
+            o, _, _ = dispatch.dsa_decode(
+                q, cache.k[i], cache.v[i], q_idx, cache.idx_k[i], w, lens, self.cfg.dsa.topk, self.scale
+            )
+        else:
+            o, _ = dispatch.decode_attention(q, cache.k[i], cache.v[i], lens, self.scale)
+        return o

@@ -1,0 +1,75 @@
+"""KV cache for batched generation: per layer K, V and (for DSA decode) the indexer keys, one row per sequence.
+
+Prefill writes each packed sample's rows into its own batch row; decode appends one token per sequence. The layout
+([B, L_max, H_kv, D]) matches the packed per-token tensors of the model, so no transposes are needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from keye.model.config import LMConfig
+
+
+@dataclass
+class KVCache:
+    k: list[Tensor]
+    v: list[Tensor]
+    idx_k: list[Tensor]
+    lengths: Tensor  # int64 [B]: tokens already committed per sequence
+    decoding: bool = False
+    max_len: int = 0
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def allocate(
+        cls, cfg: LMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVCache:
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        n = cfg.num_layers
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            idx_k=[
+                torch.zeros(batch, max_len, cfg.dsa.index_dim, dtype=dtype, device=device) for _ in range(n)
+            ],
+            lengths=torch.zeros(batch, dtype=torch.int64, device=device),
+            max_len=max_len,
+        )
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def write_prefill(
+        self, layer: int, k: Tensor, v: Tensor, idx_k: Tensor | None, cu_seqlens: Tensor
+    ) -> None:
+        """Packed rows of sample b -> cache row b, positions 0..len_b-1."""
+        cu = cu_seqlens.tolist()
+        for b in range(len(cu) - 1):
+            a, e = int(cu[b]), int(cu[b + 1])
+            if e - a > self.max_len:
+                raise ValueError(f"prompt of {e - a} tokens exceeds the cache length {self.max_len}")
+            self.k[layer][b, : e - a] = k[a:e]
+            self.v[layer][b, : e - a] = v[a:e]
+            if idx_k is not None:
+                self.idx_k[layer][b, : e - a] = idx_k[a:e]
+
+    def write_decode(self, layer: int, k: Tensor, v: Tensor, idx_k: Tensor | None) -> None:
+        """One new token per sequence (k, v [B, H_kv, D]) at position lengths[b]."""
+        if int(self.lengths.max()) >= self.max_len:
+            raise ValueError(f"KV cache of length {self.max_len} is full")
+        rows = torch.arange(self.batch, device=self.lengths.device)
+        self.k[layer][rows, self.lengths] = k
+        self.v[layer][rows, self.lengths] = v
+        if idx_k is not None:
+            self.idx_k[layer][rows, self.lengths] = idx_k
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        self.lengths = lengths.to(self.lengths.device, torch.int64)
+
+    def advance(self, n: int = 1) -> None:
+        self.lengths = self.lengths + n

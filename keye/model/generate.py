@@ -1,0 +1,162 @@
+"""Batched autoregressive generation with a KV cache (and the DSA indexer-key cache), temperature / top-p sampling,
+stop strings and per-token log-probabilities (what RL and on-policy distillation consume).
+
+Prompts are prefilled together as one packed batch (no padding); decode then appends one token per sequence.
+Prompts come already templated (frames, timestamps, chat markup) by the same tokenizer code as training.
+Follows the usual HF/vLLM sampling semantics (top-p = nucleus sampling, Holtzman et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from keye.model.cache import KVCache
+from keye.model.rope import mrope_positions
+from keye.model.vit import frame_grids
+from keye.model.vlm import KeyeVL
+
+
+@dataclass
+class Prompt:
+    """One prompt: token ids plus (optionally) its frames; position_ids default to the M-RoPE rule."""
+
+    input_ids: Tensor | list[int]
+    pixel_patches: Tensor | None = None
+    patch_grids: Tensor | None = None
+    position_ids: Tensor | None = None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens (the eos / stop token included)
+    logprobs: list[
+        float
+    ]  # log-prob of each token under the tempered, untruncated distribution (image token masked)
+    finish_reason: str  # "eos" | "stop" | "length"
+    text: str | None = None  # decoded text (cut before the stop string) when a decode function was given
+    prompt_len: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _as_prompt(p: Prompt | Tensor | list[int]) -> Prompt:
+    return p if isinstance(p, Prompt) else Prompt(input_ids=p)
+
+
+def _positions(model: KeyeVL, p: Prompt, ids: Tensor) -> Tensor:
+    if p.position_ids is not None:
+        return p.position_ids.to(torch.int64).cpu()
+    if p.patch_grids is None:
+        return torch.arange(ids.shape[0])[None].expand(3, -1).clone()
+    merge = model.config.vision.spatial_merge
+    merged = [(h // merge, w // merge) for h, w in frame_grids(p.patch_grids)]
+    return mrope_positions(ids, model.config.image_token_id, merged)
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """(token [B], logprob [B]): greedy at temperature 0; logprob from log_softmax(logits / temperature)."""
+    logits = logits.float()
+    if temperature <= 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logits.argmax(dim=-1)
+        return tok, logp.gather(1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < top_p  # the first token is always kept
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+    gen_device = generator.device if generator is not None else probs.device
+    tok = torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: KeyeVL,
+    prompts: Sequence[Prompt | Tensor | list[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[GenerationResult]:
+    """Generate up to `max_new_tokens` for every prompt; stop strings need `decode` (token ids -> text)."""
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function")
+    was_training = model.training
+    model.eval()
+    device = model.device
+    items = [_as_prompt(p) for p in prompts]
+    ids_list = [torch.as_tensor(p.input_ids, dtype=torch.int64).cpu() for p in items]
+    pos_list = [_positions(model, p, ids) for p, ids in zip(items, ids_list, strict=True)]
+    lens = torch.tensor([len(x) for x in ids_list])
+    if int(lens.min()) < 1:
+        raise ValueError("every prompt needs at least one token")
+    b = len(items)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]).to(torch.int32)
+    patches = [p.pixel_patches for p in items if p.pixel_patches is not None]
+    grids = [p.patch_grids for p in items if p.patch_grids is not None]
+    cache = KVCache.allocate(model.config.lm, b, int(lens.max()) + max_new_tokens, model.dtype, device)
+    out = model(
+        input_ids=torch.cat(ids_list).to(device),
+        position_ids=torch.cat(pos_list, dim=1).to(device),
+        cu_seqlens=cu.to(device),
+        pixel_patches=torch.cat(patches).to(device) if patches else None,
+        patch_grids=torch.cat(grids).to(device) if grids else None,
+        cache=cache,
+        logits_index=(cu[1:] - 1).to(device, torch.int64),
+    )
+    cache.set_lengths(lens.to(device))
+    cache.decoding = True
+    next_pos = torch.stack([p.max() + 1 for p in pos_list]).to(device)
+    results = [GenerationResult([], [], "length", prompt_len=int(n)) for n in lens]
+    done = [False] * b
+    eos = set(int(e) for e in eos_token_ids)
+    logits = out.logits
+    step_cu = torch.arange(b + 1, dtype=torch.int32, device=device)
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        logits[:, model.config.image_token_id] = float(
+            "-inf"
+        )  # placeholders are inputs only, never generated
+        tok, lp = sample_next(logits, temperature, top_p, generator)
+        for i, (t, logprob) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
+            if done[i]:
+                continue
+            r = results[i]
+            r.token_ids.append(t)
+            r.logprobs.append(logprob)
+            if t in eos:
+                r.finish_reason, done[i] = "eos", True
+            elif stop_strings:
+                text = decode(r.token_ids)
+                hit = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                if hit >= 0:
+                    r.finish_reason, done[i], r.text = "stop", True, text[:hit]
+        if all(done) or step == max_new_tokens - 1:
+            break
+        out = model(
+            input_ids=tok.to(device),
+            position_ids=next_pos[None].expand(3, -1),
+            cu_seqlens=step_cu,
+            cache=cache,
+            logits_index=torch.arange(b, device=device),
+        )
+        logits = out.logits
+        cache.advance(1)
+        next_pos = next_pos + 1
+    if decode is not None:
+        for r in results:
+            if r.text is None:
+                r.text = decode(r.token_ids)
+    model.train(was_training)
+    return results

@@ -1,0 +1,60 @@
+"""Sparse MoE feed-forward of Qwen3-MoE: softmax router, top-k with norm_topk_prob, SwiGLU experts, Switch-style
+load-balancing loss; optional auxiliary-loss-free balancing bias (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2).
+
+Expert weights are stored stacked in x @ W form (w_gate, w_up [E, H, F]; w_down [E, F, H]) so grouped-GEMM kernels
+(keye.kernels.dispatch.moe_experts) can use them directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from keye.kernels import dispatch
+from keye.kernels.moe_reference import MoEAux, load_balance_loss, route
+from keye.model.config import LMConfig
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = nn.Linear(h, e, bias=False)  # router
+        self.w_gate = nn.Parameter(torch.empty(e, h, f))
+        self.w_up = nn.Parameter(torch.empty(e, h, f))
+        self.w_down = nn.Parameter(torch.empty(e, f, h))
+        self.register_buffer("router_bias", torch.zeros(e), persistent=cfg.router_bias)
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self, std: float = 0.02) -> None:
+        for p in (self.w_gate, self.w_up, self.w_down):
+            if p.device.type != "meta":
+                nn.init.normal_(p, std=std)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        """x [T, H] -> (y [T, H], MoEAux)."""
+        logits = self.gate(x)
+        bias = self.router_bias if self.cfg.router_bias else None
+        topk_idx, topk_weight, probs = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, bias)
+        y = dispatch.moe_experts(x, topk_idx, topk_weight.to(x.dtype), self.w_gate, self.w_up, self.w_down)
+        e = self.cfg.num_experts
+        aux = MoEAux(
+            load_balance_loss=load_balance_loss(probs, topk_idx, e),
+            expert_counts=torch.bincount(topk_idx.reshape(-1), minlength=e),
+            router_probs=probs,
+        )
+        return y, aux
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free step: raise the bias of under-loaded experts, lower over-loaded ones (sign rule)."""
+        load = counts.float().to(self.router_bias.device)
+        self.router_bias += rate * torch.sign(load.mean() - load)
+
+
+def moe_param_counts(cfg: LMConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameters of one MoE block."""
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    router = cfg.hidden_size * cfg.num_experts
+    return router + cfg.num_experts * per_expert, router + cfg.top_k * per_expert

@@ -1,0 +1,167 @@
+"""Native-resolution vision encoder: SigLIP (so400m-patch14) blocks with NaViT packing, the learned position table
+bicubically resized to each frame's grid (as SigLIP's interpolate_pos_encoding), plus Keye-VL's 2D RoPE.
+
+Follows transformers' SiglipVisionModel (parameter names kept so SigLIP checkpoints map 1:1), NaViT (Dehghani et
+al. 2023) for packing frames of different sizes with cu_seqlens, and Keye-VL-1.5 / Qwen2-VL for the 2D RoPE.
+Patches of a frame are in raster order (row-major over the patch grid), each flattened as (C, P, P).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keye.model.config import VisionConfig
+from keye.model.rope import apply_rope, vision_rope_cos_sin
+
+
+def patchify(frames: Tensor, patch: int = 14) -> tuple[Tensor, Tensor]:
+    """frames [n, C, H, W] (H, W multiples of patch) -> (patches [n*h*w, C*P*P] raster order, grids int32 [n, 3])."""
+    n, c, h, w = frames.shape
+    gh, gw = h // patch, w // patch
+    x = frames.reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+    grids = torch.tensor([[1, gh, gw]] * n, dtype=torch.int32)
+    return x.reshape(n * gh * gw, c * patch * patch), grids
+
+
+def frame_grids(patch_grids: Tensor) -> list[tuple[int, int]]:
+    """(h, w) of every frame; a (t, h, w) row with t > 1 stands for t frames of the same size."""
+    out: list[tuple[int, int]] = []
+    for t, h, w in patch_grids.tolist():
+        out.extend([(int(h), int(w))] * int(t))
+    return out
+
+
+def grid_cu_seqlens(grids: list[tuple[int, int]], device: torch.device | None = None) -> Tensor:
+    lens = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
+    return torch.cumsum(lens, 0).to(torch.int32).to(device)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.pos_grid * cfg.pos_grid, cfg.hidden_size)
+
+    def positions_for(self, grids: list[tuple[int, int]]) -> Tensor:
+        """Learned table resized to each grid (bicubic, as SigLIP); identity when the grid is the native one."""
+        g = self.cfg.pos_grid
+        table = self.position_embedding.weight
+        cache: dict[tuple[int, int], Tensor] = {}
+        parts = []
+        for h, w in grids:
+            if (h, w) not in cache:
+                if (h, w) == (g, g):
+                    cache[(h, w)] = table
+                else:
+                    img = table.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+                    res = F.interpolate(img, size=(h, w), mode="bicubic", align_corners=False)
+                    cache[(h, w)] = res.permute(0, 2, 3, 1).reshape(h * w, -1)
+            parts.append(cache[(h, w)])
+        return torch.cat(parts)
+
+    def forward(self, pixel_patches: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+        weight = self.patch_embedding.weight
+        x = F.linear(
+            pixel_patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.patch_embedding.bias
+        )
+        return x + self.positions_for(grids).to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, lengths: list[int], rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        n, d = x.shape
+        h, hd = self.cfg.num_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(n, h, hd)
+        k = self.k_proj(x).view(n, h, hd)
+        v = self.v_proj(x).view(n, h, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if len(set(lengths)) == 1:  # all frames the same size: one batched call
+            b, m = len(lengths), lengths[0]
+            qb, kb, vb = (t.view(b, m, h, hd).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(n, d)
+        else:  # bidirectional attention inside each frame only
+            outs, start = [], 0
+            for m in lengths:
+                sl = slice(start, start + m)
+                qb, kb, vb = (t[sl].transpose(0, 1)[None] for t in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1).reshape(m, d))
+                start += m
+            o = torch.cat(outs)
+        return self.out_proj(o)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: Tensor, lengths: list[int], rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), lengths, rope)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([VisionLayer(cfg) for _ in range(cfg.num_layers)])
+
+
+class VisionTransformer(nn.Module):
+    """pixel_patches [N, C*P*P] + patch_grids int [n, 3] (t, h, w) -> features [N, D] (raster order per frame)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_patches: Tensor, patch_grids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        grids = frame_grids(patch_grids)
+        lengths = [h * w for h, w in grids]
+        if cu_seqlens is not None:
+            given = torch.diff(cu_seqlens.to(torch.int64)).tolist()
+            if given != lengths:
+                raise ValueError(
+                    f"vision cu_seqlens {given[:8]}... disagree with patch_grids {lengths[:8]}..."
+                )
+        if sum(lengths) != pixel_patches.shape[0]:
+            raise ValueError(f"patch_grids cover {sum(lengths)} patches, got {pixel_patches.shape[0]}")
+        x = self.embeddings(pixel_patches, grids)
+        rope = None
+        if self.cfg.rope_2d:
+            cos, sin = vision_rope_cos_sin(grids, self.cfg.head_dim, self.cfg.rope_theta)
+            rope = (cos.to(x.device), sin.to(x.device))
+        for layer in self.encoder.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, lengths, rope, use_reentrant=False)
+            else:
+                x = layer(x, lengths, rope)
+        return self.post_layernorm(x)
