@@ -1,0 +1,496 @@
+"""Training samples per task from shard records, with exact token counts (text + visual) for packing.
+
+Why here: packing needs every sample's length before any frame is decoded, and the loader must later produce
+exactly that many tokens. Both call `build_sample`, which renders the ONE chat template
+(`keye.data.tokenizer.encode_chat`) over the frame plan (`keye.data.sampling.plan_frames`), whose per-frame token
+count comes from `keye.model.vision_tokens` -- the same function the ViT/projector obey.
+
+Task formats follow the Keye-VL / TimeLens conventions: frames interleaved with their text timestamps; temporal
+grounding answers "The event happens in <start> - <end> seconds" (TimeLens); multiple choice answers one letter;
+loss only on the assistant answer. Positions follow `keye.model.rope.mrope_positions` (Qwen2-VL M-RoPE rule), here
+vectorised in numpy. SlowFast is not applied to packed samples: fast/slow needs decoded pixels, and counts must be
+known before decoding (every frame is counted as slow).
+
+Also here, because both the pack stage and the loader need them: reading shard records by random access into the
+tars (member offsets from the headers, WebDataset key = file name up to the first dot), and the pack stage itself
+(`pack_shards`: records -> sample table -> `keye.data.packing.pack` -> Parquet).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from keye.atomic import atomic_path
+from keye.data.packing import PackBudget, pack, write_pack_index
+from keye.data.sampling import FramePlan, SamplingPolicy, plan_frames
+from keye.data.tokenizer import KeyeTokenizer, encode_chat, format_time
+from keye.model.vision_tokens import MERGE, PATCH
+
+
+# ------------------------------------------------------------------------------------- shard records (json only)
+@dataclass
+class ShardIndex:
+    """Where each sample's members live inside one tar (offset, size), for random access."""
+
+    path: str
+    members: dict[str, dict[str, tuple[int, int]]]  # key -> ext -> (data offset, size)
+
+    def read(self, key: str, ext: str, fh: Any | None = None) -> bytes | None:
+        loc = self.members.get(key, {}).get(ext)
+        if loc is None:
+            return None
+        if fh is None:
+            with open(self.path, "rb") as f:
+                f.seek(loc[0])
+                return f.read(loc[1])
+        fh.seek(loc[0])
+        return fh.read(loc[1])
+
+    def open(self, key: str, ext: str) -> MemberReader | None:
+        """A seekable read-only file over one member, without reading it into memory (long videos)."""
+        loc = self.members.get(key, {}).get(ext)
+        return None if loc is None else MemberReader(self.path, *loc)
+
+
+class MemberReader(io.RawIOBase):
+    """Read-only, seekable view of the byte range [offset, offset+size) of a file (a tar member)."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb")  # closed by close()
+        self._off, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._off + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def index_shard(path: str | os.PathLike[str]) -> ShardIndex:
+    """Scan a tar's headers once (no member data is read)."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar.getmembers():
+            if not m.isfile():
+                continue
+            key, _, ext = Path(m.name).name.partition(".")
+            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    return ShardIndex(str(path), members)
+
+
+@dataclass
+class ShardScan:
+    """The records of a shard (json only) and the samples that cannot be used, with reasons."""
+
+    records: list[tuple[str, dict[str, Any]]]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+
+
+def scan_shard(path: str | os.PathLike[str]) -> ShardScan:
+    """Read every <key>.json of a shard (for the pack stage); a key without json or mp4, or with unparsable json,
+    is reported in `bad` and skipped."""
+    idx = index_shard(path)
+    out = ShardScan(records=[])
+    with open(idx.path, "rb") as fh:
+        for key in sorted(idx.members):
+            parts = idx.members[key]
+            if "json" not in parts:
+                out.bad.append((key, "missing json"))
+                continue
+            if "mp4" not in parts:
+                out.bad.append((key, "missing mp4"))
+                continue
+            try:
+                rec = json.loads(idx.read(key, "json", fh) or b"")
+            except (ValueError, UnicodeDecodeError) as e:
+                out.bad.append((key, f"unparsable json: {e}"))
+                continue
+            if not isinstance(rec, dict):
+                out.bad.append((key, "json is not an object"))
+                continue
+            lacking = [f for f in ("duration", "width", "height") if not isinstance(rec.get(f), int | float)]
+            if lacking:
+                out.bad.append((key, f"json lacks numeric {lacking}"))
+                continue
+            rec.setdefault("key", key)
+            out.records.append((key, rec))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+TASKS: tuple[str, ...] = ("caption", "dense", "grounding", "mcq", "text")
+LETTERS = "ABCDEFGH"
+SYSTEM_PROMPT = "You are Keye, a helpful assistant that understands videos."
+
+CAPTION_PROMPT = "Describe the video."
+DENSE_PROMPT = "List the events of the video, each with its start and end time in seconds."
+
+
+def grounding_prompt(query: str) -> str:
+    """The temporal-grounding question (shared with evaluation)."""
+    return f'When does "{query}" happen in the video? Answer with the start and end time in seconds.'
+
+
+def grounding_answer(start: float, end: float) -> str:
+    """TimeLens answer form."""
+    return f"The event happens in {format_time(start)} - {format_time(end)} seconds"
+
+
+def mcq_prompt(question: str, options: Sequence[str]) -> str:
+    """A multiple-choice question with lettered options (4 or 8), answered with the letter only."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"need 2..{len(LETTERS)} options, got {len(options)}")
+    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    return "\n".join(lines) + "\nAnswer with the option's letter."
+
+
+def span_text(start: float, end: float) -> str:
+    return f"<|span_start|>{format_time(start)} - {format_time(end)} seconds<|span_end|>"
+
+
+def select_frames(n: int, keep: int) -> list[int]:
+    """Indices of `keep` of `n` frames, evenly spread, first frame included (how packing drops frames)."""
+    if keep >= n:
+        return list(range(n))
+    if keep <= 0:
+        return []
+    return [int(math.floor(i * n / keep)) for i in range(keep)]
+
+
+def frame_plan(record: dict[str, Any], policy: SamplingPolicy, keep_frames: int | None = None) -> FramePlan:
+    """The frames of a shard record's clip (optionally cut to `keep_frames` evenly spread frames)."""
+    plan = plan_frames(
+        float(record["duration"]),
+        int(record["width"]),
+        int(record["height"]),
+        policy,
+        video_fps=record.get("fps"),
+    )
+    if keep_frames is None or keep_frames >= plan.n_frames:
+        return plan
+    idx = select_frames(plan.n_frames, keep_frames)
+    ts = [plan.timestamps[i] for i in idx]
+    return FramePlan(ts, plan.height, plan.width, plan.tokens_per_frame, len(ts) * plan.tokens_per_frame)
+
+
+def sample_items(record: dict[str, Any], tasks: Sequence[str] = TASKS) -> list[tuple[str, int]]:
+    """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks)."""
+    out: list[tuple[str, int]] = []
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        if task == "caption" and (record.get("caption") or "").strip():
+            out.append(("caption", -1))
+        elif task == "dense" and record.get("dense_captions"):
+            out.append(("dense", -1))
+        elif task == "grounding":
+            out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
+        elif task == "mcq":
+            out.extend(
+                ("mcq", i) for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8
+            )
+        elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
+            out.append(("text", 0))
+    return out
+
+
+def _video_part(plan: FramePlan) -> dict[str, Any]:
+    return {
+        "type": "video",
+        "frames": [{"time": t, "tokens": plan.tokens_per_frame} for t in plan.timestamps],
+    }
+
+
+def task_messages(
+    record: dict[str, Any], task: str, item: int, plan: FramePlan | None
+) -> list[dict[str, Any]]:
+    """The conversation of one sample (system, user with frames + question, assistant answer)."""
+    video = [_video_part(plan)] if plan is not None and task != "text" else []
+    if task == "caption":
+        q, a = CAPTION_PROMPT, record["caption"].strip()
+    elif task == "dense":
+        q = DENSE_PROMPT
+        a = "\n".join(f"{span_text(d['start'], d['end'])} {d['text']}" for d in record["dense_captions"])
+    elif task == "grounding":
+        g = record["grounding"][item]
+        q, a = grounding_prompt(g["query"]), grounding_answer(g["start"], g["end"])
+    elif task == "mcq":
+        m = record["mcq"][item]
+        q, a = mcq_prompt(m["question"], m["options"]), LETTERS[int(m["answer"])]
+    elif (
+        task == "text"
+    ):  # grounding from a written event log: keeps language and time arithmetic without pixels
+        log = "\n".join(f"{span_text(d['start'], d['end'])} {d['text']}" for d in record["dense_captions"])
+        g = record["grounding"][item]
+        q = f"Events of a video:\n{log}\n{grounding_prompt(g['query'])}"
+        a = grounding_answer(g["start"], g["end"])
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [*video, {"type": "text", "text": q}]},
+        {"role": "assistant", "content": a},
+    ]
+
+
+@dataclass
+class BuiltSample:
+    """One tokenised sample, ready to pack: ids, labels, positions, and the frames to decode."""
+
+    sample_id: str
+    task: str
+    item: int
+    input_ids: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L] (-100 = no loss), aligned with input_ids
+    timestamps: list[float]  # frames to decode (seconds from clip start)
+    frame_size: tuple[int, int]  # (h, w) every frame is resized to; (0, 0) without frames
+    visual_runs: list[tuple[int, int]]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def frames(self) -> int:
+        return len(self.timestamps)
+
+    @property
+    def visual_tokens(self) -> int:
+        return int(sum(n for _, n in self.visual_runs))
+
+    def patch_grid(self) -> tuple[int, int]:
+        """ViT patch grid (rows, cols) of each frame."""
+        return self.frame_size[0] // PATCH, self.frame_size[1] // PATCH
+
+    def positions(self) -> np.ndarray:
+        """M-RoPE position ids int64 [3, L], starting at 0 (see mrope_positions)."""
+        gh, gw = self.patch_grid()
+        return mrope_positions(self.tokens, self.visual_runs, (gh // MERGE, gw // MERGE))
+
+
+def sample_id(key: str, task: str, item: int) -> str:
+    return f"{key}:{task}:{item}"
+
+
+def build_sample(
+    tok: KeyeTokenizer,
+    record: dict[str, Any],
+    task: str,
+    item: int,
+    policy: SamplingPolicy,
+    keep_frames: int | None = None,
+) -> BuiltSample:
+    """Tokenise one (record, task, item); `keep_frames` cuts the frame plan as the pack stage decided."""
+    plan = None if task == "text" else frame_plan(record, policy, keep_frames)
+    enc = encode_chat(tok, task_messages(record, task, item, plan))
+    image_id = tok.image_id
+    for start, n in enc.visual_runs:
+        if not (enc.ids[start : start + n] == image_id).all():
+            raise AssertionError("visual run is not placeholder tokens")  # template invariant
+    return BuiltSample(
+        sample_id=sample_id(record["key"], task, item),
+        task=task,
+        item=item,
+        input_ids=enc.ids,
+        labels=enc.labels,
+        timestamps=list(plan.timestamps) if plan is not None else [],
+        frame_size=(plan.height, plan.width) if plan is not None else (0, 0),
+        visual_runs=enc.visual_runs,
+    )
+
+
+def mrope_positions(
+    length: int, visual_runs: Sequence[tuple[int, int]], merged_grid: tuple[int, int]
+) -> np.ndarray:
+    """Qwen2-VL M-RoPE positions of one sample: text t=h=w=p (p advancing by 1); a frame run of gh*gw tokens in
+    raster order gets t=p, h=p+row, w=p+col, then text resumes at p+max(gh, gw). Same rule as
+    keye.model.rope.mrope_positions (tested equal)."""
+    gh, gw = merged_grid
+    step = np.ones(length, dtype=np.int64)  # how much p advances after each token (text: 1)
+    is_vis = np.zeros(length, dtype=bool)
+    for start, n in visual_runs:
+        if n != gh * gw:
+            raise ValueError(f"visual run of {n} tokens does not match merged grid {gh}x{gw}")
+        is_vis[start : start + n] = True
+        step[start : start + n] = 0
+        step[start + n - 1] = max(gh, gw)
+    base = np.concatenate([[0], np.cumsum(step)[:-1]])  # p before each token
+    pos = np.repeat(base[None], 3, axis=0)
+    if visual_runs:
+        rows = np.repeat(np.arange(gh), gw)
+        cols = np.tile(np.arange(gw), gh)
+        for start, n in visual_runs:
+            pos[1, start : start + n] += rows
+            pos[2, start : start + n] += cols
+    return pos
+
+
+# Sample-table columns (the pack stage's input; keye.data.packing.pack reads tokens/visual_tokens/frames).
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("task", pa.string()),
+        ("item", pa.int32()),
+        ("tokens", pa.int64()),
+        ("visual_tokens", pa.int64()),
+        ("frames", pa.int64()),
+        ("text_tokens", pa.int64()),
+    ]
+)
+
+
+def sample_table(
+    records: Iterable[tuple[str, dict[str, Any]]],
+    tok: KeyeTokenizer,
+    policy: SamplingPolicy,
+    tasks: Sequence[str] = TASKS,
+    split: str | None = "train",
+    bad: list[tuple[str, str, str]] | None = None,
+) -> pa.Table:
+    """One row per (record, task, item) with exact token counts. `records` yields (shard name, record json);
+    records of another split are skipped (None = keep all). With a `bad` list, a record that cannot be built
+    (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises."""
+    cols: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
+    for shard, rec in records:
+        if split is not None and rec.get("split", "train") != split:
+            continue
+        try:
+            built = [build_sample(tok, rec, task, item, policy) for task, item in sample_items(rec, tasks)]
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            if bad is None:
+                raise
+            bad.append((shard, str(rec.get("key", "")), f"cannot build samples: {type(e).__name__}: {e}"))
+            continue
+        for s in built:
+            task, item = s.task, s.item
+            cols["sample_id"].append(s.sample_id)
+            cols["shard"].append(shard)
+            cols["key"].append(rec["key"])
+            cols["task"].append(task)
+            cols["item"].append(item)
+            cols["tokens"].append(s.tokens)
+            cols["visual_tokens"].append(s.visual_tokens)
+            cols["frames"].append(s.frames)
+            cols["text_tokens"].append(s.tokens - s.visual_tokens)
+    return pa.table(cols, schema=SAMPLE_SCHEMA)
+
+
+def corpus_texts(records: Iterable[dict[str, Any]]) -> Iterable[str]:
+    """Every text the samples can contain, with the prompts: the corpus the default BPE is trained on."""
+    yield SYSTEM_PROMPT
+    yield CAPTION_PROMPT
+    yield DENSE_PROMPT
+    for rec in records:
+        for task, item in sample_items(rec):
+            for msg in task_messages(rec, task, item, None):
+                c = msg["content"]
+                yield c if isinstance(c, str) else "\n".join(p["text"] for p in c if p["type"] == "text")
+    for t in range(0, 1000):
+        yield f"{format_time(t / 2)} seconds"
+
+
+def recounter(
+    table: pa.Table,
+    records: dict[tuple[str, str], dict[str, Any]],
+    tok: KeyeTokenizer,
+    policy: SamplingPolicy,
+) -> Any:
+    """A `recount(row, kept_frames)` for keye.data.packing.pack: exact counts of a sample cut to fewer frames.
+    `records` maps (shard, key) -> record json."""
+    shard, key = table.column("shard").to_pylist(), table.column("key").to_pylist()
+    task, item = table.column("task").to_pylist(), table.column("item").to_pylist()
+
+    def recount(row: int, kept_frames: int) -> tuple[int, int]:
+        s = build_sample(tok, records[(shard[row], key[row])], task[row], int(item[row]), policy, kept_frames)
+        return s.tokens, s.visual_tokens
+
+    return recount
+
+
+# ------------------------------------------------------------------------------------------------- pack stage
+@dataclass
+class PackSetResult:
+    """What the pack stage produced: the Parquet pack index and sample table, stats, and what was left out."""
+
+    index_path: Path
+    samples_path: Path
+    stats: dict[str, Any]
+    bad_records: list[tuple[str, str, str]]  # (shard, key, reason): unreadable shard members
+    rejected: pa.Table  # samples the budget rejected, with reasons
+
+
+def pack_shards(
+    shards: Mapping[str, str | os.PathLike[str]],
+    tok: KeyeTokenizer,
+    policy: SamplingPolicy,
+    budget: PackBudget,
+    out_dir: str | os.PathLike[str],
+    tasks: Sequence[str] = TASKS,
+    seed: int = 0,
+    split: str | None = "train",
+) -> PackSetResult:
+    """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
+    sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
+    `samples.parquet` and `packs.parquet` atomically into `out_dir`. `shards` maps shard name -> tar path; the
+    names are what the index records (and the loader resolves)."""
+    bad: list[tuple[str, str, str]] = []
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    ordered: list[tuple[str, dict[str, Any]]] = []
+    for name in sorted(shards):
+        try:
+            sc = scan_shard(shards[name])
+        except (OSError, tarfile.TarError) as e:
+            bad.append((name, "", f"unreadable shard: {e}"))
+            continue
+        bad.extend((name, key, why) for key, why in sc.bad)
+        for key, rec in sc.records:
+            records[(name, key)] = rec
+            ordered.append((name, rec))
+    table = sample_table(ordered, tok, policy, tasks, split, bad=bad)
+    result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
+    result.stats["n_bad_records"] = len(bad)
+    result.stats["n_records"] = len(records)
+    result.stats["tokenizer_sha256"] = tok.content_hash()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.parquet") as tmp:
+        pq.write_table(table, tmp)
+    index_path = write_pack_index(result, out / "packs.parquet")
+    return PackSetResult(index_path, out / "samples.parquet", result.stats, bad, result.rejected)
