@@ -1,0 +1,162 @@
+"""Benchmark metrics as the benchmarks' own scripts define them, plus chance baselines. All scores in percent.
+
+- TimeLens (evaluation in the TimeLens repo / VLMEvalKit port): IoU = overlap / (max end - min start), 0 when
+  the predicted start >= end; R1@m = share of queries with IoU >= m; mIoU = mean IoU.
+- Video-MME / LongVideoBench: accuracy over all questions (unparsable = wrong). The Video-MME script divides
+  by the questions it could parse; that figure is kept as `accuracy_answered`.
+- Video-MME-v2 (MME-Benchmarks/Video-MME-v2 evaluation/test_video_mme_v2.py, cal_relevance / cal_logic):
+  relevance groups score 0 / 6.25 / 25 / 56.25 / 100 for 0-4 correct; logic groups score the length of the
+  chain of correct answers from the first question, on a map that depends on the group's structure; the
+  Non-Lin score is the mean over groups. One deliberate difference: the official script stores an unparsable
+  answer as -1, which its logic chain treats as correct and its relevance sum as minus one; here it is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
+
+# Score maps indexed by the number of questions credited (official cal_relevance / cal_logic).
+_QUADRATIC = (0.0, 100.0 / 16, 100.0 * 4 / 16, 100.0 * 9 / 16, 100.0)
+_LOGIC_MAPS = {
+    "[1, 2, 3, 4]": _QUADRATIC,
+    "[1, [2, 3], 4]": (0.0, 100.0 / 12, 100.0 * 4 / 12, 100.0 * 7 / 12, 100.0),
+    "[[1, 2], 3, 4]": (0.0, 100.0 / 10, 100.0 * 2 / 10, 100.0 * 5 / 10, 100.0),
+}
+
+
+def temporal_iou(pred: tuple[float, float] | None, gt: tuple[float, float]) -> float:
+    """TimeLens IoU of a predicted span against the ground truth; an unparsable or empty/reversed
+    prediction scores 0."""
+    if pred is None or pred[0] >= pred[1]:
+        return 0.0
+    hull = max(pred[1], gt[1]) - min(pred[0], gt[0])
+    if hull <= 0:
+        return 0.0
+    return max(min(pred[1], gt[1]) - max(pred[0], gt[0]), 0.0) / hull
+
+
+def grounding_scores(ious: Sequence[float]) -> dict[str, float]:
+    """R1@0.3/0.5/0.7 and mIoU (percent) over the given per-query IoUs."""
+    arr = np.asarray(ious, dtype=np.float64)
+    if arr.size == 0:
+        return {**{f"R1@{t}": 0.0 for t in RECALL_THRESHOLDS}, "mIoU": 0.0}
+    out = {f"R1@{t}": float(100.0 * np.mean(arr >= t)) for t in RECALL_THRESHOLDS}
+    out["mIoU"] = float(100.0 * arr.mean())
+    return out
+
+
+def random_span_ious(
+    gt: tuple[float, float], duration: float, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """IoUs of `n` spans whose two ends are drawn uniformly over [0, duration] (then sorted)."""
+    return _random_span_ious(
+        np.array([gt], dtype=np.float64), np.array([duration], dtype=np.float64), n, rng
+    )[0]
+
+
+def _random_span_ious(gts: np.ndarray, durations: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    u = rng.uniform(0.0, 1.0, size=(2, len(gts), n)) * durations[None, :, None]
+    s, e = np.minimum(u[0], u[1]), np.maximum(u[0], u[1])
+    g0, g1 = gts[:, :1], gts[:, 1:]
+    inter = np.clip(np.minimum(e, g1) - np.maximum(s, g0), 0.0, None)
+    hull = np.maximum(e, g1) - np.minimum(s, g0)
+    return np.where((e > s) & (hull > 0), inter / np.where(hull > 0, hull, 1.0), 0.0)
+
+
+def grounding_chance_per_query(
+    items: Iterable[tuple[tuple[float, float], float]], samples: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Per query, the expected [R1@0.3, R1@0.5, R1@0.7, mIoU] (percent) of a guesser answering a uniformly
+    random span, from a fixed-seed simulation of `samples` spans (reproducible). `items` = (gt span, duration)."""
+    pairs = list(items)
+    out = np.zeros((len(pairs), len(RECALL_THRESHOLDS) + 1))
+    if not pairs:
+        return out
+    gts = np.array([gt for gt, _ in pairs], dtype=np.float64)
+    durations = np.array([d for _, d in pairs], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // samples)
+    for i in range(0, len(pairs), chunk):
+        ious = _random_span_ious(gts[i : i + chunk], durations[i : i + chunk], samples, rng)
+        for j, t in enumerate(RECALL_THRESHOLDS):
+            out[i : i + chunk, j] = 100.0 * (ious >= t).mean(axis=1)
+        out[i : i + chunk, -1] = 100.0 * ious.mean(axis=1)
+    return out
+
+
+def grounding_chance(
+    items: Iterable[tuple[tuple[float, float], float]], samples: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Chance R1@m and mIoU (percent) of the random-span guesser over the given queries."""
+    per_query = grounding_chance_per_query(items, samples, seed)
+    return chance_summary(per_query)
+
+
+def chance_summary(per_query: np.ndarray) -> dict[str, float]:
+    """Mean of per-query chance rows (grounding_chance_per_query) as {R1@m, mIoU}."""
+    names = [f"R1@{t}" for t in RECALL_THRESHOLDS] + ["mIoU"]
+    if len(per_query) == 0:
+        return dict.fromkeys(names, 0.0)
+    return {n: float(v) for n, v in zip(names, per_query.mean(axis=0), strict=True)}
+
+
+def accuracy(correct: Sequence[bool]) -> float:
+    return float(100.0 * np.mean(correct)) if len(correct) else 0.0
+
+
+def mcq_chance(n_options: Sequence[int]) -> float:
+    """Expected accuracy (percent) of uniform guessing: mean of 1/n over questions."""
+    return float(100.0 * np.mean([1.0 / n for n in n_options])) if len(n_options) else 0.0
+
+
+def relevance_group_score(correct: Sequence[bool]) -> float:
+    """Video-MME-v2 capability-consistency group: 0/6.25/25/56.25/100 for 0-4 correct answers."""
+    if len(correct) != 4:
+        raise ValueError(f"a Video-MME-v2 group has 4 questions, got {len(correct)}")
+    return _QUADRATIC[sum(bool(c) for c in correct)]
+
+
+def logic_group_score(correct: Sequence[bool], structure: str = "[1, 2, 3, 4]") -> float:
+    """Video-MME-v2 reasoning-coherence group: credit runs from question 1 until the first wrong answer.
+    "[1, [2, 3], 4]": questions 2 and 3 are parallel, so 1 right, 2 wrong, 3 right still credits 2.
+    "[[1, 2], 3, 4]": questions 1 and 2 are parallel, so 1 wrong, 2 right credits 1."""
+    if len(correct) != 4:
+        raise ValueError(f"a Video-MME-v2 group has 4 questions, got {len(correct)}")
+    structure = str(ast.literal_eval(str(structure)))
+    if structure not in _LOGIC_MAPS:
+        raise ValueError(f"unknown Video-MME-v2 group_structure {structure!r}")
+    c = [bool(x) for x in correct]
+    last = -1
+    for i, ok in enumerate(c):
+        if not ok:
+            break
+        last = i
+    if structure == "[1, [2, 3], 4]" and last == 0 and c[2]:
+        last += 1
+    elif structure == "[[1, 2], 3, 4]" and last == -1 and c[1]:
+        last += 1
+    return _LOGIC_MAPS[structure][last + 1]
+
+
+def group_score(correct: Sequence[bool], group_type: str, structure: str | None = None) -> float:
+    if group_type == "relevance":
+        return relevance_group_score(correct)
+    if group_type == "logic":
+        return logic_group_score(correct, structure or "[1, 2, 3, 4]")
+    raise ValueError(f"unknown Video-MME-v2 group_type {group_type!r}")
+
+
+def group_chance(group_type: str, structure: str | None, n_options: Sequence[int]) -> float:
+    """Exact expected group score under uniform guessing (all 16 right/wrong patterns enumerated)."""
+    p = [1.0 / n for n in n_options]
+    expected = 0.0
+    for pattern in itertools.product((False, True), repeat=4):
+        prob = float(np.prod([pi if hit else 1.0 - pi for pi, hit in zip(p, pattern, strict=True)]))
+        expected += prob * group_score(pattern, group_type, structure)
+    return expected

@@ -1,0 +1,104 @@
+"""A predict_fn for `keye.eval.evaluate` backed by a Keye checkpoint: frames planned by the shared sampling policy
+(keye.data.sampling.plan_frames), the prompt rendered by the ONE chat template (keye.data.tokenizer.encode_chat,
+a timestamp before every frame), greedy batched generation (keye.model.generate). Kept apart from the readers and
+metrics so that scoring never imports torch."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from keye.eval.prompts import build_prompt
+from keye.eval.readers import Question
+from keye.eval.runner import PredictFn
+
+
+def keye_predict_fn(
+    checkpoint_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    sampling_policy: Any = None,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+    max_new_tokens: int = 32,
+    with_subtitles: bool = True,
+    system_prompt: str | None = None,
+) -> PredictFn:
+    """Load the checkpoint and tokenizer once; the returned function answers a batch of Questions (raw text).
+
+    `tokenizer_dir` defaults to the checkpoint directory (a tokenizer.json saved beside the weights).
+    `sampling_policy` is a keye.data.sampling.SamplingPolicy, a dict of its fields, or None for the defaults;
+    it must be the policy the checkpoint was trained with for the frame sizes and token counts to match."""
+    import torch
+
+    from keye.data.captioners.keye_checkpoint import frames_to_patches
+    from keye.data.sampling import SamplingPolicy, plan_frames
+    from keye.data.tokenizer import encode_chat, load_tokenizer
+    from keye.data.video import VideoRejected, decode_frames, probe
+    from keye.model import load_checkpoint
+    from keye.model.generate import Prompt, generate
+
+    if sampling_policy is None:
+        policy = SamplingPolicy()
+    elif isinstance(sampling_policy, Mapping):
+        policy = SamplingPolicy(**sampling_policy)
+    else:
+        policy = sampling_policy
+    model = load_checkpoint(checkpoint_dir, device=device, dtype=dtype)
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else checkpoint_dir
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.vocab_size > model.config.lm.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens but checkpoint {checkpoint_dir} only "
+            f"{model.config.lm.vocab_size}: they were not trained together"
+        )
+    image_id = model.config.image_token_id
+    patch = model.config.vision.patch_size
+    eos = [tok.eos_id, tok.pad_id]
+
+    def prompt_for(q: Question) -> Any:
+        info = probe(q.video, min_duration=0.0)
+        plan = plan_frames(info.duration, info.width, info.height, policy, video_fps=info.fps or None)
+        frames = decode_frames(q.video, plan.timestamps, size=(plan.height, plan.width))
+        patches, grids = frames_to_patches(frames, patch)
+        video = {
+            "type": "video",
+            "frames": [{"time": t, "tokens": plan.tokens_per_frame} for t in plan.timestamps],
+        }
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append(
+            {
+                "role": "user",
+                "content": [video, {"type": "text", "text": "\n" + build_prompt(q, with_subtitles)}],
+            }
+        )
+        enc = encode_chat(tok, messages, add_generation_prompt=True)
+        ids = torch.from_numpy(enc.ids.copy())
+        for start, length in enc.visual_runs:  # the model fills its own placeholder id with visual tokens
+            ids[start : start + length] = image_id
+        return Prompt(input_ids=ids, pixel_patches=patches.to(model.dtype), patch_grids=grids)
+
+    def predict(questions: list[Question]) -> list[str]:
+        answers = [""] * len(questions)
+        prompts, index = [], []
+        for i, q in enumerate(questions):
+            try:
+                prompts.append(prompt_for(q))
+                index.append(i)
+            except (
+                VideoRejected
+            ) as exc:  # one bad video costs its questions (answered "", so wrong), not the run
+                warnings.warn(
+                    f"question {q.id}: video {q.video} cannot be decoded ({exc.reason})", stacklevel=2
+                )
+        if prompts:
+            results = generate(
+                model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos
+            )
+            for i, r in zip(index, results, strict=True):
+                answers[i] = tok.decode([t for t in r.token_ids if t not in eos])
+        return answers
+
+    return predict

@@ -1,0 +1,225 @@
+"""One HTML page per eval: a results table, per-task bars against chance and against the previous checkpoint,
+IoU histograms for grounding, and a sample of the answers that went wrong. Plots are PNG files beside the
+page and, by default, also embedded (base64) so the page stands alone as an MLflow artifact."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from keye.atomic import atomic_write_bytes, atomic_write_text
+
+_NAMES = {
+    "timelens": "TimeLens",
+    "videomme": "Video-MME",
+    "videomme_v2": "Video-MME-v2",
+    "longvideobench": "LongVideoBench",
+}
+_SCALARS = {
+    "timelens": ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"),
+    "videomme": ("accuracy", "accuracy_answered"),
+    "longvideobench": ("accuracy", "accuracy_answered"),
+    "videomme_v2": ("nonlin_score", "accuracy", "relevance_score", "relevance_linear_score", "logic_score"),
+}
+
+
+def _chance(metrics: Mapping[str, Any], name: str) -> float | None:
+    chance = metrics.get("chance")
+    if isinstance(chance, Mapping):
+        value = chance.get(name)
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return html.escape(str(value))
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _task_bars(
+    kind: str, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None, breakdown: str
+) -> Figure | None:
+    groups = metrics.get(breakdown) or {}
+    if not groups:
+        return None
+    primary = metrics["primary"]
+    names = list(groups)
+    values = [float(groups[n].get(primary, 0.0)) for n in names]
+    prev_groups = (previous or {}).get(breakdown) or {}
+    fig = Figure(figsize=(max(5.0, 0.9 * len(names) + 2.5), 3.6))
+    ax = fig.add_subplot()
+    width = 0.38 if prev_groups else 0.6
+    xs = list(range(len(names)))
+    ax.bar(
+        [x - (width / 2 if prev_groups else 0) for x in xs],
+        values,
+        width,
+        label="this checkpoint",
+        color="#3b6ea8",
+    )
+    if prev_groups:
+        prev = [float(prev_groups.get(n, {}).get(primary, 0.0)) for n in names]
+        ax.bar([x + width / 2 for x in xs], prev, width, label="previous", color="#b9c7d8", hatch="//")
+    for x, n in zip(xs, names, strict=True):
+        c = groups[n].get("chance")
+        if isinstance(c, (int, float)):
+            ax.hlines(
+                c, x - 0.45, x + 0.45, colors="#c0392b", linestyles="--", label="chance" if x == 0 else None
+            )
+    ax.set_xticks(xs)
+    ax.set_xticklabels(
+        names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center"
+    )
+    ax.set_ylabel(f"{primary} (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{_NAMES.get(kind, kind)}: {primary} by {breakdown.removeprefix('by_')}")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def _iou_hist(kind: str, records: list[dict]) -> Figure | None:
+    ious = [float(r["iou"]) for r in records if "iou" in r]
+    if not ious:
+        return None
+    fig = Figure(figsize=(5.0, 3.2))
+    ax = fig.add_subplot()
+    ax.hist(ious, bins=[i / 20 for i in range(21)], color="#3b6ea8", edgecolor="white")
+    for t in (0.3, 0.5, 0.7):
+        ax.axvline(t, color="#c0392b", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("IoU with the ground-truth span")
+    ax.set_ylabel("queries")
+    ax.set_title(f"{_NAMES.get(kind, kind)}: IoU histogram ({len(ious)} queries)")
+    return fig
+
+
+def _read_records(path: Path | None) -> list[dict]:
+    if path is None or not Path(path).is_file():
+        return []
+    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(
+    metrics_by_bench: Mapping[str, Mapping[str, Any]],
+    out_dir: str | Path,
+    predictions: Mapping[str, str | Path] | None = None,
+    previous: Mapping[str, Mapping[str, Any] | None] | None = None,
+    notes: Mapping[str, str] | None = None,
+    title: str = "Keye evaluation",
+    embed: bool = True,
+    max_examples: int = 12,
+) -> Path:
+    """Write `out_dir/report.html` (+ PNG plots beside it) for one or more benchmarks' metrics (as returned by
+    evaluate/score, keyed by a name such as the kind); `previous` holds an earlier checkpoint's metrics under
+    the same names. Returns the page's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = previous or {}
+    predictions = predictions or {}
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if notes:
+        parts.append(_table(["", ""], [[k, v] for k, v in notes.items()]))
+
+    summary = []
+    for name, m in metrics_by_bench.items():
+        p = m["primary"]
+        prev = (previous.get(name) or {}).get(p)
+        delta = float(m[p]) - float(prev) if isinstance(prev, (int, float)) else None
+        summary.append(
+            [_NAMES.get(m["kind"], name), p, m[p], _chance(m, p), prev, delta, m["n"], m["n_unparsable"]]
+        )
+    parts.append("<h2>Results</h2>")
+    parts.append(
+        _table(
+            ["benchmark", "metric", "score", "chance", "previous", "Δ", "questions", "unparsable"], summary
+        )
+    )
+
+    for name, m in metrics_by_bench.items():
+        kind = m["kind"]
+        prev = previous.get(name) or None
+        parts.append(
+            f"<h2>{html.escape(_NAMES.get(kind, name))}</h2><p class='path'>{html.escape(str(m.get('bench', '')))}</p>"
+        )
+        rows = [[s, m.get(s), _chance(m, s), (prev or {}).get(s)] for s in _SCALARS.get(kind, ()) if s in m]
+        parts.append(_table(["metric", "score", "chance", "previous"], rows))
+        records = _read_records(Path(predictions[name]) if name in predictions else None)
+        figures = [
+            (f"{name}_by_task", _task_bars(kind, m, prev, "by_task")),
+            (f"{name}_by_duration", _task_bars(kind, m, prev, "by_duration")),
+            (f"{name}_by_level", _task_bars(kind, m, prev, "by_level")),
+            (f"{name}_iou_hist", _iou_hist(kind, records) if kind == "timelens" else None),
+        ]
+        for stem, fig in figures:
+            if fig is None:
+                continue
+            data = _png(fig)
+            png = out_dir / f"{stem}.png"
+            atomic_write_bytes(png, data)
+            src = f"data:image/png;base64,{base64.b64encode(data).decode()}" if embed else png.name
+            parts.append(f"<figure><img alt='{html.escape(stem)}' src='{src}'></figure>")
+        for breakdown in ("by_task", "by_duration", "by_level", "by_third_head"):
+            groups = m.get(breakdown) or {}
+            if groups:
+                p = m["primary"]
+                rows = [
+                    [
+                        g,
+                        v.get("n"),
+                        v.get(p),
+                        v.get("chance"),
+                        ((prev or {}).get(breakdown) or {}).get(g, {}).get(p),
+                    ]
+                    for g, v in groups.items()
+                ]
+                parts.append(f"<h3>{html.escape(breakdown.removeprefix('by_'))}</h3>")
+                parts.append(_table(["group", "n", p, "chance", "previous"], rows))
+        wrong = [
+            r for r in records if r.get("unparsable") or r.get("correct") is False or r.get("iou", 1.0) < 0.5
+        ]
+        if wrong:
+            parts.append(
+                f"<h3>answers that went wrong (first {min(max_examples, len(wrong))} of {len(wrong)})</h3>"
+            )
+            parts.append(
+                _table(
+                    ["id", "answer", "parsed", "expected"],
+                    [
+                        [r["id"], str(r.get("answer", ""))[:200], r.get("parsed"), r.get("gt")]
+                        for r in wrong[:max_examples]
+                    ],
+                )
+            )
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f0f3f7}.path{color:#666}"
+        "img{max-width:100%}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    path = out_dir / "report.html"
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,105 @@
+"""keye_predict_fn: prompts built with the shared chat template and frame plan, answered by a tiny checkpoint."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from keye.data.sampling import SamplingPolicy, plan_frames
+from keye.data.tokenizer import train_bpe
+from keye.eval.predict import keye_predict_fn
+from keye.eval.readers import read_benchmark
+from keye.eval.runner import evaluate, score
+from keye.model import build_model, save_checkpoint
+
+POLICY = dict(
+    fps=2.0,
+    min_frames=2,
+    max_frames=4,
+    min_tokens_per_frame=4,
+    max_tokens_per_frame=16,
+    total_token_budget=64,
+    duration_scaling=False,
+)
+
+
+def _video(path, seconds=2.0, fps=8, w=64, h=48):
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(int(seconds * fps)):
+            img = np.full((h, w, 3), (i * 12) % 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pred")
+    (d / "videos").mkdir()
+    _video(d / "videos" / "clip1.mp4")
+    bench = d / "tl.json"
+    bench.write_text(
+        json.dumps({"clip1": {"duration": 2.0, "spans": [[0.5, 1.5], [0, 1]], "queries": ["a", "b"]}})
+    )
+    tok = train_bpe(["The event happens in 1.0 - 2.0 seconds. Please find the visual event"] * 10, 300, 1)
+    tok.save(d / "tok")
+    model = build_model("tiny", vocab_size=tok.vocab_size, image_token_id=tok.id("video_pad"), seed=0)
+    save_checkpoint(model, d / "ckpt")
+    return d, bench, tok, model
+
+
+def test_prompt_has_the_planned_frames_and_the_benchmark_prompt(setup, monkeypatch):
+    d, bench, tok, model = setup
+    captured = []
+
+    def fake_generate(model, prompts, **kw):
+        captured.extend(prompts)
+        return [
+            type("R", (), {"token_ids": tok.encode("The event happens in 0.5 - 1.5 seconds")})()
+            for _ in prompts
+        ]
+
+    monkeypatch.setattr("keye.model.generate.generate", fake_generate)
+    fn = keye_predict_fn(d / "ckpt", d / "tok", POLICY)
+    qs = read_benchmark(bench, d / "videos").questions
+    assert fn(qs) == ["The event happens in 0.5 - 1.5 seconds"] * 2
+    plan = plan_frames(2.0, 64, 48, SamplingPolicy(**POLICY), video_fps=8.0)
+    p = captured[0]
+    ids = p.input_ids.tolist()
+    assert ids.count(model.config.image_token_id) == plan.total_tokens
+    assert p.patch_grids.shape[0] == plan.n_frames
+    assert p.pixel_patches.shape[0] == int(p.patch_grids[:, 1:].prod(dim=1).sum())
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert "Please find the visual event described by the sentence 'a'" in text
+    assert text.count("seconds<|time_end|>") == plan.n_frames  # a timestamp before every frame
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tiny_checkpoint_runs_through_evaluate(setup, tmp_path):
+    d, bench, _, _ = setup
+    torch.manual_seed(0)
+    fn = keye_predict_fn(d / "ckpt", d / "tok", POLICY, max_new_tokens=4)
+    res = evaluate(fn, bench, d / "videos", tmp_path / "out", batch_size=2, report=False)
+    rows = [json.loads(x) for x in res.predictions_path.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["clip1#0", "clip1#1"] and all(
+        isinstance(r["answer"], str) for r in rows
+    )
+    assert score(bench, res.predictions_path) == res.metrics
+
+
+def test_undecodable_video_answers_empty_not_crash(setup, tmp_path):
+    d, _, _, _ = setup
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    (vids / "broken.mp4").write_bytes(b"not a video at all")
+    bench = tmp_path / "tl.json"
+    bench.write_text(json.dumps({"broken": {"duration": 2.0, "spans": [[0.5, 1.5]], "queries": ["a"]}}))
+    fn = keye_predict_fn(d / "ckpt", d / "tok", POLICY, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="broken#0"):
+        res = evaluate(fn, bench, vids, tmp_path / "out", report=False)
+    assert res.metrics["n_unparsable"] == 1 and res.metrics["mIoU"] == 0.0
