@@ -7,6 +7,7 @@ from prefect.runtime import flow_run
 
 from flows.caption import caption
 from flows.ingest import ingest
+from flows.pack import pack
 from flows.runners import task_runner
 from flows.shard import shard
 from keye.config import load_config
@@ -37,6 +38,9 @@ def pipeline(
         if "shard" in config.stages:
             captionset = out.get("captionset") or ctx.lineage.latest_artifact("captionset")
             out["shardset"] = shard.with_options(task_runner=runner)(config, captionset, parent)
+        if "pack" in config.stages:
+            shardset = out.get("shardset") or ctx.lineage.latest_artifact("shardset")
+            out["packset"] = pack.with_options(task_runner=runner)(config, shardset, parent)
         summary = pipeline_summary(ctx.lineage, out)
         ctx.tracker.log_dict(summary, "pipeline_summary.json")
         return summary

@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 convert_app = typer.Typer(no_args_is_help=True, help="Import weights from other layouts.")
 app.add_typer(convert_app, name="convert")
+eval_app = typer.Typer(
+    invoke_without_command=True,
+    help="Evaluate a checkpoint on a benchmark file (TimeLens, Video-MME, Video-MME-v2, LongVideoBench), or re-score.",
+)
+app.add_typer(eval_app, name="eval")
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace directory")]
 SetOpt = Annotated[
@@ -227,19 +232,99 @@ def convert_hf(
     typer.echo(f"wrote {out}")
 
 
+@eval_app.callback()
+def eval_(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint dir (keye.model layout)")] = None,
+    bench: Annotated[Path | None, typer.Option(help="benchmark file in its published layout")] = None,
+    videos: Annotated[
+        Path | None, typer.Option(help="folder the benchmark's videos are resolved from")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output dir: predictions.jsonl, metrics.json, report.html")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="timelens | videomme | videomme_v2 | longvideobench")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer dir (default: <checkpoint>/tokenizer)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="questions per generation batch")] = 8,
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N questions")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """keye eval --checkpoint DIR --bench FILE --videos DIR --out DIR"""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--checkpoint", checkpoint), ("--bench", bench), ("--out", out)) if v is None]
+    if missing:
+        _fail(
+            f"keye eval needs {', '.join(missing)} (or use `keye eval score --bench FILE --predictions FILE`)"
+        )
+    from keye.eval import BenchmarkFormatError, evaluate, keye_predict_fn
+
+    try:
+        predict = keye_predict_fn(checkpoint, tokenizer_dir=tokenizer, device=device)
+        result = evaluate(
+            predict, bench, videos or bench.parent, out, kind=kind, batch_size=batch_size, limit=limit
+        )
+    except (BenchmarkFormatError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result.metrics, indent=2, default=str))
+    typer.echo(
+        f"wrote {result.predictions_path}, {result.metrics_path}"
+        + (f", {result.report_path}" if result.report_path else "")
+    )
+
+
+@eval_app.command("score")
+def eval_score(
+    bench: Annotated[Path, typer.Option(help="benchmark file in its published layout")],
+    predictions: Annotated[Path, typer.Option(help="predictions.jsonl ({id, answer} per line)")],
+    kind: Annotated[str | None, typer.Option(help="benchmark kind (default: detected from the file)")] = None,
+) -> None:
+    """Re-score saved predictions; prints the metrics as JSON."""
+    from keye.eval import BenchmarkFormatError, score
+
+    try:
+        metrics = score(bench, predictions, kind=kind)
+    except (BenchmarkFormatError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(metrics, indent=2, default=str))
+
+
 @app.command()
 def up(
     workspace: WorkspaceOpt = Path("./workspace"),
     prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
     worker: Annotated[bool, typer.Option(help="also start a process worker")] = True,
+    pool: Annotated[str, typer.Option(help="work pool the worker polls")] = "keye-process",
+    auto_port: Annotated[
+        bool, typer.Option("--auto-port", help="take the next free port if one is busy")
+    ] = False,
 ) -> None:
     """Start local Prefect and MLflow servers (127.0.0.1) with workspace-local stores."""
+    from keye.services import ServiceError
     from keye.services import up as _up
 
-    urls = _up(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port, worker=worker)
+    try:
+        urls = _up(
+            workspace,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            worker=worker,
+            pool=pool,
+            auto_port=auto_port,
+        )
+    except ServiceError as e:
+        _fail(str(e))
     for name, url in urls.items():
-        typer.echo(f"{name:<8} {url}")
+        typer.echo(f"{name:<12} {url}")
+    if "prefect_api" in urls:
+        typer.echo(f"\nexport PREFECT_API_URL={urls['prefect_api']}")
+    if "mlflow" in urls:
+        typer.echo(f"export KEYE_MLFLOW_URI={urls['mlflow']}")
 
 
 @app.command()

@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from keye.data.sampling import SamplingPolicy
+
 # Stage names in pipeline order. Later stages join this list as they are built.
-STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard")
+STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,27 @@ class ShardSettings(_Strict):
     batch_size: int = Field(8, ge=1, description="clips per encode task")
 
 
+class TokenizerSettings(_Strict):
+    path: str | None = Field(
+        None, description="local Hugging Face tokenizer dir; None trains a byte-level BPE"
+    )
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class PackSettings(_Strict):
+    max_tokens: int = Field(262_144, ge=64, le=262_144, description="tokens per packed sequence")
+    max_visual_tokens: int | None = Field(None, ge=1, description="visual tokens per pack (None: no limit)")
+    max_frames: int | None = Field(None, ge=1, description="frames per pack (None: no limit)")
+    oversize: Literal["drop_frames", "reject"] = "drop_frames"
+    min_frames: int = Field(2, ge=1)
+    tasks: list[Literal["caption", "dense", "grounding", "mcq", "text"]] = Field(
+        default_factory=lambda: ["caption", "dense", "grounding", "mcq", "text"]
+    )
+    seed: int = 0
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+
+
 class TrackingSettings(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db")
     experiment: str = "keye"
@@ -110,6 +133,8 @@ class PipelineConfig(_Strict):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     caption: CaptionSettings = Field(default_factory=CaptionSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
+    sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
+    pack: PackSettings = Field(default_factory=PackSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
 

@@ -23,6 +23,16 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
             shard_bytes=sum(r["bytes"] for r in rows),
             shard_dir=str(lineage.workspace.shards / ss),
         )
+    if ps := outputs.get("packset"):
+        import json
+
+        meta = json.loads(lineage.artifact(ps)["meta"] or "{}")
+        s.update(
+            packs=meta.get("n_packs"),
+            pack_fill=meta.get("fill_ratio"),
+            pack_samples=meta.get("n_samples"),
+            pack_rejected=meta.get("n_rejected"),
+        )
     return s
 
 
@@ -42,6 +52,11 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"  shards      {summary['shards']} ({summary['shard_samples']} samples, "
             f"{summary['shard_bytes'] / 1e6:.1f} MB) in {summary.get('shard_dir', '')}"
+        )
+    if summary.get("packs") is not None:
+        lines.append(
+            f"  packs       {summary['packs']} (fill {100 * (summary.get('pack_fill') or 0):.1f}%, "
+            f"{summary.get('pack_samples')} samples, {summary.get('pack_rejected')} rejected)"
         )
     for kind, aid in summary.get("artifacts", {}).items():
         lines.append(f"  {kind:<11} {aid}")

@@ -40,7 +40,10 @@ def keye_predict_fn(
     from keye.model import load_checkpoint
     from keye.model.generate import Prompt, generate
 
-    if sampling_policy is None:
+    saved_policy = Path(checkpoint_dir) / "sampling_policy.json"
+    if sampling_policy is None and saved_policy.is_file():  # written beside the weights by the train stage
+        policy = SamplingPolicy.model_validate_json(saved_policy.read_text())
+    elif sampling_policy is None:
         policy = SamplingPolicy()
     elif isinstance(sampling_policy, Mapping):
         policy = SamplingPolicy(**sampling_policy)
