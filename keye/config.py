@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from keye.data.sampling import SamplingPolicy
 
 # Stage names in pipeline order. Later stages join this list as they are built.
-STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack")
+STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "eval")
 
 
 class ConfigError(ValueError):
@@ -113,6 +113,18 @@ class PackSettings(_Strict):
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 
+class EvalSettings(_Strict):
+    split: str = Field("heldout", description="annotation split the held-out benchmarks are built from")
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="questions per benchmark (None: all)")
+    max_new_tokens: int = Field(24, ge=1)
+    device: str = "cpu"
+    registered_model: str = Field(
+        "keye", description="MLflow registered model the evaluated checkpoint joins"
+    )
+    alias: str = Field("best", description="alias moved to the checkpoint when it beats the current holder")
+
+
 class TrackingSettings(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db")
     experiment: str = "keye"
@@ -135,6 +147,7 @@ class PipelineConfig(_Strict):
     shard: ShardSettings = Field(default_factory=ShardSettings)
     sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
     pack: PackSettings = Field(default_factory=PackSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
 

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     checkpoint_id TEXT PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT, stage TEXT, step BIGINT, run_id TEXT,
     meta JSON, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS evals (
-    eval_id TEXT PRIMARY KEY, checkpoint_id TEXT, bench TEXT, kind TEXT, metrics JSON, path TEXT, created_at TIMESTAMP);
+    eval_id TEXT NOT NULL, bench TEXT NOT NULL, checkpoint_id TEXT, kind TEXT, metrics JSON, path TEXT,
+    created_at TIMESTAMP, PRIMARY KEY (eval_id, bench));
 CREATE TABLE IF NOT EXISTS artifacts (
     artifact_id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, path TEXT, sha256 TEXT, config_hash TEXT,
     status TEXT NOT NULL, meta JSON, created_at TIMESTAMP, completed_at TIMESTAMP);
@@ -66,7 +67,7 @@ CREATE OR REPLACE VIEW nodes AS
     UNION ALL SELECT shard_id, 'shard', path FROM shards
     UNION ALL SELECT pack_id, 'pack', packset_id FROM packs
     UNION ALL SELECT checkpoint_id, 'checkpoint', path FROM checkpoints
-    UNION ALL SELECT eval_id, 'eval', bench FROM evals
+    UNION ALL SELECT DISTINCT eval_id, 'eval', path FROM evals
     UNION ALL SELECT artifact_id, kind, coalesce(path, name) FROM artifacts
     UNION ALL SELECT run_id, 'run', name FROM runs;
 """
@@ -424,6 +425,70 @@ class Lineage:
                 con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'input_of')", [a, run_id])
             for a in outputs or []:
                 con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'produced')", [run_id, a])
+
+    # -- checkpoints and evals ---------------------------------------------------------------------------------
+    def record_checkpoint(
+        self,
+        checkpoint_id: str,
+        path: str,
+        sha256: str,
+        stage: str | None,
+        step: int | None,
+        run_id: str | None,
+        inputs: list[str],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """A checkpoint directory and what it came from (its training run, packs, and the checkpoint it started at)."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [checkpoint_id, str(path), sha256, stage, step, run_id, json.dumps(meta or {}), _now()],
+            )
+            for src in inputs:
+                con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'trained_into')", [src, checkpoint_id])
+
+    def checkpoint_id_for(self, path: str | Path, sha256: str) -> str:
+        """The recorded checkpoint at `path` with that content, or a new row for a checkpoint from elsewhere."""
+        rows = self.query(
+            "SELECT checkpoint_id FROM checkpoints WHERE path = ? AND sha256 = ?",
+            [str(Path(path).resolve()), sha256],
+        )
+        if rows:
+            return rows[0]["checkpoint_id"]
+        ckpt_id = make_id("k", sha256)
+        self.record_checkpoint(ckpt_id, str(Path(path).resolve()), sha256, None, None, None, [])
+        return ckpt_id
+
+    def record_evals(
+        self, eval_id: str, checkpoint_id: str, results: dict[str, dict[str, Any]], path: str
+    ) -> None:
+        with self.transaction() as con:
+            for bench, metrics in results.items():
+                con.execute(
+                    "INSERT OR REPLACE INTO evals VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        eval_id,
+                        bench,
+                        checkpoint_id,
+                        metrics.get("kind"),
+                        json.dumps(metrics, default=str),
+                        path,
+                        _now(),
+                    ],
+                )
+            con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'evaluated_by')", [checkpoint_id, eval_id])
+
+    def evals_of(self, eval_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM evals WHERE eval_id = ? ORDER BY bench", [eval_id])
+
+    def previous_eval_metrics(self, checkpoint_id: str, benches: list[str]) -> dict[str, dict[str, Any]]:
+        """Metrics of the most recent eval of another checkpoint, per bench (the report's "vs previous")."""
+        rows = self.query(
+            """SELECT bench, metrics FROM evals WHERE checkpoint_id <> ? AND bench IN (SELECT unnest(?))
+               QUALIFY row_number() OVER (PARTITION BY bench ORDER BY created_at DESC) = 1""",
+            [checkpoint_id, benches],
+        )
+        return {r["bench"]: json.loads(r["metrics"]) for r in rows}
 
     # -- walking the graph ------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> dict[str, Any]:

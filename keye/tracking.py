@@ -164,3 +164,37 @@ def pipeline_run(
         tracker.log_params(params)
     with _terminate_on_exit(client, tracker.run_id):
         yield tracker
+
+
+def register_checkpoint(
+    tracker: Tracker,
+    checkpoint_dir: str | Path,
+    name: str,
+    score: float,
+    alias: str = "best",
+    metric: str = "score",
+) -> dict[str, Any]:
+    """Log a checkpoint as artifacts of the run, register it as a model version, and point `alias` at it when it
+    scores higher than the version the alias holds now (MLflow 3 uses aliases, not stages)."""
+    client = tracker.client
+    tracker.log_artifact(checkpoint_dir, "checkpoint")
+    source = f"{client.get_run(tracker.run_id).info.artifact_uri}/checkpoint"
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="Keye checkpoints (safetensors + config.json)")
+    mv = client.create_model_version(
+        name,
+        source=source,
+        run_id=tracker.run_id,
+        tags={metric: str(score), "keye.checkpoint": str(checkpoint_dir)},
+    )
+    best = None
+    try:
+        best = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        pass
+    promoted = best is None or float(best.tags.get(metric, "-inf")) < score
+    if promoted:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return {"name": name, "version": int(mv.version), "alias": alias if promoted else None, "source": source}
