@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from keye.eval.export import write_heldout_benchmarks
-from keye.eval.runner import evaluate
-from keye.eval.runner import score
+from keye.eval.runner import evaluate, score
 
 
 @dataclass
