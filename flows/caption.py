@@ -23,9 +23,10 @@ def caption_clips(
 
 
 @flow(name="caption")
-def caption(config: PipelineConfig, videoset_id: str, parent: ParentRun | None = None) -> str:
+def caption(config: PipelineConfig, videoset_id: str | None = None, parent: ParentRun | None = None) -> str:
     """Returns the CaptionSet id."""
     with open_stage(config, "caption", parent, flow_run.id) as ctx:
+        videoset_id = videoset_id or ctx.lineage.latest_artifact("videoset")  # run alone: the newest one
         backend = captioning.backend_config(config.caption)
         ident = captioning.captioner_identity(backend)
         cs_id = make_id("cs", videoset_id, settings_hash(config.caption), code_hash("keye.data.captioning"))

@@ -21,10 +21,14 @@ from keye.tracking import register_checkpoint
 
 @flow(name="eval")
 def evaluate(
-    config: PipelineConfig, checkpoint_dir: str, videoset_id: str, parent: ParentRun | None = None
+    config: PipelineConfig,
+    checkpoint_dir: str,
+    videoset_id: str | None = None,
+    parent: ParentRun | None = None,
 ) -> str:
     """Returns the eval id; the report is <workspace>/reports/<id>/report.html."""
     with open_stage(config, "eval", parent, flow_run.id) as ctx:
+        videoset_id = videoset_id or ctx.lineage.latest_artifact("videoset")  # run alone: the newest one
         s = config.eval
         ckpt_sha = hash_checkpoint_dir(checkpoint_dir)
         ckpt_id = ctx.lineage.checkpoint_id_for(checkpoint_dir, ckpt_sha)

@@ -17,9 +17,10 @@ from keye.orchestration import ParentRun, open_stage
 
 
 @flow(name="pack")
-def pack(config: PipelineConfig, shardset_id: str, parent: ParentRun | None = None) -> str:
+def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentRun | None = None) -> str:
     """Returns the PackSet id (its index is <workspace>/packs/<id>/packs.parquet)."""
     with open_stage(config, "pack", parent, flow_run.id) as ctx:
+        shardset_id = shardset_id or ctx.lineage.latest_artifact("shardset")  # run alone: the newest one
         s = config.pack
         shards = pack_stage.shard_map(ctx.lineage, shardset_id)
         tok_id = pack_stage.tokenizer_id(shardset_id, s.tokenizer)

@@ -6,10 +6,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.caption import caption
+from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.pack import pack
 from flows.runners import task_runner
 from flows.shard import shard
+from flows.train import train
 from keye.config import load_config
 from keye.orchestration import open_pipeline
 from keye.summary import pipeline_summary
@@ -41,6 +43,11 @@ def pipeline(
         if "pack" in config.stages:
             shardset = out.get("shardset") or ctx.lineage.latest_artifact("shardset")
             out["packset"] = pack.with_options(task_runner=runner)(config, shardset, parent)
+        if "train" in config.stages:
+            out["checkpoint"] = train(config, out.get("packset"), parent)
+        if "eval" in config.stages:
+            checkpoint = out.get("checkpoint") or ctx.lineage.latest_checkpoint_path()
+            out["eval"] = evaluate(config, checkpoint, out.get("videoset"), parent)
         summary = pipeline_summary(ctx.lineage, out)
         ctx.tracker.log_dict(summary, "pipeline_summary.json")
         return summary

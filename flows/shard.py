@@ -29,9 +29,12 @@ def write_shard(out_dir: str, name: str, group: list[sharding.EncodedItem]):
 
 
 @flow(name="shard")
-def shard(config: PipelineConfig, captionset_id: str, parent: ParentRun | None = None) -> str:
+def shard(config: PipelineConfig, captionset_id: str | None = None, parent: ParentRun | None = None) -> str:
     """Returns the ShardSet id."""
     with open_stage(config, "shard", parent, flow_run.id) as ctx:
+        captionset_id = captionset_id or ctx.lineage.latest_artifact(
+            "captionset"
+        )  # run alone: the newest one
         s = config.shard
         ss_id = make_id(
             "ss", captionset_id, settings_hash(s), code_hash("keye.data.shards", "keye.data.sharding")

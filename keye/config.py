@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keye.data.sampling import SamplingPolicy
+from keye.train.settings import TINY_RECIPES, StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
 STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "eval")
@@ -113,6 +114,25 @@ class PackSettings(_Strict):
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 
+class TrainSettings(_Strict):
+    preset: str = Field("tiny", description="model preset: tiny | small | 30b-a3b (keye.model.config)")
+    device: str | None = Field(None, description="cpu | cuda (None: cuda when available)")
+    init_checkpoint: str | None = Field(
+        None, description="start from this checkpoint (e.g. `keye convert hf` output)"
+    )
+    stages: list[StageSettings] = Field(default_factory=lambda: [r.model_copy() for r in TINY_RECIPES])
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, v: list[StageSettings]) -> list[StageSettings]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"training stage names must be unique, got {names}")
+        if not v:
+            raise ValueError("at least one training stage is needed")
+        return v
+
+
 class EvalSettings(_Strict):
     split: str = Field("heldout", description="annotation split the held-out benchmarks are built from")
     batch_size: int = Field(8, ge=1)
@@ -147,6 +167,7 @@ class PipelineConfig(_Strict):
     shard: ShardSettings = Field(default_factory=ShardSettings)
     sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
     pack: PackSettings = Field(default_factory=PackSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)

@@ -447,6 +447,14 @@ class Lineage:
             for src in inputs:
                 con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'trained_into')", [src, checkpoint_id])
 
+    def latest_checkpoint_path(self) -> str:
+        rows = self.query(
+            "SELECT path FROM checkpoints WHERE stage IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+        )
+        if not rows:
+            raise LineageError(f"no trained checkpoint in {self.path}: run the train stage first")
+        return rows[0]["path"]
+
     def checkpoint_id_for(self, path: str | Path, sha256: str) -> str:
         """The recorded checkpoint at `path` with that content, or a new row for a checkpoint from elsewhere."""
         rows = self.query(

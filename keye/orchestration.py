@@ -117,25 +117,31 @@ def open_stage(
     stage: str,
     parent: ParentRun | None = None,
     flow_run_id: str | None = None,
+    name: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Iterator[StageContext]:
-    """A stage run: nested under the pipeline's MLflow run (or a standalone parent when run alone)."""
+    """A stage run: nested under the pipeline's MLflow run (or a standalone parent when run alone).
+
+    `name`/`params` default to the stage and its settings; training names each recipe (`train:sft`).
+    """
     ws = Workspace.at(config.workspace).ensure()
     with WorkspaceLock(ws):
         if parent is None:
             with open_pipeline(
                 config.model_copy(update={"name": f"{config.name}:{stage}"}), flow_run_id
             ) as p:
-                with open_stage(config, stage, p.ref, flow_run_id) as ctx:
+                with open_stage(config, stage, p.ref, flow_run_id, name, params) as ctx:
                     yield ctx
             return
         lineage = Lineage(ws)
         parent_tracker = tracker_for(parent.mlflow_run_id, config.tracking.uri, ws)
-        settings = config.stage_settings(stage).model_dump(mode="json")
+        settings = params if params is not None else config.stage_settings(stage).model_dump(mode="json")
+        name = name or stage
         run_id = new_run_id("r")
         tags = {"keye.prefect_flow_run_id": flow_run_id, "keye.lineage_run_id": run_id}
-        with parent_tracker.stage(stage, params=settings, tags=tags) as tracker:
-            lineage.start_run(run_id, "stage", stage, parent.run_id, flow_run_id, tracker.run_id, settings)
-            ctx = StageContext(config, ws, lineage, tracker, run_id, stage)
+        with parent_tracker.stage(name, params=settings, tags=tags) as tracker:
+            lineage.start_run(run_id, "stage", name, parent.run_id, flow_run_id, tracker.run_id, settings)
+            ctx = StageContext(config, ws, lineage, tracker, run_id, name)
             try:
                 yield ctx
             except BaseException:

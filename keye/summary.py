@@ -33,6 +33,21 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
             pack_samples=meta.get("n_samples"),
             pack_rejected=meta.get("n_rejected"),
         )
+    if ev := outputs.get("eval"):
+        import json
+
+        for row in lineage.evals_of(ev):
+            m = json.loads(row["metrics"])
+            p = m["primary"]
+            s.setdefault("eval", {})[row["bench"]] = {
+                "metric": p,
+                "value": m[p],
+                "chance": (m.get("chance") or {}).get(p),
+                "n": m.get("n"),
+            }
+        s["report"] = str(lineage.workspace.reports / ev / "report.html")
+    if ck := outputs.get("checkpoint"):
+        s["checkpoint_dir"] = ck
     return s
 
 
@@ -58,6 +73,15 @@ def render(summary: dict[str, Any]) -> str:
             f"  packs       {summary['packs']} (fill {100 * (summary.get('pack_fill') or 0):.1f}%, "
             f"{summary.get('pack_samples')} samples, {summary.get('pack_rejected')} rejected)"
         )
+    if summary.get("checkpoint_dir"):
+        lines.append(f"  checkpoint  {summary['checkpoint_dir']}")
+    for bench, e in (summary.get("eval") or {}).items():
+        chance = f" (chance {e['chance']:.1f})" if isinstance(e.get("chance"), int | float) else ""
+        lines.append(
+            f"  eval        {bench:<15} {e['metric']} {e['value']:.1f}{chance} on {e['n']} questions"
+        )
+    if summary.get("report"):
+        lines.append(f"  report      {summary['report']}")
     for kind, aid in summary.get("artifacts", {}).items():
         lines.append(f"  {kind:<11} {aid}")
     return "\n".join(lines)
