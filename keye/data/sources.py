@@ -73,10 +73,15 @@ def _manifest_entries(path: Path) -> list[str]:
 
 
 def _fetch_remote(url: str, ws: Workspace) -> str:
+    """Copy once per (URL, remote size/mtime/etag): a changed remote file is fetched again, an unchanged one not."""
     import fsspec
 
     name = Path(url.split("?")[0]).name or "video"
-    dest = ws.cache / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    stamp = [info.get(k) for k in ("size", "mtime", "LastModified", "ETag", "created", "etag")]
+    key = hashlib.sha256(json.dumps([url, stamp], default=str).encode()).hexdigest()[:16]
+    dest = ws.cache / "remote" / key / name
     if dest.exists():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
