@@ -179,6 +179,37 @@ def shard(
 
 
 @app.command()
+def pack(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    shardset: Annotated[str | None, typer.Option(help="ShardSet id (default: the latest)")] = None,
+) -> None:
+    """Tokenizer + task samples + best-fit packing of a ShardSet."""
+    cfg = _stage_config(None, workspace, config, set_)
+    from flows.pack import pack as pack_flow
+    from keye.summary import pipeline_summary, render
+
+    ps = _run_guarded(lambda: pack_flow(cfg, shardset))
+    _print_stage(pipeline_summary, render, cfg, {"packset": ps})
+
+
+@app.command()
+def train(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    packset: Annotated[str | None, typer.Option(help="PackSet id (default: the latest)")] = None,
+) -> None:
+    """Run the training recipes (train.stages) in order; a re-run resumes from the last step checkpoint."""
+    cfg = _stage_config(None, workspace, config, set_)
+    from flows.train import train as train_flow
+
+    final = _run_guarded(lambda: train_flow(cfg, packset))
+    typer.echo(f"final checkpoint: {final}")
+
+
+@app.command()
 def verify(workspace: WorkspaceOpt = Path("./workspace")) -> None:
     """Re-hash every shard (and checkpoint) against lineage; non-zero exit on any mismatch."""
     from keye.verify import verify_workspace
