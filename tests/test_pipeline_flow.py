@@ -54,6 +54,7 @@ def _config(tmp_path: Path, src: Path) -> Path:
             f"""
             name: flowtest
             workspace: {tmp_path / "ws"}
+            stages: [ingest, caption, shard]
             sources:
               - path: {src}
             ingest: {{max_clip_seconds: 6, batch_size: 3}}

@@ -13,10 +13,9 @@ import pytest
 from keye.data.synthetic import (
     ObjectTrack,
     VideoSpec,
-    _Background,
     corrupt_examples,
     encode_video,
-    render_frame,
+    expected_frames,
 )
 from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe, sha256_file
 
@@ -46,6 +45,7 @@ CASES = {
         3.0,
         (160, 120),
     ),
+    "h264_ts_noindex": ("libx264", "ts", {"preset": "veryfast"}, 25, 0, 25, 6.0, (160, 120)),
     "h264_rot90": ("libx264", "mp4", {"preset": "veryfast"}, 12, 90, 12, 3.0, (160, 96)),
 }
 
@@ -89,7 +89,7 @@ def test_probe_fields(videos, name):
     codec, ext, _, _, rot, fps, secs, (w, h) = CASES[name]
     p = probe(videos[name])
     assert p.codec == {"libx264": "h264", "mpeg4": "mpeg4", "libvpx-vp9": "vp9"}[codec]
-    assert ("mp4" in p.container) if ext == "mp4" else ("matroska" in p.container)
+    assert {"mp4": "mp4", "mkv": "matroska", "webm": "matroska", "ts": "mpegts"}[ext] in p.container
     assert p.fps == pytest.approx(fps)
     assert p.duration == pytest.approx(secs, abs=1.5 / fps)
     assert (p.width, p.height) == (w, h)  # displayed size, also for the rotated one
@@ -174,8 +174,7 @@ def test_decode_respects_rotation(videos):
     spec = _spec("h264_rot90")
     path = videos["h264_rot90"]
     ks = [0, spec.n_frames // 2, spec.n_frames - 1]
-    bg = _Background(np.random.default_rng(spec.seed), spec.width, spec.height, 1)
-    expected = np.stack([render_frame(spec, bg, k, {}) for k in ks]).astype(np.int32)
+    expected = expected_frames(spec, ks).astype(np.int32)
     got = decode_frames(path, [k / spec.fps for k in ks])
     assert got.shape == (3, spec.height, spec.width, 3)  # displayed (upright) orientation
     assert np.abs(got - expected).mean() < 12

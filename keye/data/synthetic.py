@@ -344,6 +344,13 @@ def _rgb_to_yuv420p(img: np.ndarray) -> np.ndarray:
     return planes.reshape(h * 3 // 2, w)
 
 
+def expected_frames(spec: VideoSpec, frame_indices: Sequence[int]) -> np.ndarray:
+    """The upright frames the encoder was given (before compression), uint8 [N, H, W, 3]: ground truth for tests."""
+    bg = _Background(np.random.default_rng(spec.seed), spec.width, spec.height, n_scenes=len(spec.cuts) + 1)
+    masks: dict = {}
+    return np.stack([render_frame(spec, bg, k, masks) for k in frame_indices])
+
+
 def encode_video(spec: VideoSpec, path: Path) -> None:
     """Render and encode; the file appears under its final name only when complete."""
     rng = np.random.default_rng(spec.seed)
