@@ -44,11 +44,22 @@ def _load(config: Path | None, overrides: list[str] | None, workspace: Path | No
         _fail(str(e))
 
 
-def _prepare(workspace: str | Path) -> None:
-    from keye.orchestration import configure_environment
-    from keye.workspace import Workspace
+_held_lock = None
 
-    configure_environment(Workspace.at(workspace))
+
+def _prepare(workspace: str | Path) -> None:
+    """Environment for Prefect, and the workspace lock taken before any flow starts (a second run fails at once,
+    with one clear line instead of a flow-run traceback; the flows re-enter the same lock)."""
+    global _held_lock
+    from keye.orchestration import configure_environment
+    from keye.workspace import Workspace, WorkspaceLock, WorkspaceLocked
+
+    ws = Workspace.at(workspace)
+    configure_environment(ws)
+    try:
+        _held_lock = WorkspaceLock(ws).__enter__()
+    except WorkspaceLocked as e:
+        _fail(str(e), 3)
 
 
 def _run_guarded(fn):

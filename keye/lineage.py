@@ -337,6 +337,17 @@ class Lineage:
             )
         return rows[0]["artifact_id"]
 
+    def input_of_kind(self, artifact_id: str, kind: str) -> str:
+        """The input artifact of a kind that `artifact_id` was built from (e.g. a PackSet's ShardSet)."""
+        rows = self.query(
+            """SELECT a.artifact_id FROM edges e JOIN artifacts a ON a.artifact_id = e.src_id
+               WHERE e.dst_id = ? AND e.relation = 'input_of' AND a.kind = ? ORDER BY a.completed_at DESC""",
+            [artifact_id, kind],
+        )
+        if not rows:
+            raise LineageError(f"{artifact_id} has no recorded {kind} input in {self.path}")
+        return rows[0]["artifact_id"]
+
     def begin_artifact(
         self,
         artifact_id: str,
