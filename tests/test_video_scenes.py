@@ -85,7 +85,7 @@ def test_long_low_fps_video_is_fast(tmp_path):
     elapsed = time.perf_counter() - t
     assert len(sc.cuts) == len(spec.cuts) >= 1
     assert all(abs(a - b) <= 2.0 / spec.fps for a, b in zip(sc.cuts, spec.cuts, strict=True))
-    assert elapsed < 10.0  # ~1 s on an idle core; generous for a shared CI box
+    assert elapsed < 20.0  # ~1-2 s on an idle core; generous for a shared CI box
     clips = detect_clips(path, max_clip_s=20.0)
     assert all(b - a <= 20.0 + 1e-6 for a, b in clips)
     assert clips[0][0] == 0.0 and clips[-1][1] == pytest.approx(180.0, abs=0.2)

@@ -322,7 +322,7 @@ def decode_frames(
     otherwise decodes forward. Packets of non-reference pictures (H.264/HEVC B-frames nothing refers to) that are
     not themselves wanted are never decoded. Only the selected frames are converted to RGB (and resized to
     `size` = (h, w), the displayed orientation). Rotation metadata is applied. A target past the end gets the
-    last frame.
+    last frame. Containers whose timestamp seek lands after the target (MPEG-TS) are re-seeked further back.
     """
     st = stats if stats is not None else DecodeStats()
     targets = [float(t) for t in timestamps]
@@ -390,12 +390,31 @@ def decode_frames(
                     continue
                 yield from packet.decode()
 
-        def seek_to(t: float) -> None:
+        landing: list[float] = []  # [target, back-off] until the first frame after a seek comes out
+
+        def seek_to(t: float, back: float = 0.0) -> None:
             nonlocal frames_iter, pos, pending
-            container.seek(t0 + max(0, int(t / tb)), stream=stream, backward=True, any_frame=False)
+            at = t - back
+            if back > 0 and at <= 0:
+                # timestamp seeking kept landing after the target (e.g. MPEG-TS): read from the first byte
+                container.seek(0, unsupported_byte_offset=True)
+            else:
+                container.seek(t0 + max(0, int(at / tb)), stream=stream, backward=True, any_frame=False)
             frames_iter = frames()
             st.seeks += 1
             pos, pending = None, None
+            landing[:] = [t, back]
+
+        def seek_earlier() -> bool:
+            """The seek landed after its target (no exact index): retry further back, doubling the margin."""
+            if not landing:
+                return False
+            t, back = landing
+            if back > 0 and t - back <= 0:  # already read from the start: take what comes
+                landing.clear()
+                return False
+            seek_to(t, back=max(1.0, 2 * back))
+            return True
 
         def should_seek(t: float) -> bool:
             if frames_iter is None or pos is None:
@@ -426,11 +445,17 @@ def decode_frames(
                         frame = next(frames_iter)  # type: ignore[arg-type]
                         st.decoded += 1
                     except StopIteration:
+                        if seek_earlier():
+                            continue
                         exhausted = True
                         break
                     except (av.error.FFmpegError, ValueError) as e:
                         raise VideoRejected(f"undecodable frames near t~{t:.2f} s: {error_text(e)}") from None
                 ft = float((frame.pts - t0) * tb) if frame.pts is not None else (pos or 0.0) + 2 * half
+                if landing:
+                    if ft - half > t and seek_earlier():
+                        continue
+                    landing.clear()
                 if rotation is None:
                     rotation = _ccw_to_cw(frame.rotation)
                 if frame.key_frame and (not seen_kf or ft > seen_kf[-1]):
