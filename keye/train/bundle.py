@@ -1,0 +1,23 @@
+"""A trained checkpoint carries what is needed to use it: the tokenizer and the frame-sampling policy it was
+trained with, so generation and evaluation build prompts exactly as training did."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from keye.atomic import atomic_write_text
+from keye.data.sampling import SamplingPolicy
+
+POLICY_FILE = "sampling_policy.json"
+
+
+def bundle_checkpoint(checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy) -> None:
+    """Copy the tokenizer files and write the policy beside the weights (idempotent)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for f in sorted(Path(tokenizer_dir).iterdir()):
+        if f.is_file() and not (checkpoint_dir / f.name).exists():
+            tmp = checkpoint_dir / f".{f.name}.partial"
+            shutil.copyfile(f, tmp)
+            tmp.replace(checkpoint_dir / f.name)
+    atomic_write_text(checkpoint_dir / POLICY_FILE, policy.model_dump_json(indent=2))

@@ -1,0 +1,129 @@
+"""Step checkpoints of a training stage: everything needed to continue bit for bit (model, optimizer, scheduler,
+RNG states, loader cursor, step), written as one atomic directory, the newest N kept.
+
+Layout of out_dir/step-000123/: model/ (keye.model checkpoint layout: config.json + safetensors), trainer.pt (rank
+0: scheduler, step, loader cursor per rank, extras), optim-rank{r}.pt and rng-rank{r}.pt (per rank: optimizer
+state may be sharded under FSDP2; RNG streams differ per rank), meta.json written last. The whole directory is
+built under a hidden temp name, fsynced and renamed, as torchtitan/DCP checkpoints are committed; a directory
+without meta.json is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keye.atomic import _fsync_dir
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+META = "meta.json"
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"step-{step:06d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints (meta.json present), oldest first."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / META).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path] | None:
+    ck = list_checkpoints(out_dir)
+    return ck[-1] if ck else None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def temp_dir_for(out_dir: Path, step: int) -> Path:
+    """The hidden staging directory of a step checkpoint (shared by all ranks; removed before a fresh write)."""
+    return Path(out_dir) / f".step-{step:06d}.tmp"
+
+
+def write_rank_files(tmp: Path, rank: int, optimizer_state: dict[str, Any]) -> None:
+    """Per-rank pieces: optimizer state and RNG streams."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(optimizer_state, tmp / f"optim-rank{rank}.pt")
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+
+
+def commit(
+    tmp: Path, final: Path, trainer_state: dict[str, Any], meta: dict[str, Any], keep_last: int
+) -> Path:
+    """Rank 0, after every rank wrote its files: trainer state, meta last, fsync, rename, prune old steps."""
+    torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    _fsync_tree(tmp)
+    if final.exists():  # a stale copy of the same step (re-run after a crash past the rename): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune(final.parent, keep_last)
+    return final
+
+
+def prune(out_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete step checkpoints; drop stale temp directories of older steps."""
+    ck = list_checkpoints(out_dir)
+    for _, p in ck[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    newest = ck[-1][0] if ck else -1
+    for p in Path(out_dir).glob(".step-*.tmp"):
+        m = re.match(r"^\.step-(\d+)\.tmp$", p.name)
+        if m and int(m.group(1)) <= newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_rank_files(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state, RNG state) of one rank."""
+    optim = torch.load(ckpt / f"optim-rank{rank}.pt", map_location="cpu", weights_only=False)
+    rng = torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False)
+    return optim, rng
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,132 @@
+"""Stage recipes as data: one validated `StageSettings` per training stage (the pipeline lists them in YAML).
+
+Stages follow Keye-VL-1.5 / Keye-VL-2.0 (projector-only alignment, full pre-training, grounding-heavy multi-task,
+long context with a raised RoPE base, SFT) and DeepSeek-V3.2's two DSA stages (dense warm-up of the indexer alone
+with the KL loss at a high LR, then sparse training of everything with the indexer detached); REFERENCE.md 1-2.
+
+Tiny default recipes (`TINY_RECIPES`): preset `tiny`, one 2K-token pack per step, ~110 steps, about 3-4 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+StageKind = Literal["align", "pretrain", "multitask", "long_warmup", "long_sparse", "sft"]
+Trainable = Literal["projector", "all", "indexer"]
+AttentionMode = Literal["dense", "dsa_warmup", "dsa"]
+
+# what each kind means when the recipe does not say otherwise: (trainable, attention mode, answer-only loss)
+KIND_DEFAULTS: dict[str, tuple[str, str, bool]] = {
+    "align": ("projector", "dense", True),
+    "pretrain": ("all", "dense", False),
+    "multitask": ("all", "dense", True),
+    "long_warmup": ("indexer", "dsa_warmup", True),
+    "long_sparse": ("all", "dsa", True),
+    "sft": ("all", "dense", True),
+}
+
+
+class StageSettings(BaseModel):
+    """One training stage. Fields left None take the kind's meaning (KIND_DEFAULTS); contradictions are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: StageKind
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr (cosine, wsd)")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    tokens_per_step: int = Field(gt=0, description="global token budget of one optimizer step")
+    trainable: Trainable | None = None
+    attention_mode: AttentionMode | None = None
+    rope_base: float | None = Field(None, gt=0, description="new LM RoPE base (long context raises it)")
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    answer_only_loss: bool | None = None
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    moe_balance: Literal["aux", "bias"] = "aux"
+    aux_coef: float = Field(1e-3, ge=0)
+    bias_rate: float = Field(1e-3, ge=0, description="aux-loss-free bias update rate (moe_balance=bias)")
+    checkpoint_every: int = Field(50, gt=0)
+    keep_last: int = Field(2, ge=1)
+    nan_policy: Literal["skip", "stop"] = "skip"
+    max_bad_steps: int = Field(10, ge=1, description="consecutive skipped steps before giving up")
+    seed: int = 0
+    activation_checkpointing: bool = False
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+    probe_every: int = Field(10, gt=0, description="steps between DSA top-k mass probes")
+    peak_flops: float | None = Field(
+        None, gt=0, description="per-device peak for MFU (default: H200 bf16 on CUDA)"
+    )
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> StageSettings:
+        trainable, mode, answer_only = KIND_DEFAULTS[self.kind]
+        if self.trainable is None:
+            self.trainable = trainable  # type: ignore[assignment]
+        if self.attention_mode is None:
+            self.attention_mode = mode  # type: ignore[assignment]
+        if self.answer_only_loss is None:
+            self.answer_only_loss = answer_only
+        if self.kind == "long_warmup" and (
+            self.trainable != "indexer" or self.attention_mode != "dsa_warmup"
+        ):
+            raise ValueError(
+                "long_warmup trains only the indexer (trainable=indexer) with attention_mode=dsa_warmup"
+            )
+        if self.kind == "long_sparse" and self.attention_mode != "dsa":
+            raise ValueError("long_sparse needs attention_mode=dsa")
+        if self.kind == "align" and self.trainable != "projector":
+            raise ValueError("align trains the projector only (trainable=projector)")
+        if self.trainable == "indexer" and self.attention_mode == "dense":
+            raise ValueError(
+                "trainable=indexer needs a DSA attention mode (the indexer gets no loss in dense)"
+            )
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} > steps {self.steps}")
+        bad = {k: v for k, v in self.task_weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"task_weights must be >= 0, got {bad}")
+        return self
+
+    def tasks(self) -> list[str] | None:
+        """Tasks to pack for this stage (weight > 0), or None for all of them."""
+        if not self.task_weights:
+            return None
+        return [t for t, w in self.task_weights.items() if w > 0]
+
+
+def _tiny(name: str, kind: str, steps: int, lr: float, **kw: object) -> StageSettings:
+    base: dict[str, object] = {
+        "warmup_steps": max(1, steps // 10),
+        "tokens_per_step": 2048,
+        "checkpoint_every": 10,
+    }
+    base.update(kw)
+    return StageSettings(name=name, kind=kind, steps=steps, lr=lr, **base)  # type: ignore[arg-type]
+
+
+# Tiny preset, one 2K-token pack per step (pipelines.yaml pack.max_tokens 2048). On 2 shared CPU cores a step takes
+# ~1.5-4 s (mostly the dense-attention reference on CPU), so ~110 steps = about 3-4 minutes for all stages.
+TINY_RECIPES: list[StageSettings] = [
+    _tiny("align", "align", 6, 3e-3),
+    _tiny("pretrain", "pretrain", 25, 3e-3),
+    _tiny(
+        "multitask",
+        "multitask",
+        25,
+        2e-3,
+        task_weights={"grounding": 1.0, "text": 1.0, "mcq": 1.0, "dense": 0.5, "caption": 0.3},
+    ),
+    _tiny("long_warmup", "long_warmup", 5, 1e-2, rope_base=80_000.0, schedule="constant"),
+    _tiny("long_sparse", "long_sparse", 6, 5e-4, rope_base=80_000.0),
+    _tiny("sft", "sft", 40, 2e-3, task_weights={"mcq": 1.0, "grounding": 1.0, "text": 0.5}),
+]
