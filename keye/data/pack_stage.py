@@ -82,3 +82,25 @@ def record_packs(
                 )
             con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'part_of')", [pack_id, packset_id])
     return pack_ids
+
+
+def task_pack_index(
+    packset_dir: Path,
+    tasks: list[str] | None,
+    shards: dict[str, str],
+    tok: KeyeTokenizer,
+    policy: Any,
+    settings: PackSettings,
+) -> Path:
+    """The pack index of a training stage: the PackSet's own, or (a stage that trains only some tasks) the same
+    shards re-packed with just those tasks, so no step is spent on packs that carry no loss. Cached beside it."""
+    from keye.data.samples import pack_shards
+
+    if not tasks or set(tasks) >= set(settings.tasks):
+        return packset_dir / "packs.parquet"
+    sub = packset_dir / ("tasks-" + "-".join(sorted(tasks)))
+    if not (sub / "packs.parquet").is_file():
+        pack_shards(
+            shards, tok, policy, budget(settings), sub, tasks=sorted(tasks), seed=settings.seed, split="train"
+        )
+    return sub / "packs.parquet"

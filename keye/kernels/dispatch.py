@@ -3,7 +3,8 @@
 Choice by the environment variable KEYE_KERNELS:
   reference  always the torch reference (the spec; the CPU path)
   triton     always the Triton kernel when one is registered (on CPU only useful under TRITON_INTERPRET=1)
-  auto       (default) Triton for CUDA tensors when registered, else the reference
+  auto       (default) Triton for CUDA tensors when registered, else the reference; dense attention takes
+             torch SDPA (keye/kernels/dense_sdpa.py) on every device
 Every Triton function must have exactly the signature of the reference it replaces (see dsa_reference.py and
 moe_reference.py); `_triton_table` below is the single place where they plug in.
 """
@@ -60,6 +61,18 @@ def _triton_table() -> dict[str, Callable[..., object]]:
     }
 
 
+# Fast paths that are not Triton (so they serve CPU tensors too under `auto`).
+_TORCH_FAST: dict[str, Callable[..., object]] = {}
+
+
+def _torch_fast() -> dict[str, Callable[..., object]]:
+    if not _TORCH_FAST:
+        from keye.kernels.dense_sdpa import dense_attention_sdpa
+
+        _TORCH_FAST["dense_attention"] = dense_attention_sdpa
+    return _TORCH_FAST
+
+
 def mode() -> str:
     """The KEYE_KERNELS setting, validated."""
     value = os.environ.get("KEYE_KERNELS", "auto").strip().lower() or "auto"
@@ -75,6 +88,8 @@ def pick(name: str, like: Tensor) -> Callable[..., object]:
     chosen = mode()
     if chosen == "reference":
         return _REFERENCE[name]
+    if name in _torch_fast():
+        return _torch_fast()[name]
     fast = _triton_table().get(name)
     if fast is None:
         return _REFERENCE[name]
@@ -85,7 +100,10 @@ def pick(name: str, like: Tensor) -> Callable[..., object]:
 
 def backend_name(name: str, like: Tensor) -> str:
     """'triton' or 'reference': which path `pick` takes (for logs and benchmarks)."""
-    return "reference" if pick(name, like) is _REFERENCE[name] else "triton"
+    fn = pick(name, like)
+    if fn is _REFERENCE[name]:
+        return "reference"
+    return "torch-sdpa" if fn is _torch_fast().get(name) else "triton"
 
 
 def indexer_topk(
