@@ -324,12 +324,15 @@ def eval_score(
     bench: Annotated[Path, typer.Option(help="benchmark file in its published layout")],
     predictions: Annotated[Path, typer.Option(help="predictions.jsonl ({id, answer} per line)")],
     kind: Annotated[str | None, typer.Option(help="benchmark kind (default: detected from the file)")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="the first N questions only (as the run that made them)")
+    ] = None,
 ) -> None:
     """Re-score saved predictions; prints the metrics as JSON."""
     from keye.eval import BenchmarkFormatError, score
 
     try:
-        metrics = score(bench, predictions, kind=kind)
+        metrics = score(bench, predictions, kind=kind, limit=limit)
     except (BenchmarkFormatError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(metrics, indent=2, default=str))

@@ -65,5 +65,5 @@ def run_benchmarks(
                 raise RuntimeError(
                     f"{name}: re-scoring {res.predictions_path} does not reproduce metrics.json"
                 )
-            results[name] = {**res.metrics, "_predictions": str(res.predictions_path)}
+            results[name] = {**res.metrics, "_predictions": str(res.predictions_path), "_bench": str(path)}
     return results
