@@ -139,14 +139,14 @@ def ingest(
     """Scan, hash, probe and clip the videos of SOURCE."""
     cfg = _stage_config(source, workspace, config, set_)
     from flows.ingest import ingest as ingest_flow
-    from keye.summary import pipeline_summary, render
 
     vs = _run_guarded(lambda: ingest_flow(cfg))
-    _print_stage(pipeline_summary, render, cfg, {"videoset": vs})
+    _print_stage(cfg, {"videoset": vs})
 
 
-def _print_stage(pipeline_summary, render, cfg, outputs) -> None:
+def _print_stage(cfg, outputs: dict[str, str]) -> None:
     from keye.lineage import Lineage
+    from keye.summary import pipeline_summary, render
 
     typer.echo(render(pipeline_summary(Lineage(cfg.workspace, read_only=True), outputs)))
 
@@ -161,12 +161,9 @@ def caption(
     """Caption the clips of a VideoSet with the configured backend."""
     cfg = _stage_config(None, workspace, config, set_)
     from flows.caption import caption as caption_flow
-    from keye.lineage import Lineage
-    from keye.summary import pipeline_summary, render
 
-    vs = videoset or _run_guarded(lambda: Lineage(cfg.workspace, read_only=True).latest_artifact("videoset"))
-    cs = _run_guarded(lambda: caption_flow(cfg, vs))
-    _print_stage(pipeline_summary, render, cfg, {"captionset": cs})
+    cs = _run_guarded(lambda: caption_flow(cfg, videoset))
+    _print_stage(cfg, {"captionset": cs})
 
 
 @app.command()
@@ -179,14 +176,9 @@ def shard(
     """Write WebDataset shards of the captioned clips."""
     cfg = _stage_config(None, workspace, config, set_)
     from flows.shard import shard as shard_flow
-    from keye.lineage import Lineage
-    from keye.summary import pipeline_summary, render
 
-    cs = captionset or _run_guarded(
-        lambda: Lineage(cfg.workspace, read_only=True).latest_artifact("captionset")
-    )
-    ss = _run_guarded(lambda: shard_flow(cfg, cs))
-    _print_stage(pipeline_summary, render, cfg, {"shardset": ss})
+    ss = _run_guarded(lambda: shard_flow(cfg, captionset))
+    _print_stage(cfg, {"shardset": ss})
 
 
 @app.command()
@@ -199,10 +191,9 @@ def pack(
     """Tokenizer + task samples + best-fit packing of a ShardSet."""
     cfg = _stage_config(None, workspace, config, set_)
     from flows.pack import pack as pack_flow
-    from keye.summary import pipeline_summary, render
 
     ps = _run_guarded(lambda: pack_flow(cfg, shardset))
-    _print_stage(pipeline_summary, render, cfg, {"packset": ps})
+    _print_stage(cfg, {"packset": ps})
 
 
 @app.command()
