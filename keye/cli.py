@@ -27,7 +27,12 @@ WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a config field: key=value (repeatable)")
 ]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="pipeline YAML (default: built-in)")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="pipeline YAML (default: ./pipelines.yaml if present, else built-in)"
+    ),
+]
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -118,6 +123,9 @@ def _as_dict(overrides: list[str]) -> dict[str, str]:
 
 
 def _stage_config(source: str | None, workspace: Path, config: Path | None, set_: list[str] | None):
+    """A stage run alone uses the same settings as `keye run` would: ./pipelines.yaml when it exists."""
+    if config is None and Path("pipelines.yaml").is_file():
+        config = Path("pipelines.yaml")
     overrides = list(set_ or [])
     cfg = _load(config, overrides, workspace)
     if source is not None:
