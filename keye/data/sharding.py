@@ -12,15 +12,8 @@ from typing import Any
 
 from keye.atomic import remove_stale_temps
 from keye.config import ShardSettings
-from keye.data.shards import (
-    EncodeParams,
-    ShardInfo,
-    clip_key,
-    ensure_clip,
-    sha256_file,
-    shard_sha256,
-    write_shard,
-)
+from keye.data import shards
+from keye.data.shards import EncodeParams, ShardInfo, clip_key, ensure_clip
 from keye.lineage import Lineage, make_id
 
 
@@ -126,16 +119,8 @@ def shard_id_for(shardset_id: str, name: str) -> str:
 
 
 def ensure_shard(out_dir: str, name: str, group: list[EncodedItem]) -> ShardInfo:
-    """Write one planned shard unless an identical one is already in place (a re-run after a crash)."""
-    samples = [(e.item.key, e.mp4, sample_json(e)) for e in group]
-    final = Path(out_dir) / f"{name}.tar"
-    if final.exists():
-        want = shard_sha256(samples)
-        if sha256_file(final) == want:
-            return ShardInfo(
-                final, want, len(samples), final.stat().st_size, [s[0] for s in samples], skipped=True
-            )
-    return write_shard(out_dir, name, samples)
+    """Write one planned shard of encoded clips unless an identical one is already in place."""
+    return shards.ensure_shard(out_dir, name, [(e.item.key, e.mp4, sample_json(e)) for e in group])
 
 
 def shard_row(shardset_id: str, name: str, info: ShardInfo) -> dict[str, Any]:

@@ -409,20 +409,21 @@ def write_shards(
     if len(by_key) != len(samples):
         _check_unique(s[0] for s in samples)
     plan = plan_shards([(k, sizes[k]) for k in by_key], target_bytes)
-    infos: list[ShardInfo] = []
-    for i, keys in enumerate(plan):
-        name = shard_name(prefix, i)
-        group = [by_key[k] for k in keys]
-        final = Path(out_dir) / f"{name}.tar"
-        if final.exists():
-            want = shard_sha256(group)
-            if sha256_file(final) == want:
-                infos.append(
-                    ShardInfo(final, want, len(keys), final.stat().st_size, list(keys), skipped=True)
-                )
-                continue
-        infos.append(write_shard(out_dir, name, group))
-    return infos
+    return [
+        ensure_shard(out_dir, shard_name(prefix, i), [by_key[k] for k in keys]) for i, keys in enumerate(plan)
+    ]
+
+
+def ensure_shard(out_dir: str | os.PathLike[str], name: str, samples: Sequence[Sample]) -> ShardInfo:
+    """Write one shard unless an identical one is already under its final name (a re-run after a crash)."""
+    final = Path(out_dir) / f"{name}.tar"
+    if final.exists():
+        want = shard_sha256(samples)
+        if sha256_file(final) == want:
+            return ShardInfo(
+                final, want, len(samples), final.stat().st_size, [s[0] for s in samples], skipped=True
+            )
+    return write_shard(out_dir, name, samples)
 
 
 # ------------------------------------------------------------------------------------------------------ read/verify
