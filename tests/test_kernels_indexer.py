@@ -33,10 +33,16 @@ def test_row_starts_packed() -> None:
 @pytest.mark.parametrize(
     ("kind", "kw"),
     [
-        ("random", {"sample": 32}),  # sampled-threshold path (rows longer than cap=16)
-        ("ties", {"sample": 32}),
+        ("random", {}),  # fused path: rows longer than cap=32 go through a sampled threshold
+        ("random", {"sample_max": 16}),  # strided score samples
+        ("ties", {"sample_max": 16}),  # thresholds on heavy ties miss: those rows are redone on the slab path
+        ("random", {"scratch_bytes": 1, "fused_tile": (16, 32, 4)}),  # several row chunks
+        ("random", {"method": "slab", "sample": 32}),  # slab path, sampled-threshold selection
+        ("ties", {"method": "slab", "sample": 32}),
         ("ties", {"force_radix": True}),  # exact radix-select path
-        ("random", {"cap": 16, "sample": 16, "slab_bytes": 1600}),  # several query chunks
+        ("random", {"method": "slab", "cap": 16, "sample": 16, "slab_bytes": 1600}),  # several query chunks
+        ("ties", {"method": "slab", "cap": 16, "sample": 4}),  # coarse sample: the radix fallback decides
+        ("random", {"method": "slab", "cap": 16, "sample": 4}),
     ],
 )
 def test_indexer_topk_matches_reference(kind: str, kw: dict) -> None:

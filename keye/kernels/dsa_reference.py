@@ -78,11 +78,12 @@ def indexer_scores_block(q_idx: Tensor, k_idx: Tensor, w: Tensor, a: int, q0: in
 
 
 def topk_lowest_index_ties(scores: Tensor, topk: int) -> tuple[Tensor, Tensor]:
-    """Top-k per row sorted by score descending with ties broken by the smaller column (deterministic).
+    """Top-k per row with ties broken by the smaller column, listed in ascending column order (deterministic).
 
-    torch.topk leaves the order of ties unspecified; ReLU makes exact ties (often 0) common, and a kernel must be
-    comparable to this, so: take the k-th value as threshold, keep everything above it and the first columns equal
-    to it, then order the kept set with a stable sort.
+    torch.topk leaves the choice among ties unspecified; ReLU makes exact ties (often 0) common, and a kernel must
+    be comparable to this, so: take the k-th value as threshold, keep everything above it and the first columns
+    equal to it. Ascending column order is what a selection kernel emits without sorting (and what the sparse
+    gathers like best).
     """
     rows, cols = scores.shape
     if cols < topk:
@@ -95,7 +96,8 @@ def topk_lowest_index_ties(scores: Tensor, topk: int) -> tuple[Tensor, Tensor]:
     keep = above | (equal & (torch.cumsum(equal.to(torch.int32), dim=1) <= need))
     cols_kept = keep.nonzero()[:, 1].view(rows, topk)  # ascending column order within each row
     vals = torch.gather(scores, 1, cols_kept)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    # rows with fewer than topk finite scores: the -inf padding columns go last
+    order = torch.sort(torch.isinf(vals).to(torch.int8), dim=1, stable=True).indices
     return torch.gather(vals, 1, order), torch.gather(cols_kept, 1, order)
 
 
@@ -112,8 +114,8 @@ def indexer_topk_reference(
     q_idx [T, H_I, D_I] indexer queries (RoPE applied); k_idx [T, D_I] one indexer key per token (LayerNorm + RoPE
     applied); w [T, H_I] per-head weights (already scaled by 1/sqrt(H_I)).
     I[t,s] = sum_j w[t,j] * relu(q_idx[t,j] . k_idx[s] * D_I**-0.5) over s in t's sample with s <= t.
-    Returns (indices int32 [T, topk], scores float32 [T, topk]): global row ids of the selected keys sorted by
-    score descending, ties broken by the smaller index; -1 and -inf where fewer than topk keys are visible.
+    Returns (indices int32 [T, topk], scores float32 [T, topk]): global row ids of the top-k keys (ties broken by
+    the smaller index) in ascending index order, then -1 and -inf where fewer than topk keys are visible.
     """
     t_total = q_idx.shape[0]
     indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=q_idx.device)
@@ -345,7 +347,7 @@ def dsa_decode_reference(
     """One DSA decode step: q [B, Hq, D]; k_cache, v_cache [B, L, Hkv, D]; q_idx [B, H_I, D_I]; k_idx_cache
     [B, L, D_I]; w [B, H_I]; cache_lens int [B] = valid cache rows per sequence, the new token's row included.
     Returns (o [B, Hq, D] in q.dtype, lse float32 [B, Hq], indices int32 [B, topk] cache rows, -1 = unused),
-    with the same selection rule as `indexer_topk_reference` (score desc, ties to the smaller row)."""
+    with the same selection rule as `indexer_topk_reference` (ties to the smaller row, ascending row order)."""
     bsz, lmax = k_cache.shape[0], k_cache.shape[1]
     vals, cols = topk_lowest_index_ties(decode_index_scores(q_idx, k_idx_cache, w, cache_lens), topk)
     indices = torch.where(torch.isfinite(vals), cols, -1).to(torch.int32)

@@ -2,14 +2,14 @@
 
 Follows DeepSeek-V3.2-Exp's lightning indexer (I[t,s] = sum_j w[t,j] relu(q_j . k_s / sqrt(D_I))) and the
 radix-select idea of TileLang's DSA `topk_selector` example, written here in Triton. Spec:
-`dsa_reference.indexer_topk_reference` (sorted by score descending, ties to the smaller index, -1/-inf padding).
+`dsa_reference.indexer_topk_reference` (the exact top-k set, ties to the smaller index, listed in ascending index
+order, -1/-inf padding).
 
 Two kernels per chunk of query rows: (1) tensor-core scores of the chunk against its key window (a bounded
-[chunk, window] fp32 slab, never L x L); (2) one program per row picks a threshold at or below the k-th score
-(proposed by a strided sample, confirmed by one counting pass; a 4 x 8-bit radix select on order-preserving keys
-when no proposal fits), compacts the keys above it and sorts them (score desc, index asc) to keep the first k.
-Measured on an H200 at 128K (bench/RESULTS.md "## dsa"): scores 56 ms, selection ~240 ms: the selection is the
-part to make faster next.
+[chunk, window] fp32 slab, never L x L); (2) one program per row: a strided sample proposes a threshold, one pass
+compacts the keys at or above it, and a bit-by-bit search over those candidates in registers finds the exact k-th
+score (a 4 x 8-bit radix select over the row when the proposal misses). No sort anywhere: the earlier version sorted
+a sample and the candidates per row, and those sorts were ~80% of its ~240 ms selection at 128K (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,22 +23,23 @@ from torch import Tensor
 @triton.jit
 def _indexer_scores_kernel(
     QI, KI, W, ROW_START, OUT,
-    row0, n_rows, col0, n_cols, n_keys, scale,
+    row0, n_rows, col0, n_cols, n_keys, scale, cstride,
     stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
     H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """OUT[r, c] = I[row0 + r, col0 + c] for the tiles that touch some row's causal window (others untouched)."""
+    """OUT[r, c] = I[row0 + r, col0 + c * cstride] for the tiles that touch some row's causal window (others
+    untouched); cstride > 1 scores a strided sample of the keys (threshold proposals of the fused path)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     r_loc = pid_m * BM + tl.arange(0, BM)
     rmask = r_loc < n_rows
     rows = (row0 + r_loc).to(tl.int64)
     c_loc = pid_n * BN + tl.arange(0, BN)
-    cols = col0 + c_loc
+    cols = col0 + c_loc * cstride
     starts = tl.load(ROW_START + rows, mask=rmask, other=2147483647)
     lo = tl.min(starts)
     hi = row0 + tl.minimum(pid_m * BM + BM, n_rows) - 1  # last row of the block (keys <= it)
-    if (col0 + pid_n * BN <= hi) and (col0 + pid_n * BN + BN > lo):
+    if (col0 + pid_n * BN * cstride <= hi) and (col0 + (pid_n * BN + BN - 1) * cstride >= lo):
         offs_d = tl.arange(0, DI)
         kmask = (cols < n_keys) & (c_loc < n_cols)
         kt = tl.load(
@@ -110,46 +111,24 @@ def _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK: tl.constexpr, HAS_I
 
 
 @triton.jit
-def _radix_topk_row(
-    base, ibase, lo, hi, col0, need,
-    scr_row, OUT_IDX, OUT_SCORE, out_row,
-    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
-    CAP: tl.constexpr = 0, SAMPLE: tl.constexpr = 1024, FORCE_RADIX: tl.constexpr = False,
-):  # fmt: skip
-    """Exact top-`need` of base[lo:hi] (need <= TOPK); writes TOPK slots of OUT_IDX/OUT_SCORE at out_row.
+def _kth_key(keys, valid, need):
+    """The need-th largest of keys[valid] (keys in [0, 2^32)): the largest v with count(keys >= v) >= need, found
+    bit by bit (32 counting rounds over registers instead of a sort). need <= 0 gives 2^32 - 1."""
+    v = tl.zeros([], tl.int64)
+    one = tl.full([], 1, tl.int64)
+    for b in tl.static_range(32):
+        trial = v | (one << (31 - b))
+        c = tl.sum((valid & (keys >= trial)).to(tl.int32), 0)
+        v = tl.where(c >= need, trial, v)
+    return v
 
-    Element i has index i + col0, or ibase[i] when HAS_IDX (candidate lists; index -1 = empty slot; equal scores
-    must then appear in ascending index order, which concatenated sorted segment lists satisfy).
-    Fast path: a strided sample of the row proposes 8 thresholds, one counting pass picks the highest whose count
-    lies in [need, CAP], one pass compacts the keys above it, and one sort of CAP slots orders them. A row of at
-    most CAP keys is taken whole; if no proposed threshold fits, the exact radix select decides (slow, rare).
-    """
-    cap: tl.constexpr = 2 * KP if CAP == 0 else CAP
-    n = hi - lo
-    thr = tl.zeros([], tl.int64)  # key 0 is below every finite score: take all
-    eq_lim = tl.full([], 2147483647, tl.int32)
-    if FORCE_RADIX:
-        thr, eq_lim = _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK, HAS_IDX)
-    elif n > cap:
-        sidx = tl.arange(0, SAMPLE)
-        sp = lo + (sidx.to(tl.int64) * n) // SAMPLE
-        sk, sm, s_idx = _row_keys(base, ibase, sp, hi, col0, HAS_IDX)
-        sk = tl.sort(tl.where(sm, sk, 0), descending=True)
-        expect = need.to(tl.float32) * SAMPLE / n.to(tl.float32)
-        fac = 1.1 + 0.12 * tl.arange(0, 8).to(tl.float32)
-        rank = tl.minimum((expect * fac).to(tl.int32) + 1, SAMPLE - 1)
-        tau = tl.sum(tl.where(sidx[None, :] == rank[:, None], sk[None, :], 0), 1)
-        cnt8 = tl.zeros([8], tl.int32)
-        for c in range(lo, hi, BLOCK):
-            key, m, c_idx = _row_keys(base, ibase, c + tl.arange(0, BLOCK), hi, col0, HAS_IDX)
-            cnt8 += tl.sum((m[:, None] & (key[:, None] >= tau[None, :])).to(tl.int32), 0)
-        fits = (cnt8 >= need) & (cnt8 <= cap) & (tau > 0)
-        best = tl.max(tl.where(fits, tau, -1), 0)
-        if best >= 0:
-            thr = best
-        else:
-            thr, eq_lim = _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK, HAS_IDX)
-    # emit: keys above the threshold, and keys equal to it up to eq_lim in index order
+
+@triton.jit
+def _compact_row(
+    base, ibase, lo, hi, col0, thr, eq_lim, scr_row, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr, CAP: tl.constexpr
+):  # fmt: skip
+    """Write (key, index) of the keys above thr, and of the first eq_lim keys equal to it, to scr_row in row order
+    (at most CAP); return how many qualified (more than CAP: the caller picks another threshold)."""
     cnt = tl.zeros([], tl.int32)
     eq_seen = tl.zeros([], tl.int32)
     for c in range(lo, hi, BLOCK):
@@ -161,19 +140,97 @@ def _radix_topk_row(
         take_i = take.to(tl.int32)
         pos = cnt + tl.cumsum(take_i, 0) - 1
         comp = (key << 31) | (2147483647 - gidx)
-        tl.store(scr_row + pos, comp, mask=take & (pos < cap))
+        tl.store(scr_row + pos, comp, mask=take & (pos < CAP))
         cnt += tl.sum(take_i, 0)
         eq_seen += tl.sum(eq_i, 0)
+    return cnt
+
+
+@triton.jit
+def _radix_topk_row(
+    base, ibase, lo, hi, col0, need,
+    scr_row, OUT_IDX, OUT_SCORE, out_row,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
+    CAP: tl.constexpr = 0, SAMPLE: tl.constexpr = 1024, FORCE_RADIX: tl.constexpr = False,
+):  # fmt: skip
+    """Exact top-`need` of base[lo:hi] (need <= TOPK), written in ascending index order into the TOPK slots of
+    OUT_IDX/OUT_SCORE at out_row (-1 / -inf after the first `need`).
+
+    Element i has index i + col0, or ibase[i] when HAS_IDX (candidate lists, index -1 = empty slot, in ascending
+    index order -- as concatenated per-segment outputs are). scr_row holds CAP int64 (default 4 * KP).
+    1. A strided sample of the row proposes a threshold expected to leave about CAP/2 keys at or above it (a row
+       of at most CAP keys takes them all). 2. One pass compacts those keys into scr_row, in row order. 3. If the
+       count falls outside [need, CAP] (rare: heavy ties), the exact 4 x 8-bit radix select decides and the row is
+       compacted again. 4. A 32-round bit search over the candidates in registers finds the exact need-th key (no
+       sort); the candidates above it, and the first ones equal to it, are emitted in index order.
+    """
+    cap: tl.constexpr = 4 * KP if CAP == 0 else CAP
+    n = hi - lo
+    big = tl.full([], 2147483647, tl.int32)
+    if FORCE_RADIX:
+        thr, eq_lim = _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK, HAS_IDX)
+        cnt = _compact_row(base, ibase, lo, hi, col0, thr, eq_lim, scr_row, BLOCK, HAS_IDX, cap)
+    elif n > cap:
+        sidx = tl.arange(0, SAMPLE)
+        sp = lo + (sidx.to(tl.int64) * n) // SAMPLE
+        sk, sm, s_idx = _row_keys(base, ibase, sp, hi, col0, HAS_IDX)
+        expect = need.to(tl.float32) * SAMPLE / n.to(tl.float32)  # sample keys above the true threshold
+        target = 0.5 * cap / tl.maximum(need, 1).to(tl.float32)  # aim at cap/2 candidates
+        rank = tl.minimum((expect * target).to(tl.int32) + 1, SAMPLE)
+        tau = _kth_key(sk, sm, rank)
+        cnt = _compact_row(base, ibase, lo, hi, col0, tau, big, scr_row, BLOCK, HAS_IDX, cap)
+        if (cnt < need) or (cnt > cap):
+            thr, eq_lim = _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK, HAS_IDX)
+            cnt = _compact_row(base, ibase, lo, hi, col0, thr, eq_lim, scr_row, BLOCK, HAS_IDX, cap)
+    else:  # key 0 is below every finite score: take all
+        cnt = _compact_row(
+            base, ibase, lo, hi, col0, tl.zeros([], tl.int64), big, scr_row, BLOCK, HAS_IDX, cap
+        )
     tl.debug_barrier()
-    slots = tl.arange(0, cap)
-    comp = tl.load(scr_row + slots, mask=slots < cnt, other=-1)
-    comp = tl.sort(comp, descending=True)
-    valid = slots < tl.minimum(cnt, need)
-    gidx = tl.where(valid, 2147483647 - (comp & 2147483647), -1)
-    score = tl.where(valid, _from_order_key(comp >> 31), float("-inf"))
-    omask = slots < TOPK
-    tl.store(OUT_IDX + out_row * TOPK + slots, gidx.to(tl.int32), mask=omask)
-    tl.store(OUT_SCORE + out_row * TOPK + slots, score, mask=omask)
+    _emit_topk(scr_row, cnt, need, OUT_IDX, OUT_SCORE, out_row, TOPK, KP, cap)
+
+
+@triton.jit
+def _emit_topk(
+    scr_row, cnt, need, OUT_IDX, OUT_SCORE, out_row, TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr
+):
+    """`_emit_selected` over cnt (need <= cnt <= CAP) candidates at scr_row (key << 31 | 2^31-1-index)."""
+    slots = tl.arange(0, CAP)
+    valid = slots < tl.minimum(cnt, CAP)
+    comp = tl.load(scr_row + slots, mask=valid, other=-1)
+    gidx = 2147483647 - (comp & 2147483647)
+    _emit_selected(comp >> 31, gidx, valid, need, OUT_IDX, OUT_SCORE, out_row, TOPK, KP)
+
+
+@triton.jit
+def _emit_selected(
+    keys, gidx, valid, need, OUT_IDX, OUT_SCORE, out_row, TOPK: tl.constexpr, KP: tl.constexpr
+):
+    """Candidates (order keys, indices) in index order: the exact need-th key by a bit search in registers, then
+    the keys above it and the first ones equal to it, in index order, into the TOPK slots at out_row (-1 / -inf
+    after `need`). The search covers only the bits below the candidates' common prefix (min/max keys)."""
+    lo = tl.min(tl.where(valid, keys, 4294967295), 0)
+    hi = tl.max(tl.where(valid, keys, 0), 0)
+    diff = tl.maximum(lo ^ hi, 1)
+    nb = tl.minimum((tl.log2(diff.to(tl.float32)) + 1.0).to(tl.int32), 32)  # >= bit length of diff
+    one = tl.full([], 1, tl.int64)
+    kth = lo & ~((one << nb) - 1)
+    for b in range(nb):
+        trial = kth | (one << (nb - 1 - b))
+        c = tl.sum((valid & (keys >= trial)).to(tl.int32), 0)
+        kth = tl.where(c >= need, trial, kth)
+    above = valid & (keys > kth)
+    eq = valid & (keys == kth)
+    eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
+    take = above | (eq & (eq_rank < need - tl.sum(above.to(tl.int32), 0)))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    dst = out_row * TOPK + pos
+    tl.store(OUT_IDX + dst, gidx.to(tl.int32), mask=take)
+    tl.store(OUT_SCORE + dst, _from_order_key(keys), mask=take)
+    tail = tl.arange(0, KP)
+    tmask = (tail >= need) & (tail < TOPK)
+    tl.store(OUT_IDX + out_row * TOPK + tail, tl.full([KP], -1, tl.int32), mask=tmask)
+    tl.store(OUT_SCORE + out_row * TOPK + tail, tl.full([KP], float("-inf"), tl.float32), mask=tmask)
 
 
 @triton.jit
@@ -196,6 +253,100 @@ def _topk_select_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _sample_threshold_kernel(
+    SAMP, ROW_START, TAU, row0, col0, cstride, n_cols, stride_s,
+    TOPK: tl.constexpr, CAP: tl.constexpr, SMAX: tl.constexpr,
+):  # fmt: skip
+    """TAU[t]: a score expected to leave about CAP/2 of row t's keys at or above it, read off the strided sample
+    of its scores (-inf = take every key: rows of at most CAP keys)."""
+    r = tl.program_id(0)
+    t = row0 + r
+    a = tl.load(ROW_START + t)
+    n = t - a + 1
+    tau = float("-inf")
+    if n > CAP:
+        c = tl.arange(0, SMAX)
+        g = col0 + c.to(tl.int64) * cstride
+        valid = (c < n_cols) & (g >= a) & (g <= t)
+        v = tl.load(SAMP + r.to(tl.int64) * stride_s + c, mask=valid, other=float("-inf"))
+        n_s = tl.sum(valid.to(tl.int32), 0)
+        rank = tl.minimum((0.5 * CAP * n_s.to(tl.float32) / n.to(tl.float32)).to(tl.int32) + 1, n_s)
+        tau = _from_order_key(_kth_key(_order_key(v), valid, rank))
+    tl.store(TAU + t, tau)
+
+
+@triton.jit
+def _scores_compact_kernel(
+    QI, KI, W, ROW_START, TAU, SCR_S, SCR_I, CNT,
+    row0, n_rows, n_keys, scale,
+    stride_qt, stride_qh, stride_kt, stride_wt,
+    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """Scores of BM rows against their whole windows, tile by tile (flash-style, never stored); the keys at or
+    above each row's threshold are compacted in index order into SCR_S / SCR_I[r, :CAP] (score, index), their
+    number into CNT[r]. Plain fp32 compares in the tile loop (no order keys: +0 == -0 holds for floats too)."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest windows first
+    r_loc = pid * BM + tl.arange(0, BM)
+    rmask = r_loc < n_rows
+    rows = (row0 + r_loc).to(tl.int64)
+    starts = tl.load(ROW_START + rows, mask=rmask, other=2147483647)
+    tau = tl.load(TAU + rows, mask=rmask, other=float("inf"))
+    lo = tl.min(starts)
+    hi = row0 + tl.minimum(pid * BM + BM, n_rows) - 1
+    offs_d = tl.arange(0, DI)
+    off = r_loc[:, None].to(tl.int64) * CAP
+    cnt = tl.zeros([BM], tl.int32)
+    for c0 in range(lo, hi + 1, BN):
+        cols = c0 + tl.arange(0, BN)
+        kt = tl.load(
+            KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+            mask=(cols < n_keys)[None, :],
+            other=0.0,
+        )
+        acc = tl.zeros([BM, BN], tl.float32)
+        for j in range(H):
+            qj = tl.load(
+                QI + rows[:, None] * stride_qt + j * stride_qh + offs_d[None, :],
+                mask=rmask[:, None],
+                other=0.0,
+            )
+            wj = tl.load(W + rows * stride_wt + j, mask=rmask, other=0.0).to(tl.float32)
+            acc += wj[:, None] * tl.maximum(tl.dot(qj, kt) * scale, 0.0)
+        inwin = rmask[:, None] & (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
+        take = inwin & (acc >= tau[:, None])
+        take_i = take.to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(take_i, 1) - 1
+        keep = take & (pos < CAP)
+        tl.store(SCR_S + off + pos, acc, mask=keep)
+        tl.store(SCR_I + off + pos, (cols[None, :] + tl.zeros([BM, BN], tl.int32)), mask=keep)
+        cnt += tl.sum(take_i, 1)
+    tl.store(CNT + r_loc, cnt, mask=rmask)
+
+
+@triton.jit
+def _select_candidates_kernel(
+    SCR_S, SCR_I, CNT, ROW_START, OUT_IDX, OUT_SCORE, MISS, row0,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """Exact top-k of row t from its candidates; MISS[r] = 1 when the threshold left fewer than need or more than
+    CAP candidates (the caller redoes those rows on the slab path)."""
+    r = tl.program_id(0)
+    t = row0 + r
+    a = tl.load(ROW_START + t)
+    need = tl.minimum(t - a + 1, TOPK)
+    cnt = tl.load(CNT + r)
+    if (cnt >= need) and (cnt <= CAP):
+        slots = tl.arange(0, CAP)
+        valid = slots < cnt
+        off = r.to(tl.int64) * CAP + slots
+        keys = _order_key(tl.load(SCR_S + off, mask=valid, other=float("-inf")))
+        gidx = tl.load(SCR_I + off, mask=valid, other=-1)
+        _emit_selected(keys, gidx, valid, need, OUT_IDX, OUT_SCORE, t.to(tl.int64), TOPK, KP)
+    else:
+        tl.store(MISS + r, 1)
+
+
 def row_starts(cu_seqlens: Tensor, n_rows: int) -> Tensor:
     """int32 [T]: the first row of each row's sample (rows outside cu_seqlens start at themselves)."""
     cu = cu_seqlens.to(torch.int64)
@@ -206,41 +357,16 @@ def row_starts(cu_seqlens: Tensor, n_rows: int) -> Tensor:
     return start.to(torch.int32).contiguous()
 
 
-def indexer_topk(
-    q_idx: Tensor,
-    k_idx: Tensor,
-    w: Tensor,
-    cu_seqlens: Tensor,
-    topk: int,
-    block: int = 1024,
-    slab_bytes: int = 1 << 31,
-    select_block: int = 1024,
-    cap: int = 0,
-    sample: int = 2048,
-    force_radix: bool = False,
-    tile: tuple[int, int, int] = (64, 128, 8),
-    select: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity): the kernel chunks
-    queries so one fp32 score slab stays under `slab_bytes`. cap (default 2 * next_pow2(topk)) / sample / force_radix
-    tune the selection (see `_radix_topk_row`); every setting gives the same result. tile = (rows, keys, warps) of
-    the score kernel; select=False computes the score slabs only (to time the two stages apart)."""
-    del block
+def _slab_rows(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
+    indices: Tensor, scores: Tensor, topk: int, cap: int, slab_bytes: int, select_block: int, sample: int,
+    force_radix: bool, tile: tuple[int, int, int], select: bool,
+) -> None:  # fmt: skip
+    """Slab path for rows [row0, row_end): fp32 score slabs of bounded size, then one selection program per row."""
     t_total, h_i, d_i = q_idx.shape
-    if d_i & (d_i - 1) or d_i < 16:
-        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
-    dev = q_idx.device
-    q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
-    indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
-    if t_total == 0 or topk == 0:
-        return indices, scores
-    starts = row_starts(cu_seqlens, t_total)
-    starts_host = starts.tolist()
     kp = triton.next_power_of_2(topk)
-    cap = cap or 2 * kp
     bm, bn, warps = tile
-    row0, row_end = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    dev = q_idx.device
     scratch = torch.empty((0, cap), device=dev, dtype=torch.int64)
     while row0 < row_end:
         # grow the chunk while its slab (rows x window) fits the budget
@@ -257,20 +383,139 @@ def indexer_topk(
         grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))
         _indexer_scores_kernel[grid](
             q_idx, k_idx, w, starts, slab,
-            row0, n_rows, col0, n_cols, t_total, d_i**-0.5,
+            row0, n_rows, col0, n_cols, t_total, d_i**-0.5, 1,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), slab.stride(0),
             H=h_i, DI=d_i, BM=bm, BN=bn, num_warps=warps,
         )  # fmt: skip
-        if not select:
-            row0 = row1
-            continue
-        if scratch.shape[0] < n_rows:
-            scratch = torch.empty((n_rows, cap), device=dev, dtype=torch.int64)
-        _topk_select_kernel[(n_rows,)](
-            slab, starts, scratch, indices, scores, row0, col0, slab.stride(0),
-            TOPK=topk, KP=kp, BLOCK=select_block, CAP=cap, SAMPLE=sample, FORCE_RADIX=force_radix, num_warps=8,
-        )  # fmt: skip
+        if select:
+            if scratch.shape[0] < n_rows:
+                scratch = torch.empty((n_rows, cap), device=dev, dtype=torch.int64)
+            _topk_select_kernel[(n_rows,)](
+                slab, starts, scratch, indices, scores, row0, col0, slab.stride(0),
+                TOPK=topk, KP=kp, BLOCK=select_block, CAP=cap, SAMPLE=sample, FORCE_RADIX=force_radix,
+                num_warps=8,
+            )  # fmt: skip
         row0 = row1
+
+
+def _fused_rows(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
+    indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int,
+    tile: tuple[int, int, int], fused_tile: tuple[int, int, int],
+) -> list[tuple[int, int]]:  # fmt: skip
+    """Fused path for rows [row0, row_end); returns the row ranges whose threshold missed (for the slab path)."""
+    t_total, h_i, d_i = q_idx.shape
+    kp = triton.next_power_of_2(topk)
+    bm, bn, warps = tile
+    fbm, fbn, fwarps = fused_tile
+    dev = q_idx.device
+    per_row = cap * 8 + sample_max * 4  # candidates (fp32 score + int32 index) and the score sample
+    rows_per_chunk = max(fbm, (scratch_bytes // per_row) // fbm * fbm)
+    missed: list[tuple[int, int]] = []
+    tau = torch.empty(t_total, device=dev, dtype=torch.float32)
+    while row0 < row_end:
+        row1 = min(row_end, row0 + rows_per_chunk)
+        n_rows = row1 - row0
+        col0 = min(starts_host[row0:row1])
+        window = row1 - col0
+        cstride = max(1, -(-window // sample_max))
+        n_cols = -(-window // cstride)
+        samp = torch.empty((n_rows, sample_max), device=dev, dtype=torch.float32)
+        _indexer_scores_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+            q_idx, k_idx, w, starts, samp,
+            row0, n_rows, col0, n_cols, t_total, d_i**-0.5, cstride,
+            q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), samp.stride(0),
+            H=h_i, DI=d_i, BM=bm, BN=bn, num_warps=warps,
+        )  # fmt: skip
+        _sample_threshold_kernel[(n_rows,)](
+            samp, starts, tau, row0, col0, cstride, n_cols, samp.stride(0),
+            TOPK=topk, CAP=cap, SMAX=sample_max, num_warps=4,
+        )  # fmt: skip
+        del samp
+        scr_s = torch.empty((n_rows, cap), device=dev, dtype=torch.float32)
+        scr_i = torch.empty((n_rows, cap), device=dev, dtype=torch.int32)
+        cnt = torch.empty(n_rows, device=dev, dtype=torch.int32)
+        _scores_compact_kernel[(triton.cdiv(n_rows, fbm),)](
+            q_idx, k_idx, w, starts, tau, scr_s, scr_i, cnt,
+            row0, n_rows, t_total, d_i**-0.5,
+            q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0),
+            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, num_warps=fwarps,
+        )  # fmt: skip
+        miss = torch.zeros(n_rows, device=dev, dtype=torch.int32)
+        _select_candidates_kernel[(n_rows,)](
+            scr_s, scr_i, cnt, starts, indices, scores, miss, row0, TOPK=topk, KP=kp, CAP=cap, num_warps=8
+        )
+        bad = torch.nonzero(miss).flatten().tolist()
+        for r in bad:  # contiguous runs of missed rows
+            if missed and missed[-1][1] == row0 + r:
+                missed[-1] = (missed[-1][0], row0 + r + 1)
+            else:
+                missed.append((row0 + r, row0 + r + 1))
+        row0 = row1
+    return missed
+
+
+def indexer_topk(
+    q_idx: Tensor,
+    k_idx: Tensor,
+    w: Tensor,
+    cu_seqlens: Tensor,
+    topk: int,
+    block: int = 1024,
+    slab_bytes: int = 1 << 31,
+    select_block: int = 2048,
+    cap: int = 0,
+    sample: int = 1024,
+    force_radix: bool = False,
+    tile: tuple[int, int, int] = (64, 128, 8),
+    select: bool = True,
+    method: str = "fused",
+    scratch_bytes: int = 1 << 30,
+    sample_max: int = 1024,
+    fused_tile: tuple[int, int, int] = (64, 128, 8),
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
+
+    method "fused" (default): per-row thresholds from a strided sample of the scores (at most `sample_max` keys
+    per row), then one kernel recomputes the scores tile by tile and keeps only the keys at or above the threshold
+    (at most `cap` per row, in index order; the score matrix is never stored), then the exact top-k of those;
+    rows whose threshold missed are redone on the slab path. method "slab": fp32 score slabs under `slab_bytes`,
+    then one selection program per row (`_radix_topk_row`; `select_block`, `sample`, `force_radix` tune it).
+    Every setting gives the same result. cap: a power of two >= 2 * next_pow2(topk) (default 4x). tile / fused_tile
+    = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing)."""
+    del block
+    t_total, h_i, d_i = q_idx.shape
+    if d_i & (d_i - 1) or d_i < 16:
+        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
+    if method not in ("fused", "slab"):
+        raise ValueError(f"method must be 'fused' or 'slab', got {method!r}")
+    dev = q_idx.device
+    q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
+    indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
+    scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
+    if t_total == 0 or topk == 0:
+        return indices, scores
+    starts = row_starts(cu_seqlens, t_total)
+    starts_host = starts.tolist()
+    kp = triton.next_power_of_2(topk)
+    cap = cap or 4 * kp
+    if cap & (cap - 1) or cap < 2 * kp:
+        raise ValueError(f"cap {cap} must be a power of two >= 2 * next_pow2(topk) = {2 * kp}")
+    if sample_max & (sample_max - 1):
+        raise ValueError(f"sample_max {sample_max} must be a power of two")
+    row0, row_end = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    slab = (slab_bytes, select_block, sample, force_radix, tile)
+    if method == "slab" or force_radix or not select:
+        _slab_rows(
+            q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, *slab, select
+        )
+        return indices, scores
+    missed = _fused_rows(
+        q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, scratch_bytes,
+        sample_max, tile, fused_tile,
+    )  # fmt: skip
+    for a, b in missed:
+        _slab_rows(q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True)
     return indices, scores
 
 
