@@ -62,7 +62,7 @@ def test_decode_matches_prefill_reference() -> None:
     qi, w = torch.randn(b, hi, di, generator=g), torch.randn(b, hi, generator=g)
     kic = torch.randint(-1, 2, (b, lmax, di), generator=g).float()  # ties in the index scores
     want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
-    for seg_len in (8, 64):  # two-stage (segments + merge) and single-stage selection
+    for seg_len in (16, 64):  # candidates from several segments / from one
         o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=seg_len)
         assert torch.equal(idx, want[2])
         torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
@@ -80,3 +80,20 @@ def test_decode_matches_prefill_reference() -> None:
             ro, rl = sparse_attention_reference(q[i : i + 1], kc[i, :n], vc[i, :n], ridx[-1:], 0.3)
             torch.testing.assert_close(o[i : i + 1], ro, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(lse[i : i + 1], rl, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_threshold_miss_falls_back_to_exact_select() -> None:
+    """All index scores equal: every row passes the threshold (more than CAP = 32 candidates), so the select
+    kernel takes the radix path over the stored scores; ties go to the smaller rows."""
+    g = torch.Generator().manual_seed(5)
+    b, lmax, hq, hkv, d, hi, di, topk = 2, 50, 4, 2, 16, 2, 16, 6
+    lens = torch.tensor([50, 41], dtype=torch.int32)
+    q = torch.randn(b, hq, d, generator=g)
+    kc, vc = torch.randn(b, lmax, hkv, d, generator=g), torch.randn(b, lmax, hkv, d, generator=g)
+    qi, w = torch.rand(b, hi, di, generator=g) + 0.5, torch.rand(b, hi, generator=g) + 0.5
+    kic = torch.full((b, lmax, di), 0.25)
+    o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=16)
+    want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
+    assert idx.tolist() == [list(range(6))] * 2 and torch.equal(idx, want[2])
+    torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)

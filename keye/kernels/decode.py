@@ -1,10 +1,18 @@
 """DSA decode step: one new token per sequence against a long KV cache and its indexer key cache (Triton).
 
 Follows DeepSeek-V3.2-Exp's decode path (index scores of the new token over the indexer key cache, top-k, sparse
-attention over the selected cached rows), adapted to GQA. The top-k is split in two so a few long rows still fill
-the GPU: each segment of a row keeps its own exact top-k (ties to the smaller index), then one program per row
-selects among the segment winners; under the strict (score desc, index asc) order the global top-k is always a
-subset of the segment winners, so the result equals the single-pass selection.
+attention over the selected cached rows), adapted to GQA and laid out for latency, since a decode step moves little
+data (the indexer keys and 2048 K/V rows per sequence) and is dominated by serial chains inside single programs:
+1. `_decode_tau_kernel` (one program per sequence): scores of a strided sample of the cache rows give a threshold
+   expected to leave about CAP/2 rows at or above it.
+2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): every score, and the rows at or above
+   the threshold compacted per segment in row order.
+3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
+   exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
+   than CAP candidates (heavy ties), the exact radix select over the stored scores decides instead (slow, rare).
+4. Split-K sparse attention over the selected rows (sequences x KV heads x splits), then a merge of the partial
+   softmaxes. Everything stays on the device (no host sync), so the step can be captured in a CUDA graph, as a
+   serving loop does (bench/dsa.py times both).
 """
 
 from __future__ import annotations
@@ -14,21 +22,54 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keye.kernels.indexer_topk import _radix_topk_row
-from keye.kernels.sparse_attention import sparse_attention_fwd
+from keye.kernels.indexer_topk import (
+    _emit_selected,
+    _from_order_key,
+    _kth_key,
+    _order_key,
+    _radix_topk_row,
+)
 
 
 @triton.jit
-def _decode_scores_kernel(
-    QI, KI, W, LENS, OUT, scale,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_ob,
-    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
+def _decode_tau_kernel(
+    QI, KI, W, LENS, TAU, scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, S: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
-    """OUT[b, s] = I[b, s] for s < LENS[b] (the cache rows, the new token's own key included)."""
+    """TAU[b]: the score of rank ~CAP/2 * S/n among S strided sample rows (-inf: at most CAP rows, take all)."""
     b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     n = tl.load(LENS + b)
-    cmask = cols < n
+    tau = float("-inf")
+    if n > CAP:
+        i = tl.arange(0, S)
+        rows = (i.to(tl.int64) * n) // S
+        offs_j = tl.arange(0, HIP)
+        offs_d = tl.arange(0, DI)
+        jmask = offs_j < HI
+        q = tl.load(
+            QI + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :], mask=jmask[:, None], other=0.0
+        )
+        wt = tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
+        kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + offs_d[:, None])
+        sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
+        rank = tl.minimum((0.5 * CAP * S / n.to(tl.float32)).to(tl.int32) + 1, S)
+        tau = _from_order_key(_kth_key(_order_key(sc), i < S, rank))
+    tl.store(TAU + b, tau)
+
+
+@triton.jit
+def _decode_scores_compact_kernel(
+    QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above TAU[b], compacted
+    in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT[b * n_seg + sg]."""
+    b = tl.program_id(0).to(tl.int64)
+    sg = tl.program_id(1)
+    n = tl.load(LENS + b)
+    tau = tl.load(TAU + b)
     offs_j = tl.arange(0, HIP)
     offs_d = tl.arange(0, DI)
     jmask = offs_j < HI
@@ -36,92 +77,231 @@ def _decode_scores_kernel(
         QI + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :], mask=jmask[:, None], other=0.0
     )
     wt = tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
-    kt = tl.load(
-        KI + b * stride_kb + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
-        mask=cmask[None, :],
-        other=0.0,
-    )
-    x = tl.dot(q, kt) * scale
-    score = tl.sum(wt[:, None] * tl.maximum(x, 0.0), 0)
-    tl.store(OUT + b * stride_ob + cols, score, mask=cmask)
+    out = (b * n_seg + sg) * SEG
+    cnt = tl.zeros([], tl.int32)
+    for c0 in range(sg * SEG, tl.minimum(sg * SEG + SEG, n), BN):
+        cols = c0 + tl.arange(0, BN)
+        cm = cols < n
+        kt = tl.load(
+            KI + b * stride_kb + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+            mask=cm[None, :],
+            other=0.0,
+        )
+        sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
+        tl.store(SCORES + b * stride_sb + cols, sc, mask=cm)
+        take = cm & (sc >= tau)
+        take_i = take.to(tl.int32)
+        pos = cnt + tl.cumsum(take_i, 0) - 1
+        tl.store(CAND_S + out + pos, sc, mask=take)
+        tl.store(CAND_I + out + pos, cols, mask=take)
+        cnt += tl.sum(take_i, 0)
+    tl.store(SEGCNT + b * n_seg + sg, cnt)
 
 
 @triton.jit
-def _segment_topk_kernel(
-    SCORES, LENS, SCR, CAND_IDX, CAND_SCORE, stride_sb, seg_len, n_seg,
-    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+def _decode_select_kernel(
+    CAND_S, CAND_I, SEGCNT, ENDS, SCORES, LENS, SCR, OUT_IDX, OUT_SCORE, n_seg, stride_sb,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, NSEG: tl.constexpr, LOG_NSEG: tl.constexpr,
+    SEG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    sg = tl.program_id(1)
-    n = tl.load(LENS + b)
-    lo = sg * seg_len
-    hi = tl.minimum(lo + seg_len, n)
-    need = tl.maximum(tl.minimum(hi - lo, TOPK), 0)
-    out_row = b * n_seg + sg
-    base = SCORES + b * stride_sb
-    _radix_topk_row(
-        base, base, lo, hi, 0, need, SCR + out_row * KP, CAND_IDX, CAND_SCORE, out_row, TOPK, KP, BLOCK, False
-    )
-
-
-@triton.jit
-def _merge_topk_kernel(
-    CAND_IDX, CAND_SCORE, LENS, SCR, OUT_IDX, OUT_SCORE, n_cand,
-    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-):  # fmt: skip
+    """Exact top-k of sequence b from its segments' candidates (or, on a threshold miss, from all its scores)."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(LENS + b)
     need = tl.minimum(n, TOPK)
-    base = CAND_SCORE + b * n_cand
-    ibase = CAND_IDX + b * n_cand
-    _radix_topk_row(
-        base, ibase, 0, n_cand, 0, need, SCR + b * KP, OUT_IDX, OUT_SCORE, b, TOPK, KP, BLOCK, True
+    ks = tl.arange(0, NSEG)
+    counts = tl.load(SEGCNT + b * n_seg + ks, mask=ks < n_seg, other=0)
+    ends = tl.cumsum(counts, 0)
+    total = tl.sum(counts, 0)
+    if (total >= need) and (total <= CAP):
+        tl.store(ENDS + b * NSEG + ks, ends)
+        tl.debug_barrier()
+        slots = tl.arange(0, CAP)
+        valid = slots < total
+        lo = tl.zeros([CAP], tl.int32)  # segment of each slot: first segment whose end is above it
+        hi = tl.full([CAP], NSEG, tl.int32)
+        for _ in tl.static_range(LOG_NSEG + 1):
+            mid = (lo + hi) // 2
+            e = tl.load(ENDS + b * NSEG + mid, mask=mid < NSEG, other=2147483647)
+            up = e <= slots
+            lo = tl.where(up, mid + 1, lo)
+            hi = tl.where(up, hi, mid)
+        seg = tl.minimum(lo, NSEG - 1)
+        seg_end = tl.load(ENDS + b * NSEG + seg)
+        seg_cnt = tl.load(SEGCNT + b * n_seg + seg, mask=valid, other=0)
+        off = (b * n_seg + seg) * SEG + (slots - (seg_end - seg_cnt))
+        sc = tl.load(CAND_S + off, mask=valid, other=float("-inf"))
+        gi = tl.load(CAND_I + off, mask=valid, other=-1)
+        _emit_selected(_order_key(sc), gi, valid, need, OUT_IDX, OUT_SCORE, b, TOPK, KP)
+    else:
+        base = SCORES + b * stride_sb
+        _radix_topk_row(
+            base, base, 0, n, 0, need, SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, BLOCK, False, CAP, 1024, True
+        )  # fmt: skip
+
+
+@triton.jit
+def _decode_attn_partial_kernel(
+    Q, K, V, IDX, PO, PML, sm_scale_log2,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ib,
+    TOPK, n_split,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Unnormalised softmax-weighted sum over one chunk of the selected rows, for the G heads of one KV head;
+    PO [B, split, Hq, D] and PML [B, split, Hq, 2] (running max in log2 units, sum of weights)."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    heads = hk * G + offs_g
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
     )
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for k0 in range(sp * CHUNK, tl.minimum(sp * CHUNK + CHUNK, TOPK), BK):
+        offs_k = k0 + tl.arange(0, BK)
+        idx = tl.load(IDX + b * stride_ib + offs_k, mask=offs_k < TOPK, other=-1)
+        valid = idx >= 0
+        rows = tl.where(valid, idx, 0).to(tl.int64)
+        kt = tl.load(
+            K + b * stride_kb + rows[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
+            mask=valid[None, :],
+            other=0.0,
+        )
+        s = tl.where(valid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * stride_vb + rows[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    hq = tl.num_programs(1) * G
+    base = (b * n_split + sp) * hq + heads
+    tl.store(PO + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    tl.store(PML + base * 2, m_i, mask=gmask)
+    tl.store(PML + base * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_attn_merge_kernel(
+    PO, PML, O, LSE, n_split, stride_ob, stride_oh, NSP: tl.constexpr, D: tl.constexpr
+):  # fmt: skip
+    """Merge the split partials of one (sequence, head): o = sum_s w_s acc_s / sum_s w_s l_s, lse in nats."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    hq = tl.num_programs(1)
+    sp = tl.arange(0, NSP)
+    smask = sp < n_split
+    base = (b * n_split + sp) * hq + h
+    m = tl.load(PML + base * 2, mask=smask, other=float("-inf"))
+    lsum = tl.load(PML + base * 2 + 1, mask=smask, other=0.0)
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    wgt = tl.where(smask, tl.exp2(m - mx_safe), 0.0)
+    total = tl.sum(wgt * lsum, 0)
+    offs_d = tl.arange(0, D)
+    acc = tl.load(PO + base[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(wgt[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    lse = tl.where(
+        total > 0, (mx_safe + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty))
+    tl.store(LSE + b * hq + h, lse)
 
 
 def decode_topk(
-    q_idx: Tensor, k_idx_cache: Tensor, w: Tensor, cache_lens: Tensor, topk: int, seg_len: int = 16384
+    q_idx: Tensor,
+    k_idx_cache: Tensor,
+    w: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    seg_len: int = 2048,
+    sample: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
-    cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows sorted by
-    score desc, ties to the smaller row, -1 padded; scores f32 [B,topk], -inf padded)."""
+    cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
+    ascending order, ties to the smaller row, -1 padded; scores f32 [B,topk], -inf padded). seg_len: rows per
+    compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two)."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
+    if seg_len & (seg_len - 1) or sample & (sample - 1) or seg_len < 16 or sample < 16:
+        raise ValueError(f"seg_len {seg_len} and sample {sample} must be powers of two >= 16")
     q_idx, k_idx_cache, w = q_idx.contiguous(), k_idx_cache.contiguous(), w.contiguous()
     lens = cache_lens.to(torch.int32).contiguous()
-    scores = torch.empty((bsz, lmax), device=dev, dtype=torch.float32)
-    bn = 128
-    _decode_scores_kernel[(bsz, triton.cdiv(lmax, bn))](
-        q_idx, k_idx_cache, w, lens, scores, d_i**-0.5,
-        q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1), w.stride(0), scores.stride(0),
-        HI=h_i, HIP=max(16, triton.next_power_of_2(h_i)), DI=d_i, BN=bn, num_warps=4,
-    )  # fmt: skip
     kp = triton.next_power_of_2(topk)
-    cap = 2 * kp
-    seg_len = max(seg_len, topk)
-    n_seg = triton.cdiv(lmax, seg_len)
+    cap = 4 * kp
+    hip = max(16, triton.next_power_of_2(h_i))
+    n_seg = max(1, triton.cdiv(lmax, seg_len))
+    nseg_p = max(2, triton.next_power_of_2(n_seg))
+    strides = (q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1), w.stride(0))
+    tau = torch.empty(bsz, device=dev, dtype=torch.float32)
+    _decode_tau_kernel[(bsz,)](
+        q_idx, k_idx_cache, w, lens, tau, d_i**-0.5, *strides,
+        HI=h_i, HIP=hip, DI=d_i, S=sample, CAP=cap, num_warps=4,
+    )  # fmt: skip
+    scores = torch.empty((bsz, max(lmax, 1)), device=dev, dtype=torch.float32)
+    cand_s = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.float32)
+    cand_i = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.int32)
+    segcnt = torch.empty((bsz * n_seg,), device=dev, dtype=torch.int32)
+    _decode_scores_compact_kernel[(bsz, n_seg)](
+        q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0), n_seg,
+        HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(128, seg_len), num_warps=4,
+    )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
-    if n_seg == 1:
-        scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
-        _segment_topk_kernel[(bsz, 1)](
-            scores, lens, scr, out_idx, out_score, scores.stride(0), seg_len, 1,
-            TOPK=topk, KP=kp, BLOCK=1024, CAP=cap, num_warps=8,
-        )  # fmt: skip
-        return out_idx, out_score
-    cand_idx = torch.empty((bsz * n_seg, topk), device=dev, dtype=torch.int32)
-    cand_score = torch.empty((bsz * n_seg, topk), device=dev, dtype=torch.float32)
-    scr = torch.empty((bsz * n_seg, cap), device=dev, dtype=torch.int64)
-    _segment_topk_kernel[(bsz, n_seg)](
-        scores, lens, scr, cand_idx, cand_score, scores.stride(0), seg_len, n_seg,
-        TOPK=topk, KP=kp, BLOCK=1024, CAP=cap, num_warps=8,
-    )  # fmt: skip
-    _merge_topk_kernel[(bsz,)](
-        cand_idx, cand_score, lens, scr, out_idx, out_score, n_seg * topk,
-        TOPK=topk, KP=kp, BLOCK=1024, CAP=cap, num_warps=8,
+    ends = torch.empty((bsz, nseg_p), device=dev, dtype=torch.int32)
+    scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
+    _decode_select_kernel[(bsz,)](
+        cand_s, cand_i, segcnt, ends, scores, lens, scr, out_idx, out_score, n_seg, scores.stride(0),
+        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len, BLOCK=1024,
+        num_warps=8,
     )  # fmt: skip
     return out_idx, out_score
+
+
+def decode_sparse_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    indices: Tensor,
+    scale: float,
+    chunk: int = 256,
+    block_k: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Attention of q [B,Hq,D] over its selected cache rows indices [B,topk] (-1 = none) of k_cache, v_cache
+    [B,L,Hkv,D], split over `chunk` rows per program and merged: (o [B,Hq,D], lse f32 [B,Hq])."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    topk = indices.shape[1]
+    n_split = max(1, triton.cdiv(topk, chunk))
+    q = q.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    po = torch.empty((bsz, n_split, hq, d), device=q.device, dtype=torch.float32)
+    pml = torch.empty((bsz, n_split, hq, 2), device=q.device, dtype=torch.float32)
+    _decode_attn_partial_kernel[(bsz, hkv, n_split)](
+        q, k_cache, v_cache, indices, po, pml, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0), topk, n_split,
+        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BK=min(block_k, chunk), CHUNK=chunk, num_warps=4,
+    )  # fmt: skip
+    o = torch.empty_like(q)
+    lse = torch.empty((bsz, hq), device=q.device, dtype=torch.float32)
+    _decode_attn_merge_kernel[(bsz, hq)](
+        po, pml, o, lse, n_split, o.stride(0), o.stride(1), NSP=max(2, triton.next_power_of_2(n_split)), D=d,
+        num_warps=4,
+    )  # fmt: skip
+    return o, lse
 
 
 def dsa_decode(
@@ -134,18 +314,13 @@ def dsa_decode(
     cache_lens: Tensor,
     topk: int,
     scale: float,
-    seg_len: int = 16384,
+    seg_len: int = 2048,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`.
     Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
-    bsz, lmax = k_cache.shape[0], k_cache.shape[1]
     indices, _ = decode_topk(q_idx, k_idx_cache, w, cache_lens, topk, seg_len)
-    base = (torch.arange(bsz, device=q.device, dtype=torch.int32) * lmax)[:, None]
-    flat_idx = torch.where(indices >= 0, indices + base, indices)
-    k_flat = k_cache.reshape(bsz * lmax, *k_cache.shape[2:])
-    v_flat = v_cache.reshape(bsz * lmax, *v_cache.shape[2:])
-    o, lse = sparse_attention_fwd(q, k_flat, v_flat, flat_idx, scale)
+    o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale)
     return o, lse, indices
 
 
-__all__ = ["decode_topk", "dsa_decode"]
+__all__ = ["decode_sparse_attention", "decode_topk", "dsa_decode"]
