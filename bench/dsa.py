@@ -5,6 +5,7 @@ attention forward / backward, indexer KL (sparse stage), the whole DSA forward a
 step, next to dense SDPA in the same run; ceilings (bf16 matmul, device copy) are measured in the same run.
 
   python bench/dsa.py --out OUT_DIR [--sizes 32768,65536,131072] [--fwd256] [--decode] [--skip-check]
+      [--variants [all]]
 """
 
 from __future__ import annotations
@@ -187,6 +188,25 @@ def check() -> None:
         assert same > 0.99, f"decode selection mismatch {same}"
     log(kind="check", kernel="decode", o_rel=worst)
     assert worst < 2e-2
+    # long caches (the threshold path: more than 4 * 2048 rows) against the decode reference
+    lens = torch.tensor([65536, 40000, 9000], device=DEV, dtype=torch.int32)
+    kc = torch.randn(bsz, 65536, HKV, D, device=DEV, dtype=BF)
+    vc = torch.randn_like(kc)
+    kic = torch.randn(bsz, 65536, DI, device=DEV, dtype=BF)
+    od, ld, idd = dsa_decode(qd, kc, vc, qid, kic, wd, lens, TOPK, scale)
+    ro_, rl_, ri_ = ref.dsa_decode_reference(qd, kc, vc, qid, kic, wd, lens, TOPK, scale)
+    same = (idd == ri_).all(1).float().mean().item()
+    overlap = (idd == ri_).float().mean().item()
+    e_o = rel(od, ro_)
+    log(
+        kind="check",
+        kernel="decode_long",
+        rows_identical=same,
+        slots_equal=overlap,
+        o_rel=e_o,
+        lse_rel=rel(ld, rl_),
+    )
+    assert overlap > 0.99 and e_o < 2e-2, "decode (long cache) mismatch"
     torch.cuda.empty_cache()
 
 
@@ -204,7 +224,7 @@ def dense_sdpa(t: int, backward: bool):
 
 
 def bench_len(
-    t: int, mm: float, bw: float, reps: int, fwd_only: bool = False, det: bool = False, variants: bool = False
+    t: int, mm: float, bw: float, reps: int, fwd_only: bool = False, det: bool = False, variants: str = ""
 ) -> None:
     cu = torch.tensor([0, t], device=DEV, dtype=torch.int32)
     q, k, v, qi, ki, w = make(t)
@@ -216,8 +236,8 @@ def bench_len(
     log(kind="time", op="indexer_topk", T=t, ms=ms_idx, tflops=idx_flops / ms_idx / 1e9,
         floor_ms=max(idx_flops / mm / 1e9, idx_bytes / bw / 1e6))  # fmt: skip
     if variants:
-        for kw in (dict(select=False), dict(select=False, tile=(128, 64, 8)), dict(select=False, tile=(64, 64, 4)),
-                   dict(tile=(128, 64, 8)), dict(sample=4096), dict(cap=8192)):  # fmt: skip
+        for kw in (dict(select=False), dict(method="slab"), dict(fused_tile=(64, 128, 4)),
+                   dict(fused_tile=(64, 64, 4)), dict(sample_max=512), dict(sample_max=2048)):  # fmt: skip
             ms_v = timeit(lambda kw=kw: indexer_topk(qi, ki, w, cu, TOPK, **kw), reps=reps, warmup=1)
             log(kind="variant", op="indexer_topk", T=t, kw=str(kw), ms=ms_v)
     indices, _ = indexer_topk(qi, ki, w, cu, TOPK)
@@ -228,7 +248,7 @@ def bench_len(
     ms_f = timeit(lambda: sparse_attention_fwd(q, k, v, indices, scale), reps=reps)
     log(kind="time", op="sparse_fwd", T=t, ms=ms_f, tflops=att_flops / ms_f / 1e9, gather_gbs=gather_bytes / ms_f / 1e6,
         floor_ms_unique_bytes=max(att_flops / mm / 1e9, min_bytes / bw / 1e6), floor_ms_gather=gather_bytes / bw / 1e6)  # fmt: skip
-    if variants:
+    if variants == "all":
         for bk, nw in ((128, 8), (32, 4), (64, 8), (128, 4)):
             ms_v = timeit(
                 lambda bk=bk, nw=nw: sparse_attention_fwd(q, k, v, indices, scale, bk, nw), reps=reps
@@ -247,7 +267,7 @@ def bench_len(
     o, lse = sparse_attention_fwd(q, k, v, indices, scale)
     do = torch.randn_like(o)
     ms_b = timeit(lambda: sparse_attention_bwd(q, k, v, indices, o, lse, do, scale), reps=reps)
-    if variants:
+    if variants == "all":
         for bk, nw in ((32, 4), (128, 8), (64, 8)):
             ms_v = timeit(
                 lambda bk=bk, nw=nw: sparse_attention_bwd(
@@ -264,6 +284,8 @@ def bench_len(
         tflops=2.5 * att_flops / ms_b / 1e9,
         gather_gbs=2 * gather_bytes / ms_b / 1e6,
     )
+    if variants:
+        bench_local_pattern(q, k, v, scale, reps, att_flops)
     if det:
         ms_bd = timeit(
             lambda: sparse_attention_bwd(q, k, v, indices, o, lse, do, scale, deterministic=True),
@@ -288,6 +310,60 @@ def bench_len(
     torch.cuda.empty_cache()
 
 
+def local_pattern(
+    t: int, window: int = 1024, span: int = 128, block: int = 256, seed: int = 0
+) -> torch.Tensor:
+    """Selections shaped like a trained indexer's (not random): each token keeps its last `window` keys plus
+    (TOPK - window) / span spans of `span` keys retrieved from earlier positions, the spans shared by each query
+    block of `block` tokens (tokens of one frame retrieve the same earlier frames). Ascending, -1 padded."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    n_spans = (TOPK - window) // span
+    rows = torch.arange(t, device=DEV)
+    blk = rows // block
+    n_blk = int(blk[-1]) + 1
+    # span starts per block, uniformly over the keys before that block's window
+    u = torch.rand(n_blk, n_spans, device=DEV, generator=g)
+    limit = (torch.arange(n_blk, device=DEV) * block - window - span).clamp(min=0).float()
+    starts = (u * limit[:, None]).long()[blk]  # [t, n_spans]
+    spans = (starts[:, :, None] + torch.arange(span, device=DEV)).reshape(t, -1)
+    recent = rows[:, None] - torch.arange(window, device=DEV).flip(0)[None, :]
+    idx = torch.cat([spans, recent], 1)
+    idx = torch.where((idx >= 0) & (idx <= rows[:, None]), idx, -1)
+    idx = torch.sort(idx, 1).values
+    dup = torch.zeros_like(idx, dtype=torch.bool)
+    dup[:, 1:] = idx[:, 1:] == idx[:, :-1]  # a span overlapping the recent window
+    big = torch.iinfo(torch.int64).max
+    idx = torch.sort(torch.where((idx < 0) | dup, big, idx), 1).values  # unique keys ascending, then padding
+    return torch.where(idx == big, -1, idx).to(torch.int32).contiguous()
+
+
+def bench_local_pattern(q, k, v, scale: float, reps: int, att_flops_random: float) -> None:
+    """Sparse attention forward / backward on `local_pattern` selections (the gathers then hit L2)."""
+    t = q.shape[0]
+    ind = local_pattern(t)
+    n_sel = float((ind >= 0).sum())
+    ms_f = timeit(lambda: sparse_attention_fwd(q, k, v, ind, scale), reps=reps)
+    o, lse = sparse_attention_fwd(q, k, v, ind, scale)
+    do = torch.randn_like(o)
+    ms_b = timeit(lambda: sparse_attention_bwd(q, k, v, ind, o, lse, do, scale), reps=reps)
+    log(kind="time", op="sparse_fwd_bwd_local_pattern", T=t, selected_per_row=n_sel / t, fwd_ms=ms_f, bwd_ms=ms_b,
+        fwd_tflops=n_sel * HQ * 4 * D / ms_f / 1e9)  # fmt: skip
+
+
+def decode_graph_ms(fn, reps: int = 200) -> float:
+    """Per-step milliseconds of `fn` replayed from a CUDA graph (how a serving loop runs a decode step)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, reps=reps, warmup=10)
+
+
 def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     scale = D**-0.5
     kc = torch.randn(bsz, lcache, HKV, D, device=DEV, dtype=BF)
@@ -297,7 +373,7 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     qi = torch.randn(bsz, HI, DI, device=DEV, dtype=BF)
     w = torch.randn(bsz, HI, device=DEV, dtype=BF)
     lens = torch.full((bsz,), lcache, device=DEV, dtype=torch.int32)
-    for seg in (8192, 32768):
+    for seg in (1024, 4096):
         ms_v = timeit(
             lambda seg=seg: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale, seg_len=seg),
             reps=50,
@@ -313,6 +389,14 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
+    for seg in (1024, 2048, 4096):
+        ms_g = decode_graph_ms(
+            lambda seg=seg: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale, seg_len=seg)
+        )
+        log(kind="variant", op="decode_graph", B=bsz, seg_len=seg, ms=ms_g)
+    ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
+    ms_dg = decode_graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
+    log(kind="time", op="decode_cuda_graph", B=bsz, L=lcache, dsa_ms=ms_g, dense_ms=ms_dg, ratio=ms_g / ms_dg)
 
 
 def main() -> None:
@@ -323,7 +407,8 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", action="store_true", help="also time tile/selection variants at 128K")
+    ap.add_argument("--variants", nargs="?", const="select", default="",
+                    help="at 128K also time indexer/selection variants (`all`: sparse attention tiles too)")  # fmt: skip
     args = ap.parse_args()
     t0 = time.time()
     log(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
@@ -333,7 +418,7 @@ def main() -> None:
         check()
         log(kind="check", ok=True, s=round(time.time() - t0, 1))
     for t in [int(s) for s in args.sizes.split(",") if s]:
-        bench_len(t, mm, bw, args.reps, det=t <= 32768, variants=args.variants and t == 131072)
+        bench_len(t, mm, bw, args.reps, det=t <= 32768, variants=args.variants if t == 131072 else "")
         log(kind="progress", T=t, s=round(time.time() - t0, 1))
     if args.fwd256:
         bench_len(262144, mm, bw, 2, fwd_only=True)
