@@ -472,7 +472,7 @@ def indexer_topk(
     method: str = "fused",
     scratch_bytes: int = 1 << 30,
     sample_max: int = 1024,
-    fused_tile: tuple[int, int, int] = (64, 128, 8),
+    fused_tile: tuple[int, int, int] = (64, 128, 4),
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
 
