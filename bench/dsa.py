@@ -237,7 +237,7 @@ def bench_len(
         floor_ms=max(idx_flops / mm / 1e9, idx_bytes / bw / 1e6))  # fmt: skip
     if variants:
         for kw in (dict(select=False), dict(method="slab"), dict(fused_tile=(64, 128, 4)),
-                   dict(fused_tile=(64, 64, 4)), dict(sample_max=512), dict(sample_max=2048)):  # fmt: skip
+                   dict(fused_tile=(64, 64, 4)), dict(sample_stride=32), dict(sample_stride=128)):  # fmt: skip
             ms_v = timeit(lambda kw=kw: indexer_topk(qi, ki, w, cu, TOPK, **kw), reps=reps, warmup=1)
             log(kind="variant", op="indexer_topk", T=t, kw=str(kw), ms=ms_v)
     indices, _ = indexer_topk(qi, ki, w, cu, TOPK)
@@ -308,6 +308,21 @@ def bench_len(
     log(kind="ratio", op="dsa_fwd_bwd/dense_fwd_bwd", T=t, dsa_ms=ms_dsa_fb, dense_ms=ms_sd_fb, ratio=ms_dsa_fb / ms_sd_fb,
         ratio_with_indexer_kl=(ms_dsa_fb + ms_kl) / ms_sd_fb)  # fmt: skip
     torch.cuda.empty_cache()
+
+
+def bench_indexer_only(sizes: list[int], reps: int) -> None:
+    """Indexer top-k alone: the fused path (default and sample strides) vs the slab path, which must agree exactly."""
+    for t in sizes:
+        cu = torch.tensor([0, t], device=DEV, dtype=torch.int32)
+        _, _, _, qi, ki, w = make(t)
+        a = indexer_topk(qi, ki, w, cu, TOPK)
+        b = indexer_topk(qi, ki, w, cu, TOPK, method="slab")
+        log(kind="check", kernel="indexer_topk_fused_vs_slab", T=t, identical=bool(torch.equal(a[0], b[0])))
+        for kw in ({}, dict(scratch_bytes=4 << 30), dict(scratch_bytes=8 << 30),
+                   dict(scratch_bytes=4 << 30, fused_tile=(32, 128, 4)), dict(method="slab")):  # fmt: skip
+            ms = timeit(lambda kw=kw, x=(qi, ki, w, cu): indexer_topk(*x, TOPK, **kw), reps=reps, warmup=1)
+            log(kind="time", op="indexer_topk", T=t, kw=str(kw), ms=ms)
+        torch.cuda.empty_cache()
 
 
 def local_pattern(
@@ -406,6 +421,9 @@ def main() -> None:
     ap.add_argument("--fwd256", action="store_true")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument(
+        "--indexer-only", action="store_true", help="time only the indexer top-k paths at --sizes"
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", nargs="?", const="select", default="",
                     help="at 128K also time indexer/selection variants (`all`: sparse attention tiles too)")  # fmt: skip
@@ -413,6 +431,9 @@ def main() -> None:
     t0 = time.time()
     log(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))  # fmt: skip
+    if args.indexer_only:
+        bench_indexer_only([int(x) for x in args.sizes.split(",") if x], args.reps)
+        return
     mm, bw = ceilings()
     if not args.skip_check:
         check()

@@ -35,6 +35,7 @@ def test_row_starts_packed() -> None:
     [
         ("random", {}),  # fused path: rows longer than cap=32 go through a sampled threshold
         ("random", {"sample_max": 16}),  # strided score samples
+        ("random", {"sample_stride": 3}),
         ("ties", {"sample_max": 16}),  # thresholds on heavy ties miss: those rows are redone on the slab path
         ("random", {"scratch_bytes": 1, "fused_tile": (16, 32, 4)}),  # several row chunks
         ("random", {"method": "slab", "sample": 32}),  # slab path, sampled-threshold selection

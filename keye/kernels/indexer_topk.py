@@ -124,6 +124,23 @@ def _kth_key(keys, valid, need):
 
 
 @triton.jit
+def _kth_key_prefix(keys, valid, need):
+    """`_kth_key` searching only the bits below the common prefix of the valid keys' min and max (fewer rounds
+    when the keys are close, as candidates above a threshold are). Needs 1 <= need <= count(valid)."""
+    lo = tl.min(tl.where(valid, keys, 4294967295), 0)
+    hi = tl.max(tl.where(valid, keys, 0), 0)
+    diff = tl.maximum(lo ^ hi, 1)
+    nb = tl.minimum((tl.log2(diff.to(tl.float32)) + 1.0).to(tl.int32), 32)  # >= bit length of diff
+    one = tl.full([], 1, tl.int64)
+    kth = lo & ~((one << nb) - 1)
+    for b in range(nb):
+        trial = kth | (one << (nb - 1 - b))
+        c = tl.sum((valid & (keys >= trial)).to(tl.int32), 0)
+        kth = tl.where(c >= need, trial, kth)
+    return kth
+
+
+@triton.jit
 def _compact_row(
     base, ibase, lo, hi, col0, thr, eq_lim, scr_row, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr, CAP: tl.constexpr
 ):  # fmt: skip
@@ -209,16 +226,7 @@ def _emit_selected(
     """Candidates (order keys, indices) in index order: the exact need-th key by a bit search in registers, then
     the keys above it and the first ones equal to it, in index order, into the TOPK slots at out_row (-1 / -inf
     after `need`). The search covers only the bits below the candidates' common prefix (min/max keys)."""
-    lo = tl.min(tl.where(valid, keys, 4294967295), 0)
-    hi = tl.max(tl.where(valid, keys, 0), 0)
-    diff = tl.maximum(lo ^ hi, 1)
-    nb = tl.minimum((tl.log2(diff.to(tl.float32)) + 1.0).to(tl.int32), 32)  # >= bit length of diff
-    one = tl.full([], 1, tl.int64)
-    kth = lo & ~((one << nb) - 1)
-    for b in range(nb):
-        trial = kth | (one << (nb - 1 - b))
-        c = tl.sum((valid & (keys >= trial)).to(tl.int32), 0)
-        kth = tl.where(c >= need, trial, kth)
+    kth = _kth_key_prefix(keys, valid, need)
     above = valid & (keys > kth)
     eq = valid & (keys == kth)
     eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
@@ -272,7 +280,7 @@ def _sample_threshold_kernel(
         v = tl.load(SAMP + r.to(tl.int64) * stride_s + c, mask=valid, other=float("-inf"))
         n_s = tl.sum(valid.to(tl.int32), 0)
         rank = tl.minimum((0.5 * CAP * n_s.to(tl.float32) / n.to(tl.float32)).to(tl.int32) + 1, n_s)
-        tau = _from_order_key(_kth_key(_order_key(v), valid, rank))
+        tau = _from_order_key(_kth_key_prefix(_order_key(v), valid, rank))
     tl.store(TAU + t, tau)
 
 
@@ -400,7 +408,7 @@ def _slab_rows(
 
 def _fused_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
-    indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int,
+    indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int, sample_stride: int,
     tile: tuple[int, int, int], fused_tile: tuple[int, int, int],
 ) -> list[tuple[int, int]]:  # fmt: skip
     """Fused path for rows [row0, row_end); returns the row ranges whose threshold missed (for the slab path)."""
@@ -418,9 +426,10 @@ def _fused_rows(
         n_rows = row1 - row0
         col0 = min(starts_host[row0:row1])
         window = row1 - col0
-        cstride = max(1, -(-window // sample_max))
+        cstride = max(1, sample_stride, -(-window // sample_max))
         n_cols = -(-window // cstride)
-        samp = torch.empty((n_rows, sample_max), device=dev, dtype=torch.float32)
+        smax = max(16, triton.next_power_of_2(n_cols))
+        samp = torch.empty((n_rows, smax), device=dev, dtype=torch.float32)
         _indexer_scores_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
             q_idx, k_idx, w, starts, samp,
             row0, n_rows, col0, n_cols, t_total, d_i**-0.5, cstride,
@@ -429,7 +438,7 @@ def _fused_rows(
         )  # fmt: skip
         _sample_threshold_kernel[(n_rows,)](
             samp, starts, tau, row0, col0, cstride, n_cols, samp.stride(0),
-            TOPK=topk, CAP=cap, SMAX=sample_max, num_warps=4,
+            TOPK=topk, CAP=cap, SMAX=smax, num_warps=4,
         )  # fmt: skip
         del samp
         scr_s = torch.empty((n_rows, cap), device=dev, dtype=torch.float32)
@@ -470,19 +479,23 @@ def indexer_topk(
     tile: tuple[int, int, int] = (64, 128, 8),
     select: bool = True,
     method: str = "fused",
-    scratch_bytes: int = 1 << 30,
-    sample_max: int = 1024,
+    scratch_bytes: int = 4 << 30,
+    sample_max: int = 8192,
+    sample_stride: int = 0,
     fused_tile: tuple[int, int, int] = (64, 128, 4),
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
 
-    method "fused" (default): per-row thresholds from a strided sample of the scores (at most `sample_max` keys
-    per row), then one kernel recomputes the scores tile by tile and keeps only the keys at or above the threshold
+    method "fused" (default): per-row thresholds from a strided sample of the scores (every `sample_stride`-th key,
+    default cap / 128 so that the threshold's sample rank is ~64 and the candidate count lands within a factor 2
+    of cap / 2 with margin; at most `sample_max` keys per row), then one kernel recomputes the scores tile by tile and keeps only the keys at or above the threshold
     (at most `cap` per row, in index order; the score matrix is never stored), then the exact top-k of those;
     rows whose threshold missed are redone on the slab path. method "slab": fp32 score slabs under `slab_bytes`,
     then one selection program per row (`_radix_topk_row`; `select_block`, `sample`, `force_radix` tune it).
     Every setting gives the same result. cap: a power of two >= 2 * next_pow2(topk) (default 4x). tile / fused_tile
-    = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing)."""
+    = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing).
+    scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
+    more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 120 ms; bench/RESULTS.md)."""
     del block
     t_total, h_i, d_i = q_idx.shape
     if d_i & (d_i - 1) or d_i < 16:
@@ -512,7 +525,7 @@ def indexer_topk(
         return indices, scores
     missed = _fused_rows(
         q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, scratch_bytes,
-        sample_max, tile, fused_tile,
+        sample_max, sample_stride or max(1, cap // 128), tile, fused_tile,
     )  # fmt: skip
     for a, b in missed:
         _slab_rows(q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True)
