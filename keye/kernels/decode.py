@@ -29,6 +29,22 @@ from keye.kernels.indexer_topk import (
     _order_key,
     _radix_topk_row,
 )
+from keye.kernels.sparse_attention import _gathered_softmax_step
+
+
+@triton.jit
+def _index_query(
+    QI, W, b, stride_qb, stride_qh, stride_wb, HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr
+):
+    """The new token's indexer queries [HIP, DI] (heads padded to HIP for the tensor-core dot) and weights [HIP]."""
+    offs_j = tl.arange(0, HIP)
+    jmask = offs_j < HI
+    q = tl.load(
+        QI + b * stride_qb + offs_j[:, None] * stride_qh + tl.arange(0, DI)[None, :],
+        mask=jmask[:, None],
+        other=0.0,
+    )
+    return q, tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -44,14 +60,8 @@ def _decode_tau_kernel(
     if n > CAP:
         i = tl.arange(0, S)
         rows = (i.to(tl.int64) * n) // S
-        offs_j = tl.arange(0, HIP)
-        offs_d = tl.arange(0, DI)
-        jmask = offs_j < HI
-        q = tl.load(
-            QI + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :], mask=jmask[:, None], other=0.0
-        )
-        wt = tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
-        kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + offs_d[:, None])
+        q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
+        kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + tl.arange(0, DI)[:, None])
         sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
         rank = tl.minimum((0.5 * CAP * S / n.to(tl.float32)).to(tl.int32) + 1, S)
         tau = _from_order_key(_kth_key(_order_key(sc), i < S, rank))
@@ -70,13 +80,8 @@ def _decode_scores_compact_kernel(
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
     tau = tl.load(TAU + b)
-    offs_j = tl.arange(0, HIP)
+    q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
     offs_d = tl.arange(0, DI)
-    jmask = offs_j < HI
-    q = tl.load(
-        QI + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :], mask=jmask[:, None], other=0.0
-    )
-    wt = tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
     out = (b * n_seg + sg) * SEG
     cnt = tl.zeros([], tl.int32)
     for c0 in range(sg * SEG, tl.minimum(sg * SEG + SEG, n), BN):
@@ -162,28 +167,10 @@ def _decode_attn_partial_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for k0 in range(sp * CHUNK, tl.minimum(sp * CHUNK + CHUNK, TOPK), BK):
-        offs_k = k0 + tl.arange(0, BK)
-        idx = tl.load(IDX + b * stride_ib + offs_k, mask=offs_k < TOPK, other=-1)
-        valid = idx >= 0
-        rows = tl.where(valid, idx, 0).to(tl.int64)
-        kt = tl.load(
-            K + b * stride_kb + rows[None, :] * stride_kt + hk * stride_kh + offs_d[:, None],
-            mask=valid[None, :],
-            other=0.0,
-        )
-        s = tl.where(valid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + b * stride_vb + rows[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _gathered_softmax_step(
+            q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, IDX + b * stride_ib,
+            k0, TOPK, stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BK,
+        )  # fmt: skip
     hq = tl.num_programs(1) * G
     base = (b * n_split + sp) * hq + heads
     tl.store(PO + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])

@@ -21,6 +21,23 @@ from torch import Tensor
 
 
 @triton.jit
+def _index_scores_tile(
+    QI, W, rows, rmask, kt, scale, stride_qt, stride_qh, stride_wt,
+    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """I[rows, keys of kt] = sum_j w[row, j] relu(q[row, j] . k * scale): one tensor-core dot per indexer head."""
+    offs_d = tl.arange(0, DI)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for j in range(H):
+        qj = tl.load(
+            QI + rows[:, None] * stride_qt + j * stride_qh + offs_d[None, :], mask=rmask[:, None], other=0.0
+        )
+        wj = tl.load(W + rows * stride_wt + j, mask=rmask, other=0.0).to(tl.float32)
+        acc += wj[:, None] * tl.maximum(tl.dot(qj, kt) * scale, 0.0)
+    return acc
+
+
+@triton.jit
 def _indexer_scores_kernel(
     QI, KI, W, ROW_START, OUT,
     row0, n_rows, col0, n_cols, n_keys, scale, cstride,
@@ -45,16 +62,9 @@ def _indexer_scores_kernel(
         kt = tl.load(
             KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0
         )
-        acc = tl.zeros([BM, BN], tl.float32)
-        for j in range(H):
-            qj = tl.load(
-                QI + rows[:, None] * stride_qt + j * stride_qh + offs_d[None, :],
-                mask=rmask[:, None],
-                other=0.0,
-            )
-            wj = tl.load(W + rows * stride_wt + j, mask=rmask, other=0.0).to(tl.float32)
-            x = tl.dot(qj, kt) * scale
-            acc += wj[:, None] * tl.maximum(x, 0.0)
+        acc = _index_scores_tile(
+            QI, W, rows, rmask, kt, scale, stride_qt, stride_qh, stride_wt, H, DI, BM, BN
+        )
         dst = OUT + r_loc[:, None].to(tl.int64) * stride_o + c_loc[None, :]
         tl.store(dst, acc, mask=rmask[:, None] & kmask[None, :])
 
@@ -312,15 +322,9 @@ def _scores_compact_kernel(
             mask=(cols < n_keys)[None, :],
             other=0.0,
         )
-        acc = tl.zeros([BM, BN], tl.float32)
-        for j in range(H):
-            qj = tl.load(
-                QI + rows[:, None] * stride_qt + j * stride_qh + offs_d[None, :],
-                mask=rmask[:, None],
-                other=0.0,
-            )
-            wj = tl.load(W + rows * stride_wt + j, mask=rmask, other=0.0).to(tl.float32)
-            acc += wj[:, None] * tl.maximum(tl.dot(qj, kt) * scale, 0.0)
+        acc = _index_scores_tile(
+            QI, W, rows, rmask, kt, scale, stride_qt, stride_qh, stride_wt, H, DI, BM, BN
+        )
         inwin = rmask[:, None] & (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
         take = inwin & (acc >= tau[:, None])
         take_i = take.to(tl.int32)

@@ -18,6 +18,30 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _gathered_softmax_step(
+    q, KB, VB, IDX_ROW, k0, TOPK, stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2,
+    D: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over selected rows IDX_ROW[k0:k0+BK] (-1 = none) of K/V (KB, VB: the KV head's
+    base pointers): gather the rows once for the whole query-head group, update (max, sum, weighted V)."""
+    offs_d = tl.arange(0, D)
+    offs_k = k0 + tl.arange(0, BK)
+    idx = tl.load(IDX_ROW + offs_k, mask=offs_k < TOPK, other=-1)
+    valid = idx >= 0
+    rows = tl.where(valid, idx, 0).to(tl.int64)
+    kt = tl.load(KB + rows[None, :] * stride_kt + offs_d[:, None], mask=valid[None, :], other=0.0)
+    s = tl.where(valid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(VB + rows[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     sm_scale_log2,
@@ -39,25 +63,10 @@ def _sparse_fwd_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for k0 in range(0, TOPK, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        idx = tl.load(IDX + t * stride_it + offs_k, mask=offs_k < TOPK, other=-1)
-        valid = idx >= 0
-        rows = tl.where(valid, idx, 0).to(tl.int64)
-        kt = tl.load(
-            K + rows[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=valid[None, :], other=0.0
-        )
-        s = tl.dot(q, kt) * sm_scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + rows[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=valid[:, None], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _gathered_softmax_step(
+            q, K + hk * stride_kh, V + hk * stride_vh, IDX + t * stride_it, k0, TOPK, stride_kt, stride_vt,
+            m_i, l_i, acc, sm_scale_log2, D, BK,
+        )  # fmt: skip
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
