@@ -99,3 +99,33 @@ def test_grounding_chance_is_reproducible():
     a, b = grounding_chance(items, seed=0), grounding_chance(items, seed=0)
     assert a == b
     assert 0 < a["R1@0.7"] < a["R1@0.5"] < a["R1@0.3"] < 100
+
+
+def test_at_least_k_probability_is_the_exact_binomial_tail():
+    from math import comb
+
+    from keye.eval.metrics import at_least_k_probability
+
+    n, p = 24, 0.25
+    tail = sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(12, n + 1))
+    assert at_least_k_probability(12, [p] * n) == pytest.approx(tail, rel=1e-12)
+    assert at_least_k_probability(0, [p] * n) == pytest.approx(1.0)
+    assert at_least_k_probability(n + 1, [p] * n) == 0.0
+    # unequal rates (4- and 8-option questions): all three right = product of the rates
+    assert at_least_k_probability(3, [0.25, 0.25, 0.125]) == pytest.approx(0.25 * 0.25 * 0.125)
+
+
+def test_mcq_significance_against_chance_and_constant_letters():
+    from keye.eval.metrics import mcq_significance
+
+    answers = list("ABCDABCDBB")
+    always_b = mcq_significance(["B"] * 10, answers, [4] * 10)
+    assert always_b["accuracy"] == always_b["best_constant_accuracy"] == 40.0
+    assert always_b["best_constant_letter"] == "B" and always_b["constant_letter"]["A"] == 20.0
+    assert always_b["chance"] == 25.0 and always_b["n"] == 10 and always_b["correct"] == 4
+    assert always_b["p_value_vs_best_constant"] > 0.5  # no better than its own baseline
+    perfect = mcq_significance(answers, answers, [4] * 10)
+    assert perfect["p_value"] == pytest.approx(0.25**10)
+    assert perfect["predicted_letters"]["B"] == 4
+    unparsed = mcq_significance([None] * 10, answers, [4] * 10)
+    assert unparsed["correct"] == 0 and unparsed["p_value"] == 1.0

@@ -115,6 +115,47 @@ def mcq_chance(n_options: Sequence[int]) -> float:
     return float(100.0 * np.mean([1.0 / n for n in n_options])) if len(n_options) else 0.0
 
 
+def at_least_k_probability(k: int, probs: Sequence[float]) -> float:
+    """P(X >= k) where X counts successes of independent trials with the given success probabilities (exact
+    Poisson-binomial; the binomial when all are equal). The one-sided p-value of k correct answers against
+    guessing at those rates."""
+    dist = np.zeros(len(probs) + 1)
+    dist[0] = 1.0
+    for i, p in enumerate(probs):
+        dist[1 : i + 2] = dist[1 : i + 2] * (1.0 - p) + dist[: i + 1] * p
+        dist[0] *= 1.0 - p
+    return float(min(1.0, max(0.0, dist[max(k, 0) :].sum())))
+
+
+def mcq_significance(
+    predicted: Sequence[str | None], answers: Sequence[str], n_options: Sequence[int]
+) -> dict[str, object]:
+    """How far MCQ answers are from guessing: accuracy (percent) with n and the number correct; chance (uniform
+    guessing) and the one-sided exact p-value of at least that many correct under it; every constant-letter
+    answerer ("always A", "always B", ...) on the same questions, the best of them, and the p-value of the
+    score against guessing at the best constant letter's rate (a conservative check: that rate is picked after
+    seeing the answers)."""
+    n = len(answers)
+    correct = [p is not None and p == a for p, a in zip(predicted, answers, strict=True)]
+    k = int(sum(correct))
+    letters = "ABCDEFGH"[: max(n_options, default=0)]
+    constant = {c: accuracy([a == c for a in answers]) for c in letters}
+    best = max(constant, key=lambda c: (constant[c], -ord(c))) if constant else None
+    best_rate = constant[best] / 100.0 if best else 0.0
+    return {
+        "n": n,
+        "correct": k,
+        "accuracy": accuracy(correct),
+        "chance": mcq_chance(n_options),
+        "p_value": at_least_k_probability(k, [1.0 / m for m in n_options]),
+        "constant_letter": constant,
+        "best_constant_letter": best,
+        "best_constant_accuracy": constant[best] if best else 0.0,
+        "p_value_vs_best_constant": at_least_k_probability(k, [best_rate] * n),
+        "predicted_letters": {c: int(sum(p == c for p in predicted)) for c in letters},
+    }
+
+
 def relevance_group_score(correct: Sequence[bool]) -> float:
     """Video-MME-v2 capability-consistency group: 0/6.25/25/56.25/100 for 0-4 correct answers."""
     if len(correct) != 4:

@@ -19,6 +19,7 @@ from keye.eval.metrics import (
     group_chance,
     group_score,
     mcq_chance,
+    mcq_significance,
     temporal_iou,
 )
 from keye.eval.parsing import parse_choice, parse_span
@@ -137,6 +138,7 @@ def compute_metrics(bench: Benchmark, records: Sequence[dict]) -> dict[str, Any]
     parsed = [r for r in records if not r["unparsable"]]
     m["accuracy"] = accuracy([r["correct"] for r in records])
     m["accuracy_answered"] = accuracy([r["correct"] for r in parsed])
+    m["significance"] = _significance(qs, records)
     if kind == "videomme_v2":
         groups = _groups(qs, records)
         rel = [(c, last) for last, c, _ in groups if last.group_type == "relevance"]
@@ -174,6 +176,30 @@ def compute_metrics(bench: Benchmark, records: Sequence[dict]) -> dict[str, Any]
     m["by_duration"] = _breakdown(qs, records, lambda q: q.duration_group, _mcq)
     m["by_task"] = _breakdown(qs, records, lambda q: q.task, _mcq)
     return m
+
+
+def _significance(qs: Sequence[Question], records: Sequence[dict]) -> dict[str, Any]:
+    """mcq_significance over all questions, and per task (the question kind) with n, accuracy and p-values."""
+
+    def one(sub: Sequence[Question], recs: Sequence[dict]) -> dict[str, Any]:
+        return mcq_significance(
+            [r["parsed"] for r in recs], [q.answer or "" for q in sub], [len(q.options) for q in sub]
+        )
+
+    out = one(qs, records)
+    keep = (
+        "n",
+        "correct",
+        "accuracy",
+        "chance",
+        "p_value",
+        "best_constant_accuracy",
+        "p_value_vs_best_constant",
+    )
+    out["by_task"] = {
+        k: {f: v[f] for f in keep} for k, v in _breakdown(qs, records, lambda q: q.task, one).items()
+    }
+    return out
 
 
 def _level_name(level: Any) -> str | None:
