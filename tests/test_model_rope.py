@@ -75,24 +75,6 @@ def test_merge_order_and_token_count_agree_with_vision_tokens():
         assert out.shape == (2 * frame_tokens(h, w), 12)
 
 
-def test_centered_projector_removes_each_frames_shared_token():
-    """center=True (the tiny preset): every frame's visual tokens have zero mean, and only that shared part is
-    removed (the token differences within a frame are those of the plain projector)."""
-    torch.manual_seed(0)
-    plain, centred = Projector(8, 12), Projector(8, 12, center=True)
-    centred.load_state_dict(plain.state_dict())
-    grids = [(4, 6), (2, 2), (4, 4)]
-    feats = torch.randn(sum(h * w for h, w in grids), 8) + 3.0  # a large shared component
-    a, b = plain(feats, grids), centred(feats, grids)
-    start = 0
-    for h, w in grids:
-        n = (h // 2) * (w // 2)
-        assert torch.allclose(b[start : start + n].mean(0), torch.zeros(12), atol=1e-5)
-        assert torch.allclose(b[start : start + n] - b[start], a[start : start + n] - a[start], atol=1e-5)
-        start += n
-    assert preset("tiny").center_visual_tokens and not preset("small").center_visual_tokens
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     cfg = preset("tiny", vocab_size=50, image_token_id=49)
     cfg.lm.dsa.topk, cfg.lm.dsa.block = 4, 8
