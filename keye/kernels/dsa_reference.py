@@ -94,11 +94,9 @@ def topk_lowest_index_ties(scores: Tensor, topk: int) -> tuple[Tensor, Tensor]:
     equal = scores == kth
     need = topk - above.sum(dim=1, keepdim=True)
     keep = above | (equal & (torch.cumsum(equal.to(torch.int32), dim=1) <= need))
-    cols_kept = keep.nonzero()[:, 1].view(rows, topk)  # ascending column order within each row
-    vals = torch.gather(scores, 1, cols_kept)
-    # rows with fewer than topk finite scores: the -inf padding columns go last
-    order = torch.sort(torch.isinf(vals).to(torch.int8), dim=1, stable=True).indices
-    return torch.gather(vals, 1, order), torch.gather(cols_kept, 1, order)
+    # ascending column order within each row; -inf columns (after the row's causal end, or padding) come last
+    cols_kept = keep.nonzero()[:, 1].view(rows, topk)
+    return torch.gather(scores, 1, cols_kept), cols_kept
 
 
 def indexer_topk_reference(
