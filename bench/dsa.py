@@ -318,8 +318,7 @@ def bench_indexer_only(sizes: list[int], reps: int) -> None:
         a = indexer_topk(qi, ki, w, cu, TOPK)
         b = indexer_topk(qi, ki, w, cu, TOPK, method="slab")
         log(kind="check", kernel="indexer_topk_fused_vs_slab", T=t, identical=bool(torch.equal(a[0], b[0])))
-        for kw in ({}, dict(scratch_bytes=4 << 30), dict(scratch_bytes=8 << 30),
-                   dict(scratch_bytes=4 << 30, fused_tile=(32, 128, 4)), dict(method="slab")):  # fmt: skip
+        for kw in ({}, dict(scratch_bytes=4 << 30), dict(fused_tile=(32, 128, 4)), dict(method="slab")):
             ms = timeit(lambda kw=kw, x=(qi, ki, w, cu): indexer_topk(*x, TOPK, **kw), reps=reps, warmup=1)
             log(kind="time", op="indexer_topk", T=t, kw=str(kw), ms=ms)
         torch.cuda.empty_cache()
@@ -404,11 +403,27 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
-    for seg in (1024, 2048, 4096):
+    for seg, warps, chunk, cb in ((1024, 16, 256, 128), (4096, 16, 256, 128), (2048, 8, 256, 128),
+                                  (2048, 32, 256, 128), (2048, 16, 256, 64), (2048, 16, 128, 128)):  # fmt: skip
         ms_g = decode_graph_ms(
-            lambda seg=seg: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale, seg_len=seg)
+            lambda seg=seg, warps=warps, chunk=chunk, cb=cb: dsa_decode(
+                q,
+                kc,
+                vc,
+                qi,
+                kic,
+                w,
+                lens,
+                TOPK,
+                scale,
+                seg_len=seg,
+                select_warps=warps,
+                chunk=chunk,
+                compact_block=cb,
+            )  # fmt: skip
         )
-        log(kind="variant", op="decode_graph", B=bsz, seg_len=seg, ms=ms_g)
+        log(kind="variant", op="decode_graph", B=bsz, seg_len=seg, select_warps=warps, chunk=chunk,
+            compact_block=cb, ms=ms_g)  # fmt: skip
     ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
     ms_dg = decode_graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
     log(kind="time", op="decode_cuda_graph", B=bsz, L=lcache, dsa_ms=ms_g, dense_ms=ms_dg, ratio=ms_g / ms_dg)

@@ -3,13 +3,14 @@
 Follows DeepSeek-V3.2-Exp's decode path (index scores of the new token over the indexer key cache, top-k, sparse
 attention over the selected cached rows), adapted to GQA and laid out for latency, since a decode step moves little
 data (the indexer keys and 2048 K/V rows per sequence) and is dominated by serial chains inside single programs:
-1. `_decode_tau_kernel` (one program per sequence): scores of a strided sample of the cache rows give a threshold
-   expected to leave about CAP/2 rows at or above it.
-2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): every score, and the rows at or above
-   the threshold compacted per segment in row order.
+1. `_decode_sample_kernel` (sequences x sample slices): scores of a strided sample of the cache rows.
+2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): each program first reads the sample's
+   threshold (expected to leave about CAP/2 rows at or above it), then stores every score of its segment and
+   compacts the rows at or above the threshold in row order.
 3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
    exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
-   than CAP candidates (heavy ties), the exact radix select over the stored scores decides instead (slow, rare).
+   than CAP candidates (heavy ties), `_decode_fallback_kernel`'s exact radix select over the stored scores
+   decides instead (slow, rare; otherwise that kernel returns at once).
 4. Split-K sparse attention over the selected rows (sequences x KV heads x splits), then a merge of the partial
    softmaxes. Everything stays on the device (no host sync), so the step can be captured in a CUDA graph, as a
    serving loop does (bench/dsa.py times both).
@@ -25,7 +26,7 @@ from torch import Tensor
 from keye.kernels.indexer_topk import (
     _emit_selected,
     _from_order_key,
-    _kth_key,
+    _kth_key_prefix,
     _order_key,
     _radix_topk_row,
 )
@@ -48,38 +49,52 @@ def _index_query(
 
 
 @triton.jit
-def _decode_tau_kernel(
-    QI, KI, W, LENS, TAU, scale,
+def _decode_sample_kernel(
+    QI, KI, W, LENS, SAMP, scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb,
-    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, S: tl.constexpr, CAP: tl.constexpr,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
-    """TAU[b]: the score of rank ~CAP/2 * S/n among S strided sample rows (-inf: at most CAP rows, take all)."""
+    """SAMP[b, i] = score of cache row i * n / S, for the BS sample slots of this program (sequences of at most
+    CAP rows need no threshold and are skipped). Many small programs: one per sequence was the step's longest
+    serial chain (65 us at batch 8, 128K cache)."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(LENS + b)
-    tau = float("-inf")
     if n > CAP:
-        i = tl.arange(0, S)
+        i = tl.program_id(1) * BS + tl.arange(0, BS)
         rows = (i.to(tl.int64) * n) // S
         q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
         kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + tl.arange(0, DI)[:, None])
         sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
+        tl.store(SAMP + b * S + i, sc)
+
+
+@triton.jit
+def _sample_tau(SAMP, b, n, S: tl.constexpr, CAP: tl.constexpr):
+    """The threshold: the sample score of rank ~CAP/2 * S/n (expected to leave about CAP/2 rows at or above it);
+    -inf (take every row) for sequences of at most CAP rows."""
+    tau = float("-inf")
+    if n > CAP:
+        i = tl.arange(0, S)
+        sc = tl.load(SAMP + b * S + i)
         rank = tl.minimum((0.5 * CAP * S / n.to(tl.float32)).to(tl.int32) + 1, S)
-        tau = _from_order_key(_kth_key(_order_key(sc), i < S, rank))
-    tl.store(TAU + b, tau)
+        tau = _from_order_key(_kth_key_prefix(_order_key(sc), i < S, rank))
+    return tau
 
 
 @triton.jit
 def _decode_scores_compact_kernel(
-    QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale,
+    QI, KI, W, LENS, SAMP, SCORES, CAND_S, CAND_I, SEGCNT, scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
+    S: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
-    """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above TAU[b], compacted
-    in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT[b * n_seg + sg]."""
+    """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above the sequence's
+    threshold (`_sample_tau`, read off by every segment program: cheaper than another link in the chain),
+    compacted in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT."""
     b = tl.program_id(0).to(tl.int64)
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
-    tau = tl.load(TAU + b)
+    tau = _sample_tau(SAMP, b, n, S, CAP)
     q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
     offs_d = tl.arange(0, DI)
     out = (b * n_seg + sg) * SEG
@@ -105,11 +120,13 @@ def _decode_scores_compact_kernel(
 
 @triton.jit
 def _decode_select_kernel(
-    CAND_S, CAND_I, SEGCNT, ENDS, SCORES, LENS, SCR, OUT_IDX, OUT_SCORE, n_seg, stride_sb,
+    CAND_S, CAND_I, SEGCNT, ENDS, LENS, MISS, OUT_IDX, OUT_SCORE, n_seg,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, NSEG: tl.constexpr, LOG_NSEG: tl.constexpr,
-    SEG: tl.constexpr, BLOCK: tl.constexpr,
+    SEG: tl.constexpr,
 ):  # fmt: skip
-    """Exact top-k of sequence b from its segments' candidates (or, on a threshold miss, from all its scores)."""
+    """Exact top-k of sequence b from its segments' candidates; MISS[b] = 1 when the threshold left fewer than k
+    or more than CAP of them (`_decode_fallback_kernel` then decides). The rare fallback is a kernel of its own:
+    compiled into this one, its registers slowed the common path down."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(LENS + b)
     need = tl.minimum(n, TOPK)
@@ -137,10 +154,24 @@ def _decode_select_kernel(
         sc = tl.load(CAND_S + off, mask=valid, other=float("-inf"))
         gi = tl.load(CAND_I + off, mask=valid, other=-1)
         _emit_selected(_order_key(sc), gi, valid, need, OUT_IDX, OUT_SCORE, b, TOPK, KP)
+        tl.store(MISS + b, 0)
     else:
+        tl.store(MISS + b, 1)
+
+
+@triton.jit
+def _decode_fallback_kernel(
+    SCORES, LENS, MISS, SCR, OUT_IDX, OUT_SCORE, stride_sb,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """For a sequence whose threshold missed: the exact radix select over all its stored scores (slow, rare)."""
+    b = tl.program_id(0).to(tl.int64)
+    if tl.load(MISS + b) != 0:
+        n = tl.load(LENS + b)
         base = SCORES + b * stride_sb
         _radix_topk_row(
-            base, base, 0, n, 0, need, SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, BLOCK, False, CAP, 1024, True
+            base, base, 0, n, 0, tl.minimum(n, TOPK), SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, BLOCK, False,
+            CAP, 1024, True,
         )  # fmt: skip
 
 
@@ -213,6 +244,8 @@ def decode_topk(
     topk: int,
     seg_len: int = 2048,
     sample: int = 1024,
+    select_warps: int = 16,
+    compact_block: int = 128,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
@@ -231,26 +264,32 @@ def decode_topk(
     n_seg = max(1, triton.cdiv(lmax, seg_len))
     nseg_p = max(2, triton.next_power_of_2(n_seg))
     strides = (q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1), w.stride(0))
-    tau = torch.empty(bsz, device=dev, dtype=torch.float32)
-    _decode_tau_kernel[(bsz,)](
-        q_idx, k_idx_cache, w, lens, tau, d_i**-0.5, *strides,
-        HI=h_i, HIP=hip, DI=d_i, S=sample, CAP=cap, num_warps=4,
+    samp = torch.empty((bsz, sample), device=dev, dtype=torch.float32)
+    bs = min(128, sample)
+    _decode_sample_kernel[(bsz, sample // bs)](
+        q_idx, k_idx_cache, w, lens, samp, d_i**-0.5, *strides,
+        HI=h_i, HIP=hip, DI=d_i, S=sample, BS=bs, CAP=cap, num_warps=4,
     )  # fmt: skip
     scores = torch.empty((bsz, max(lmax, 1)), device=dev, dtype=torch.float32)
     cand_s = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.float32)
     cand_i = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.int32)
     segcnt = torch.empty((bsz * n_seg,), device=dev, dtype=torch.int32)
     _decode_scores_compact_kernel[(bsz, n_seg)](
-        q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0), n_seg,
-        HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(128, seg_len), num_warps=4,
+        q_idx, k_idx_cache, w, lens, samp, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0),
+        n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), S=sample, CAP=cap, num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
     ends = torch.empty((bsz, nseg_p), device=dev, dtype=torch.int32)
-    scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
+    miss = torch.empty(bsz, device=dev, dtype=torch.int32)
     _decode_select_kernel[(bsz,)](
-        cand_s, cand_i, segcnt, ends, scores, lens, scr, out_idx, out_score, n_seg, scores.stride(0),
-        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len, BLOCK=1024,
+        cand_s, cand_i, segcnt, ends, lens, miss, out_idx, out_score, n_seg,
+        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len,
+        num_warps=select_warps,
+    )  # fmt: skip
+    scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
+    _decode_fallback_kernel[(bsz,)](
+        scores, lens, miss, scr, out_idx, out_score, scores.stride(0), TOPK=topk, KP=kp, CAP=cap, BLOCK=1024,
         num_warps=8,
     )  # fmt: skip
     return out_idx, out_score
@@ -302,11 +341,23 @@ def dsa_decode(
     topk: int,
     scale: float,
     seg_len: int = 2048,
+    select_warps: int = 16,
+    chunk: int = 256,
+    compact_block: int = 128,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`.
-    Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
-    indices, _ = decode_topk(q_idx, k_idx_cache, w, cache_lens, topk, seg_len)
-    o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale)
+    """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
+    selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
+    indices, _ = decode_topk(
+        q_idx,
+        k_idx_cache,
+        w,
+        cache_lens,
+        topk,
+        seg_len,
+        select_warps=select_warps,
+        compact_block=compact_block,
+    )
+    o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale, chunk=chunk)
     return o, lse, indices
 
 

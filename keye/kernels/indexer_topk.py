@@ -483,7 +483,7 @@ def indexer_topk(
     tile: tuple[int, int, int] = (64, 128, 8),
     select: bool = True,
     method: str = "fused",
-    scratch_bytes: int = 4 << 30,
+    scratch_bytes: int = 8 << 30,
     sample_max: int = 8192,
     sample_stride: int = 0,
     fused_tile: tuple[int, int, int] = (64, 128, 4),
@@ -499,7 +499,7 @@ def indexer_topk(
     Every setting gives the same result. cap: a power of two >= 2 * next_pow2(topk) (default 4x). tile / fused_tile
     = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing).
     scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
-    more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 120 ms; bench/RESULTS.md)."""
+    more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 119 ms; bench/RESULTS.md)."""
     del block
     t_total, h_i, d_i = q_idx.shape
     if d_i & (d_i - 1) or d_i < 16:
