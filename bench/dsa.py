@@ -378,6 +378,29 @@ def decode_graph_ms(fn, reps: int = 200) -> float:
     return timeit(graph.replay, reps=reps, warmup=10)
 
 
+def threshold_miss_rate(kic: torch.Tensor, n: int, draws: int = 512) -> None:
+    """How often decode's sampled threshold misses (fewer than k or more than cap rows at or above it, so the slow
+    exact fallback runs), for random indexer queries against one cache: the kernels' rule replayed in torch."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for samp, cap in ((1024, 4 * TOPK), (2048, 4 * TOPK), (4096, 2 * TOPK), (8192, 2 * TOPK)):
+        target = (TOPK * cap) ** 0.5
+        rank = min(int(target * samp / n) + 1, samp)
+        rows = (torch.arange(samp, device=DEV) * n) // samp
+        misses, counts = 0, []
+        for _ in range(draws // 64):
+            qi = torch.randn(64, HI, DI, device=DEV, generator=g).to(BF).float()
+            w = torch.randn(64, HI, device=DEV, generator=g).to(BF).float()
+            sc = torch.einsum("bhd,nd->bhn", qi, kic[:n].float()).mul(DI**-0.5).relu()
+            sc = torch.einsum("bh,bhn->bn", w, sc)
+            tau = torch.topk(sc[:, rows], rank, dim=1).values[:, -1:]
+            cnt = (sc >= tau).sum(1)
+            misses += int(((cnt < TOPK) | (cnt > cap)).sum())
+            counts.append(cnt.float())
+        c = torch.cat(counts)
+        log(kind="decode_threshold", sample=samp, cap=cap, target=round(target), draws=draws, misses=misses,
+            count_mean=round(float(c.mean()), 1), count_min=int(c.min()), count_max=int(c.max()))  # fmt: skip
+
+
 def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     scale = D**-0.5
     kc = torch.randn(bsz, lcache, HKV, D, device=DEV, dtype=BF)
@@ -403,10 +426,12 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
-    for seg, warps, chunk, cb in ((1024, 16, 256, 128), (4096, 16, 256, 128), (2048, 8, 256, 128),
-                                  (2048, 32, 256, 128), (2048, 16, 256, 64), (2048, 16, 128, 128)):  # fmt: skip
+    for seg, warps, chunk, cb, samp, cap in ((1024, 16, 256, 128, 1024, 0), (2048, 32, 256, 128, 1024, 0),
+                                             (2048, 16, 256, 128, 4096, 4096), (2048, 16, 256, 128, 8192, 4096),
+                                             (2048, 8, 256, 128, 8192, 4096), (1024, 16, 256, 128, 8192, 4096),
+                                             (2048, 16, 256, 128, 2048, 0)):  # fmt: skip
         ms_g = decode_graph_ms(
-            lambda seg=seg, warps=warps, chunk=chunk, cb=cb: dsa_decode(
+            lambda seg=seg, warps=warps, chunk=chunk, cb=cb, samp=samp, cap=cap: dsa_decode(
                 q,
                 kc,
                 vc,
@@ -420,10 +445,14 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
                 select_warps=warps,
                 chunk=chunk,
                 compact_block=cb,
+                sample=samp,
+                cap=cap,
             )  # fmt: skip
         )
         log(kind="variant", op="decode_graph", B=bsz, seg_len=seg, select_warps=warps, chunk=chunk,
-            compact_block=cb, ms=ms_g)  # fmt: skip
+            compact_block=cb, sample=samp, cap=cap or 4 * TOPK, ms=ms_g)  # fmt: skip
+    if bsz == 8:
+        threshold_miss_rate(kic[0], lcache)
     ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
     ms_dg = decode_graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
     log(kind="time", op="decode_cuda_graph", B=bsz, L=lcache, dsa_ms=ms_g, dense_ms=ms_dg, ratio=ms_g / ms_dg)

@@ -5,7 +5,7 @@ attention over the selected cached rows), adapted to GQA and laid out for latenc
 data (the indexer keys and 2048 K/V rows per sequence) and is dominated by serial chains inside single programs:
 1. `_decode_sample_kernel` (sequences x sample slices): scores of a strided sample of the cache rows.
 2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): each program first reads the sample's
-   threshold (expected to leave about CAP/2 rows at or above it), then stores every score of its segment and
+   threshold (expected to leave about sqrt(k * CAP) rows at or above it), then stores every score of its segment and
    compacts the rows at or above the threshold in row order.
 3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
    exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
@@ -69,21 +69,21 @@ def _decode_sample_kernel(
 
 
 @triton.jit
-def _sample_tau(SAMP, b, n, S: tl.constexpr, CAP: tl.constexpr):
-    """The threshold: the sample score of rank ~CAP/2 * S/n (expected to leave about CAP/2 rows at or above it);
+def _sample_tau(SAMP, b, n, target, S: tl.constexpr, CAP: tl.constexpr):
+    """The threshold: the sample score of rank ~target * S/n (expected to leave about `target` rows at or above it);
     -inf (take every row) for sequences of at most CAP rows."""
     tau = float("-inf")
     if n > CAP:
         i = tl.arange(0, S)
         sc = tl.load(SAMP + b * S + i)
-        rank = tl.minimum((0.5 * CAP * S / n.to(tl.float32)).to(tl.int32) + 1, S)
+        rank = tl.minimum((target * S / n.to(tl.float32)).to(tl.int32) + 1, S)
         tau = _from_order_key(_kth_key_prefix(_order_key(sc), i < S, rank))
     return tau
 
 
 @triton.jit
 def _decode_scores_compact_kernel(
-    QI, KI, W, LENS, SAMP, SCORES, CAND_S, CAND_I, SEGCNT, scale,
+    QI, KI, W, LENS, SAMP, SCORES, CAND_S, CAND_I, SEGCNT, scale, target,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
     S: tl.constexpr, CAP: tl.constexpr,
@@ -94,7 +94,7 @@ def _decode_scores_compact_kernel(
     b = tl.program_id(0).to(tl.int64)
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
-    tau = _sample_tau(SAMP, b, n, S, CAP)
+    tau = _sample_tau(SAMP, b, n, target, S, CAP)
     q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
     offs_d = tl.arange(0, DI)
     out = (b * n_seg + sg) * SEG
@@ -246,11 +246,14 @@ def decode_topk(
     sample: int = 1024,
     select_warps: int = 16,
     compact_block: int = 128,
+    cap: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
     ascending order, ties to the smaller row, -1 padded; scores f32 [B,topk], -inf padded). seg_len: rows per
-    compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two)."""
+    compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two); cap:
+    candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), default 4x; fewer slots make the
+    select cheaper but need a larger sample to keep threshold misses rare)."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -259,7 +262,10 @@ def decode_topk(
     q_idx, k_idx_cache, w = q_idx.contiguous(), k_idx_cache.contiguous(), w.contiguous()
     lens = cache_lens.to(torch.int32).contiguous()
     kp = triton.next_power_of_2(topk)
-    cap = 4 * kp
+    cap = cap or 4 * kp
+    if cap & (cap - 1) or cap < 2 * kp:
+        raise ValueError(f"cap {cap} must be a power of two >= 2 * next_pow2(topk) = {2 * kp}")
+    target = (topk * cap) ** 0.5  # candidates aimed at: as far (as a ratio) from k as from cap
     hip = max(16, triton.next_power_of_2(h_i))
     n_seg = max(1, triton.cdiv(lmax, seg_len))
     nseg_p = max(2, triton.next_power_of_2(n_seg))
@@ -275,7 +281,7 @@ def decode_topk(
     cand_i = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.int32)
     segcnt = torch.empty((bsz * n_seg,), device=dev, dtype=torch.int32)
     _decode_scores_compact_kernel[(bsz, n_seg)](
-        q_idx, k_idx_cache, w, lens, samp, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0),
+        q_idx, k_idx_cache, w, lens, samp, scores, cand_s, cand_i, segcnt, d_i**-0.5, target, *strides, scores.stride(0),
         n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), S=sample, CAP=cap, num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
@@ -344,6 +350,8 @@ def dsa_decode(
     select_warps: int = 16,
     chunk: int = 256,
     compact_block: int = 128,
+    sample: int = 1024,
+    cap: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
     selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
@@ -356,6 +364,8 @@ def dsa_decode(
         seg_len,
         select_warps=select_warps,
         compact_block=compact_block,
+        sample=sample,
+        cap=cap,
     )
     o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale, chunk=chunk)
     return o, lse, indices
