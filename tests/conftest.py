@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The small packed training corpus of test_train_data.build_corpus (shards, tokenizer, pack index), built once
+    for every training test module; read-only."""
+    from test_train_data import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("train_corpus"))

@@ -7,8 +7,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import pytest
-
 from keye.data.packing import PackBudget
 from keye.data.samples import corpus_texts, pack_shards
 from keye.data.sampling import SamplingPolicy
@@ -57,11 +55,6 @@ def build_corpus(root: Path, n_clips: int = 8, max_tokens: int = 300) -> dict:
         "tokenizer_dir": tok_dir,
         "policy": POLICY,
     }
-
-
-@pytest.fixture(scope="session")
-def train_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_corpus(tmp_path_factory.mktemp("train_corpus"))
 
 
 def test_corpus_has_several_packs_and_tasks(train_corpus: dict) -> None:

@@ -11,23 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_data import build_corpus
 
 from keye.data.packing import read_pack_index
 from keye.model.checkpoint import read_state
 from keye.train.checkpointing import read_trainer_state
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_corpus(tmp_path_factory.mktemp("train_corpus"))
-
-
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-def _spec(corpus: dict, out: Path, tokens_per_step: int) -> Path:
+def _spec(train_corpus: dict, out: Path, tokens_per_step: int) -> Path:
     spec = {
         "settings": {
             "name": "pretrain",
@@ -41,12 +34,12 @@ def _spec(corpus: dict, out: Path, tokens_per_step: int) -> Path:
         },
         "init_checkpoint": None,
         "model_preset": "tiny",
-        "vocab_size": corpus["vocab_size"],
-        "image_token_id": corpus["image_token_id"],
-        "pack_index": str(corpus["pack_index"]),
-        "shards": corpus["shards"],
-        "tokenizer_dir": str(corpus["tokenizer_dir"]),
-        "policy": corpus["policy"].model_dump(),
+        "vocab_size": train_corpus["vocab_size"],
+        "image_token_id": train_corpus["image_token_id"],
+        "pack_index": str(train_corpus["pack_index"]),
+        "shards": train_corpus["shards"],
+        "tokenizer_dir": str(train_corpus["tokenizer_dir"]),
+        "policy": train_corpus["policy"].model_dump(),
         "out_dir": str(out),
         "device": "cpu",
     }
@@ -94,14 +87,16 @@ def _launch(spec: Path, world: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(corpus: dict, tmp_path: Path) -> None:
-    idx = read_pack_index(corpus["pack_index"])
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(
+    train_corpus: dict, tmp_path: Path
+) -> None:
+    idx = read_pack_index(train_corpus["pack_index"])
     n_packs = len(set(idx.column("pack_id").to_pylist()))
     mean_pack = sum(idx.column("tokens").to_pylist()) / n_packs
     tps = int(4 * mean_pack)  # one process: 4 packs per step; two ranks: 2 packs each (the same 4)
 
-    one = _launch(_spec(corpus, tmp_path / "one", tps), 1)
-    two = _launch(_spec(corpus, tmp_path / "two", tps), 2)
+    one = _launch(_spec(train_corpus, tmp_path / "one", tps), 1)
+    two = _launch(_spec(train_corpus, tmp_path / "two", tps), 2)
     assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, STEPS + 1))
     for a, b in zip(one, two, strict=True):
         assert a["target_tokens"] == b["target_tokens"]

@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_data import build_corpus
 
 from keye.model.checkpoint import read_state
 from keye.train.checkpointing import list_checkpoints
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_corpus(tmp_path_factory.mktemp("train_corpus"))
-
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
-def _spec(corpus: dict, out: Path, metrics: Path) -> Path:
+def _spec(train_corpus: dict, out: Path, metrics: Path) -> Path:
     spec = {
         "settings": {
             "name": "pretrain",
@@ -43,13 +36,13 @@ def _spec(corpus: dict, out: Path, metrics: Path) -> Path:
             "seed": 3,
         },
         "init_checkpoint": None,
-        "model_preset": corpus["model_preset"],
-        "vocab_size": corpus["vocab_size"],
-        "image_token_id": corpus["image_token_id"],
-        "pack_index": str(corpus["pack_index"]),
-        "shards": corpus["shards"],
-        "tokenizer_dir": str(corpus["tokenizer_dir"]),
-        "policy": corpus["policy"].model_dump(),
+        "model_preset": train_corpus["model_preset"],
+        "vocab_size": train_corpus["vocab_size"],
+        "image_token_id": train_corpus["image_token_id"],
+        "pack_index": str(train_corpus["pack_index"]),
+        "shards": train_corpus["shards"],
+        "tokenizer_dir": str(train_corpus["tokenizer_dir"]),
+        "policy": train_corpus["policy"].model_dump(),
         "out_dir": str(out),
         "device": "cpu",
         "metrics_file": str(metrics),
@@ -79,13 +72,13 @@ def _run(spec: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(corpus: dict, tmp_path: Path) -> None:
+def test_sigkill_then_resume_is_bitwise_identical(train_corpus: dict, tmp_path: Path) -> None:
     ref_out = tmp_path / "ref"
-    _run(_spec(corpus, ref_out, tmp_path / "ref.jsonl"))
+    _run(_spec(train_corpus, ref_out, tmp_path / "ref.jsonl"))
 
     out = tmp_path / "killed"
     metrics = tmp_path / "killed.jsonl"
-    spec = _spec(corpus, out, metrics)
+    spec = _spec(train_corpus, out, metrics)
     kill_after = random.Random().randint(
         3, STEPS - 2
     )  # a random step; logged before its checkpoint is written

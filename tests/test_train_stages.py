@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_data import build_corpus
 
 from keye.data.loader import open_loader
 from keye.data.tokenizer import load_tokenizer
@@ -22,20 +21,17 @@ from keye.train.schedules import lr_multiplier
 from keye.train.trainer import stage_labels
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_corpus(tmp_path_factory.mktemp("train_corpus"))
-
-
-def _init(corpus: dict, tmp_path: Path) -> tuple[Path, dict]:
+def _init(train_corpus: dict, tmp_path: Path) -> tuple[Path, dict]:
     model = build_model(
-        "tiny", vocab_size=corpus["vocab_size"], image_token_id=corpus["image_token_id"], seed=0
+        "tiny", vocab_size=train_corpus["vocab_size"], image_token_id=train_corpus["image_token_id"], seed=0
     )
     d = save_checkpoint(model, tmp_path / "init")
     return d, read_state(d)
 
 
-def _train(corpus: dict, tmp_path: Path, init: Path | None, name: str, **kw: object) -> tuple[dict, list]:
+def _train(
+    train_corpus: dict, tmp_path: Path, init: Path | None, name: str, **kw: object
+) -> tuple[dict, list]:
     logged: list = []
     s = StageSettings(name=name, steps=kw.pop("steps", 2), lr=kw.pop("lr", 1e-3), tokens_per_step=400, **kw)
     res = train_stage(
@@ -43,7 +39,7 @@ def _train(corpus: dict, tmp_path: Path, init: Path | None, name: str, **kw: obj
         init_checkpoint=init,
         out_dir=tmp_path / name,
         log_metrics=lambda m, st: logged.append((st, m)),
-        **corpus,
+        **train_corpus,
     )
     return read_state(res.checkpoint_dir), logged
 
@@ -52,18 +48,20 @@ def _changed(a: dict, b: dict) -> set[str]:
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
-def test_align_trains_only_the_projector(corpus: dict, tmp_path: Path) -> None:
-    init, before = _init(corpus, tmp_path)
-    after, logged = _train(corpus, tmp_path, init, "align", kind="align")
+def test_align_trains_only_the_projector(train_corpus: dict, tmp_path: Path) -> None:
+    init, before = _init(train_corpus, tmp_path)
+    after, logged = _train(train_corpus, tmp_path, init, "align", kind="align")
     changed = _changed(before, after)
     assert changed and all(k.startswith("projector.") for k in changed)
     assert {k for k in before if k.startswith("projector.")} == changed
     assert logged[-1][1]["lm_loss"] > 0
 
 
-def test_long_warmup_trains_only_the_indexer_with_the_kl_loss(corpus: dict, tmp_path: Path) -> None:
-    init, before = _init(corpus, tmp_path)
-    after, logged = _train(corpus, tmp_path, init, "long_warmup", kind="long_warmup", lr=1e-2, rope_base=5e4)
+def test_long_warmup_trains_only_the_indexer_with_the_kl_loss(train_corpus: dict, tmp_path: Path) -> None:
+    init, before = _init(train_corpus, tmp_path)
+    after, logged = _train(
+        train_corpus, tmp_path, init, "long_warmup", kind="long_warmup", lr=1e-2, rope_base=5e4
+    )
     changed = _changed(before, after)
     assert changed and all(".indexer." in k for k in changed)
     m = logged[-1][1]
@@ -74,10 +72,10 @@ def test_long_warmup_trains_only_the_indexer_with_the_kl_loss(corpus: dict, tmp_
 
 
 def test_long_sparse_trains_everything_and_the_indexer_learns_only_from_kl(
-    corpus: dict, tmp_path: Path
+    train_corpus: dict, tmp_path: Path
 ) -> None:
-    init, before = _init(corpus, tmp_path)
-    after, logged = _train(corpus, tmp_path, init, "long_sparse", kind="long_sparse")
+    init, before = _init(train_corpus, tmp_path)
+    after, logged = _train(train_corpus, tmp_path, init, "long_sparse", kind="long_sparse")
     changed = _changed(before, after)
     assert any(".indexer." in k for k in changed) and any(k.startswith("lm.layers.0.mlp") for k in changed)
     assert set(load_checkpoint(tmp_path / "long_sparse" / "final").config.lm.attention_modes) == {"dsa"}
@@ -85,7 +83,7 @@ def test_long_sparse_trains_everything_and_the_indexer_learns_only_from_kl(
     model = load_checkpoint(init).train()
     model.set_attention_mode("dsa")
     model.config.lm.dsa.topk = 4  # make the selection sparse for these short samples
-    ids = torch.randint(0, corpus["vocab_size"] - 2, (40,))
+    ids = torch.randint(0, train_corpus["vocab_size"] - 2, (40,))
     out = model(input_ids=ids, labels=ids)
     out.lm_loss.backward(retain_graph=True)
     idx = [p for n, p in model.named_parameters() if ".indexer." in n]
@@ -97,9 +95,11 @@ def test_long_sparse_trains_everything_and_the_indexer_learns_only_from_kl(
     assert any(p.grad is not None and p.grad.any() for p in idx)
 
 
-def test_sft_loss_is_answer_only_and_pretrain_loss_covers_the_text(corpus: dict) -> None:
-    tok = load_tokenizer(corpus["tokenizer_dir"])
-    batch = next(iter(open_loader(corpus["pack_index"], corpus["shards"], tok, corpus["policy"])))
+def test_sft_loss_is_answer_only_and_pretrain_loss_covers_the_text(train_corpus: dict) -> None:
+    tok = load_tokenizer(train_corpus["tokenizer_dir"])
+    batch = next(
+        iter(open_loader(train_corpus["pack_index"], train_corpus["shards"], tok, train_corpus["policy"]))
+    )
     sft = StageSettings(name="sft", kind="sft", steps=1, lr=1e-3, tokens_per_step=10)
     pre = StageSettings(name="pretrain", kind="pretrain", steps=1, lr=1e-3, tokens_per_step=10)
     ls = stage_labels(batch, sft, tok.image_id, 0)
@@ -152,7 +152,7 @@ def test_metrics_count_sparse_attention_as_sparse_and_topk_share() -> None:
 
 
 def test_nan_step_is_skipped_or_stops_and_never_checkpointed(
-    corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = KeyeVL.forward
     calls = {"n": 0}
@@ -165,13 +165,13 @@ def test_nan_step_is_skipped_or_stops_and_never_checkpointed(
         return out
 
     monkeypatch.setattr(KeyeVL, "forward", poisoned)
-    after, logged = _train(corpus, tmp_path, None, "skip", kind="pretrain", steps=3, checkpoint_every=1)
+    after, logged = _train(train_corpus, tmp_path, None, "skip", kind="pretrain", steps=3, checkpoint_every=1)
     assert logged[-1][1]["skipped_steps"] == 1.0
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     calls["n"] = 0
     with pytest.raises(NonFiniteLoss, match="non-finite"):
         _train(
-            corpus,
+            train_corpus,
             tmp_path,
             None,
             "stop",
@@ -183,9 +183,9 @@ def test_nan_step_is_skipped_or_stops_and_never_checkpointed(
     assert list_checkpoints(tmp_path / "stop") == []  # step 1 used the poisoned micro-batch: nothing saved
 
 
-def test_keep_last_and_no_temp_dirs_and_bias_balancing(corpus: dict, tmp_path: Path) -> None:
+def test_keep_last_and_no_temp_dirs_and_bias_balancing(train_corpus: dict, tmp_path: Path) -> None:
     after, logged = _train(
-        corpus, tmp_path, None, "bias", kind="pretrain", steps=3, checkpoint_every=1, moe_balance="bias"
+        train_corpus, tmp_path, None, "bias", kind="pretrain", steps=3, checkpoint_every=1, moe_balance="bias"
     )
     out = tmp_path / "bias"
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
@@ -197,7 +197,7 @@ def test_keep_last_and_no_temp_dirs_and_bias_balancing(corpus: dict, tmp_path: P
     assert math.isfinite(logged[-1][1]["expert_load_max_over_mean"])
 
 
-def test_missing_shards_fail_loudly_instead_of_hanging(corpus: dict, tmp_path: Path) -> None:
-    broken = {**corpus, "shards": {"nothing.tar": str(tmp_path / "nothing.tar")}}
+def test_missing_shards_fail_loudly_instead_of_hanging(train_corpus: dict, tmp_path: Path) -> None:
+    broken = {**train_corpus, "shards": {"nothing.tar": str(tmp_path / "nothing.tar")}}
     with pytest.raises(RuntimeError, match="no usable sample"):
         _train(broken, tmp_path, None, "broken", kind="pretrain", steps=2)
