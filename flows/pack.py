@@ -37,7 +37,7 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
             shardset_id,
             tok.content_hash(),
             key,
-            code_hash("keye.data.samples", "keye.data.packing", "keye.data.pack_stage"),
+            code_hash("keye.data.samples", "keye.data.prompts", "keye.data.packing", "keye.data.pack_stage"),
         )
         ctx.inputs += [shardset_id, tok_id]
         ctx.outputs.append(ps_id)
@@ -55,6 +55,7 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
                 tasks=s.tasks,
                 seed=s.seed,
                 split="train",
+                mcq_orders=s.mcq_orders,
             )
             pack_ids = pack_stage.record_packs(
                 ctx.lineage, ps_id, shardset_id, shards, read_pack_index(result.index_path), s.max_tokens

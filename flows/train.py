@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from keye.cache_keys import code_hash, settings_hash
 from keye.checkpoint_hash import hash_checkpoint_dir
 from keye.config import PipelineConfig
-from keye.data.pack_stage import shard_map
+from keye.data.pack_stage import shard_map, task_pack_index
 from keye.data.tokenizer import load_tokenizer
 from keye.lineage import make_id
 from keye.orchestration import ParentRun, open_stage
@@ -44,14 +44,23 @@ def train(config: PipelineConfig, packset_id: str | None = None, parent: ParentR
                 )
                 tok_dir = Path(meta["tokenizer_dir"])
                 tok = load_tokenizer(tok_dir)
+                shards = shard_map(ctx.lineage, ctx.lineage.input_of_kind(packset_id, "shardset"))
+                pack_index = task_pack_index(
+                    ctx.workspace.packs / packset_id,
+                    recipe.tasks(),
+                    shards,
+                    tok,
+                    config.sampling,
+                    config.pack,
+                )
                 result = train_stage(
                     recipe,
                     init_checkpoint=init,
                     model_preset=t.preset,
                     vocab_size=len(tok),
                     image_token_id=tok.image_id,
-                    pack_index=ctx.workspace.packs / packset_id / "packs.parquet",
-                    shards=shard_map(ctx.lineage, ctx.lineage.input_of_kind(packset_id, "shardset")),
+                    pack_index=pack_index,
+                    shards=shards,
                     tokenizer_dir=tok_dir,
                     policy=config.sampling,
                     out_dir=out_dir,

@@ -34,6 +34,12 @@ class SyntheticSource(_Strict):
     n_videos: int = Field(40, ge=1, le=100_000)
     n_long: int = Field(1, ge=0, le=1000)
     seed: int = 0
+    heldout_fraction: float = Field(
+        0.175,
+        ge=0.0,
+        lt=1.0,
+        description="share of the short videos in the held-out (eval) split; 0: train only",
+    )
 
 
 class PathSource(_Strict):
@@ -111,6 +117,9 @@ class PackSettings(_Strict):
         default_factory=lambda: ["caption", "dense", "grounding", "mcq", "text"]
     )
     seed: int = 0
+    mcq_orders: int = Field(
+        1, ge=1, le=8, description="option orders each training MCQ is asked in (1: as annotated only)"
+    )
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 

@@ -1,12 +1,12 @@
-"""Every stage chained by the pipeline flow, as `keye run` does it, on a small config: ingest -> caption -> shard ->
-pack -> train (all six recipe kinds, a few steps each) -> eval; the eval report's numbers equal a re-score of the
-saved predictions by `keye eval score`, and lineage walks from the final checkpoint back to the source videos."""
+"""The default pipeline (pipelines.yaml, as `keye run` runs it), run ONCE for this module: every stage chained
+(ingest -> caption -> shard -> pack -> train through all six recipe kinds -> eval); the eval report's numbers equal
+a re-score of the saved predictions by `keye eval score`; lineage walks from the final checkpoint back to the source
+videos; and the SFT model beats chance on the held-out multiple-choice questions (issue 6)."""
 
 from __future__ import annotations
 
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,61 +17,45 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_all_stages_end_with_a_rescorable_report(tmp_path):
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """(summary, workspace) of one run of the default pipeline, shared by the tests below."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    from keye.cli import app
-    from keye.lineage import Lineage
-
-    stages = "\n".join(
-        f"    - {{name: {k}, kind: {k}, steps: 2, lr: 1.0e-3, tokens_per_step: 1024}}"
-        for k in ("align", "pretrain", "multitask", "long_warmup", "long_sparse", "sft")
-    )
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(
-        textwrap.dedent(
-            f"""
-            name: smoke
-            workspace: {tmp_path / "ws"}
-            sources: [{{kind: synthetic, n_videos: 6, n_long: 0, seed: 5}}]
-            ingest: {{max_clip_seconds: 30}}
-            shard: {{max_side: 112, fps: 4}}
-            sampling: {{fps: 1.0, min_frames: 2, max_frames: 4, min_tokens_per_frame: 4, max_tokens_per_frame: 4,
-                        total_token_budget: 16, duration_scaling: false}}
-            pack: {{max_tokens: 1024, tokenizer: {{vocab_size: 600}}}}
-            eval: {{limit: 4, max_new_tokens: 12}}
-            """
-        )
-        + "train:\n  stages:\n"
-        + stages
-        + "\n"
-    )
+    ws = tmp_path_factory.mktemp("default") / "ws"
     with prefect_test_harness(server_startup_timeout=180):
         from flows.pipeline import pipeline
 
-        summary = pipeline(config_path=str(cfg))
-    ws = tmp_path / "ws"
+        summary = pipeline(config_path=str(ROOT / "pipelines.yaml"), workspace=str(ws))
+    return summary, ws
+
+
+def test_all_stages_end_with_a_rescorable_report(default_run):
+    from keye.cli import app
+    from keye.lineage import Lineage
+
+    summary, ws = default_run
     store = Lineage(ws, read_only=True)
-    assert summary["videos_ok"] == 6 and summary["packs"] >= 1
+    assert summary["videos_ok"] >= 40 and summary["packs"] >= 1
     assert {r["name"] for r in store.query("SELECT name FROM runs WHERE kind = 'stage'")} >= {
         "ingest",
         "caption",
         "shard",
         "pack",
         "eval",
-        *(f"train:{k}" for k in ("align", "sft")),
+        *(f"train:{k}" for k in ("align", "pretrain", "multitask", "long_warmup", "long_sparse", "sft")),
     }
     assert Path(summary["report"]).is_file()
 
     # the report's numbers are a re-score of the saved predictions
     evals = store.evals_of(summary["artifacts"]["eval"])
-    assert evals
+    assert {r["bench"] for r in evals} >= {"timelens", "videomme", "videomme_v2", "longvideobench"}
     runner = CliRunner()
     for row in evals:
         saved = json.loads(row["metrics"])
         args = ["eval", "score", "--bench", saved["_bench"], "--predictions", saved["_predictions"]]
-        res = runner.invoke(app, [*args, "--kind", saved["kind"], "--limit", "4"])
+        res = runner.invoke(app, [*args, "--kind", saved["kind"]])
         assert res.exit_code == 0, res.output
         again = json.loads(res.output)
         assert again == {k: v for k, v in saved.items() if not k.startswith("_")}
@@ -84,3 +68,28 @@ def test_all_stages_end_with_a_rescorable_report(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
     assert client.get_model_version_by_alias("keye", "best").version
+
+
+# Issue 6's "must show". Not met yet (docs/TRAINING.md "Held-out MCQs vs chance"): the tiny default model answers
+# from the question's wording, not from the frames. Strict, so the day it passes the suite says so and the marker
+# comes off; raises=AssertionError, so an error elsewhere still fails the test.
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 6 open: the tiny default model does not beat chance on held-out MCQs (docs/TRAINING.md)",
+)
+def test_default_pipeline_beats_chance_on_heldout_mcqs(default_run):
+    """Issue 6's "must show": the default SFT model answers held-out MCQs clearly better than guessing."""
+    from keye.eval.stage import pooled_mcq_significance
+    from keye.lineage import Lineage
+
+    summary, ws = default_run
+    store = Lineage(ws, read_only=True)
+    results = {r["bench"]: json.loads(r["metrics"]) for r in store.evals_of(summary["artifacts"]["eval"])}
+    pooled = pooled_mcq_significance(results)  # Video-MME (4 options) + Video-MME-v2 (8): each question once
+    assert pooled["n"] >= 40, pooled
+    # one-sided exact test against guessing, and above every constant-letter answerer (always-A, always-B, ...)
+    assert pooled["p_value"] < 0.01, pooled
+    assert pooled["accuracy"] > pooled["best_constant_accuracy"], pooled
+    for kind in ("videomme", "longvideobench"):
+        assert results[kind]["accuracy"] > results[kind]["chance"]["accuracy"], (kind, results[kind])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from keye.data.prompts import SYSTEM_PROMPT
 from keye.data.sampling import SamplingPolicy, plan_frames
 from keye.data.tokenizer import train_bpe
 from keye.eval.predict import keye_predict_fn
@@ -76,6 +77,9 @@ def test_prompt_has_the_planned_frames_and_the_benchmark_prompt(setup, monkeypat
     assert p.pixel_patches.shape[0] == int(p.patch_grids[:, 1:].prod(dim=1).sum())
     text = tok.decode(ids, skip_special_tokens=False)
     assert "Please find the visual event described by the sentence 'a'" in text
+    # laid out as a training sample (keye.data.samples): its system prompt, the question right after the frames
+    assert text.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+    assert "<|frame_end|>Please find the visual event" in text
     assert text.count("seconds<|time_end|>") == plan.n_frames  # a timestamp before every frame
     assert text.endswith("<|im_start|>assistant\n")
 

@@ -90,7 +90,9 @@ def test_tasks_answers_and_loss_mask(tok) -> None:
     full = tok.decode(vid.input_ids.tolist(), skip_special_tokens=False)
     assert full.count("<|time_start|>") == vid.frames == len(frame_plan(rec, POLICY).timestamps)
     stamp = full.index("<|time_start|>0.0 seconds<|time_end|><|vision_start|><|image_pad|>")
-    assert stamp < full.index("When does")  # frames (with timestamps) come before the question
+    assert stamp < full.index(
+        "Please find the visual event"
+    )  # frames (with timestamps) come before the question
     assert sample_items({**rec, "mcq": [], "grounding": []}) == [("caption", -1), ("dense", -1)]
 
 

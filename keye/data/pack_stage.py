@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from keye.cache_keys import code_hash
 from keye.config import PackSettings, TokenizerSettings
 from keye.data.packing import PackBudget
 from keye.data.samples import corpus_texts, scan_shard
@@ -42,9 +43,11 @@ def ensure_tokenizer(settings: TokenizerSettings, shards: dict[str, str], out_di
 
 
 def tokenizer_id(shardset_id: str, settings: TokenizerSettings) -> str:
-    return make_id(
-        "t", shardset_id if settings.path is None else settings.path, settings.model_dump(mode="json")
-    )
+    """A trained BPE depends on the corpus, so also on the prompts' wording (keye.data.prompts)."""
+    if settings.path is not None:
+        return make_id("t", settings.path, settings.model_dump(mode="json"))
+    corpus_code = code_hash("keye.data.samples", "keye.data.prompts")
+    return make_id("t", shardset_id, settings.model_dump(mode="json"), corpus_code)
 
 
 def budget(settings: PackSettings) -> PackBudget:
@@ -101,6 +104,14 @@ def task_pack_index(
     sub = packset_dir / ("tasks-" + "-".join(sorted(tasks)))
     if not (sub / "packs.parquet").is_file():
         pack_shards(
-            shards, tok, policy, budget(settings), sub, tasks=sorted(tasks), seed=settings.seed, split="train"
+            shards,
+            tok,
+            policy,
+            budget(settings),
+            sub,
+            tasks=sorted(tasks),
+            seed=settings.seed,
+            split="train",
+            mcq_orders=settings.mcq_orders,
         )
     return sub / "packs.parquet"

@@ -18,6 +18,7 @@ tars (member offsets from the headers, WebDataset key = file name up to the firs
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -34,6 +35,16 @@ import pyarrow.parquet as pq
 
 from keye.atomic import atomic_path
 from keye.data.packing import PackBudget, pack, write_pack_index
+from keye.data.prompts import (
+    CAPTION_PROMPT,
+    DENSE_PROMPT,
+    LETTERS,
+    SYSTEM_PROMPT,
+    grounding_answer,
+    grounding_prompt,
+    mcq_prompt,
+    pick_style,
+)
 from keye.data.sampling import FramePlan, SamplingPolicy, plan_frames
 from keye.data.tokenizer import KeyeTokenizer, encode_chat, format_time
 from keye.model.vision_tokens import MERGE, PATCH
@@ -154,29 +165,26 @@ def scan_shard(path: str | os.PathLike[str]) -> ShardScan:
 
 # ---------------------------------------------------------------------------------------------------- samples
 TASKS: tuple[str, ...] = ("caption", "dense", "grounding", "mcq", "text")
-LETTERS = "ABCDEFGH"
-SYSTEM_PROMPT = "You are Keye, a helpful assistant that understands videos."
-
-CAPTION_PROMPT = "Describe the video."
-DENSE_PROMPT = "List the events of the video, each with its start and end time in seconds."
+# An MCQ sample's item is `order * MCQ_ORDER_STRIDE + question index`: order 0 asks the options as annotated,
+# order k > 0 in a permutation drawn from the sample's key (see mcq_options).
+MCQ_ORDER_STRIDE = 1000
 
 
-def grounding_prompt(query: str) -> str:
-    """The temporal-grounding question (shared with evaluation)."""
-    return f'When does "{query}" happen in the video? Answer with the start and end time in seconds.'
-
-
-def grounding_answer(start: float, end: float) -> str:
-    """TimeLens answer form."""
-    return f"The event happens in {format_time(start)} - {format_time(end)} seconds"
-
-
-def mcq_prompt(question: str, options: Sequence[str]) -> str:
-    """A multiple-choice question with lettered options (4 or 8), answered with the letter only."""
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"need 2..{len(LETTERS)} options, got {len(options)}")
-    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
-    return "\n".join(lines) + "\nAnswer with the option's letter."
+def mcq_options(
+    key: str, question: int, order: int, options: Sequence[str], answer: int
+) -> tuple[list[str], int]:
+    """The options of one MCQ sample and the index of the answer among them. Order 0 keeps the annotated order;
+    order k > 0 is a permutation seeded by (key, question, k) through a stable hash. Why: one fixed order per
+    question lets a small model learn which letters are usually right instead of reading the options; the same
+    question asked in several orders has its answer under different letters."""
+    opts = list(options)
+    if order == 0:
+        return opts, int(answer)
+    seed = int.from_bytes(
+        hashlib.blake2b(f"{key}:{question}:{order}".encode(), digest_size=8).digest(), "little"
+    )
+    perm = np.random.default_rng(seed).permutation(len(opts))
+    return [opts[i] for i in perm], int(np.flatnonzero(perm == int(answer))[0])
 
 
 def span_text(start: float, end: float) -> str:
@@ -208,8 +216,13 @@ def frame_plan(record: dict[str, Any], policy: SamplingPolicy, keep_frames: int 
     return FramePlan(ts, plan.height, plan.width, plan.tokens_per_frame, len(ts) * plan.tokens_per_frame)
 
 
-def sample_items(record: dict[str, Any], tasks: Sequence[str] = TASKS) -> list[tuple[str, int]]:
-    """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks)."""
+def sample_items(
+    record: dict[str, Any], tasks: Sequence[str] = TASKS, mcq_orders: int = 1
+) -> list[tuple[str, int]]:
+    """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks);
+    each MCQ is asked in `mcq_orders` option orders (item = order * MCQ_ORDER_STRIDE + question index)."""
+    if not 1 <= mcq_orders <= 8:
+        raise ValueError(f"mcq_orders must be in 1..8, got {mcq_orders}")
     out: list[tuple[str, int]] = []
     for task in tasks:
         if task not in TASKS:
@@ -221,9 +234,8 @@ def sample_items(record: dict[str, Any], tasks: Sequence[str] = TASKS) -> list[t
         elif task == "grounding":
             out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
         elif task == "mcq":
-            out.extend(
-                ("mcq", i) for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8
-            )
+            usable = [i for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8]
+            out.extend((task, k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in usable)
         elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
             out.append(("text", 0))
     return out
@@ -250,8 +262,11 @@ def task_messages(
         g = record["grounding"][item]
         q, a = grounding_prompt(g["query"]), grounding_answer(g["start"], g["end"])
     elif task == "mcq":
-        m = record["mcq"][item]
-        q, a = mcq_prompt(m["question"], m["options"]), LETTERS[int(m["answer"])]
+        order, question = divmod(item, MCQ_ORDER_STRIDE)
+        m = record["mcq"][question]
+        options, answer = mcq_options(str(record.get("key", "")), question, order, m["options"], m["answer"])
+        style = pick_style(sample_id(str(record.get("key", "")), task, item))
+        q, a = mcq_prompt(style, m["question"], options), LETTERS[answer]
     elif (
         task == "text"
     ):  # grounding from a written event log: keeps language and time arithmetic without pixels
@@ -383,16 +398,21 @@ def sample_table(
     tasks: Sequence[str] = TASKS,
     split: str | None = "train",
     bad: list[tuple[str, str, str]] | None = None,
+    mcq_orders: int = 1,
 ) -> pa.Table:
     """One row per (record, task, item) with exact token counts. `records` yields (shard name, record json);
     records of another split are skipped (None = keep all). With a `bad` list, a record that cannot be built
-    (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises."""
+    (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises.
+    `mcq_orders`: option orders per MCQ (sample_items)."""
     cols: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
     for shard, rec in records:
         if split is not None and rec.get("split", "train") != split:
             continue
         try:
-            built = [build_sample(tok, rec, task, item, policy) for task, item in sample_items(rec, tasks)]
+            built = [
+                build_sample(tok, rec, task, item, policy)
+                for task, item in sample_items(rec, tasks, mcq_orders)
+            ]
         except (KeyError, ValueError, TypeError, IndexError) as e:
             if bad is None:
                 raise
@@ -465,6 +485,7 @@ def pack_shards(
     tasks: Sequence[str] = TASKS,
     seed: int = 0,
     split: str | None = "train",
+    mcq_orders: int = 1,
 ) -> PackSetResult:
     """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
     sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
@@ -483,7 +504,7 @@ def pack_shards(
         for key, rec in sc.records:
             records[(name, key)] = rec
             ordered.append((name, rec))
-    table = sample_table(ordered, tok, policy, tasks, split, bad=bad)
+    table = sample_table(ordered, tok, policy, tasks, split, bad=bad, mcq_orders=mcq_orders)
     result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
     result.stats["n_bad_records"] = len(bad)
     result.stats["n_records"] = len(records)

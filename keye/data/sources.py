@@ -145,7 +145,10 @@ def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -
 
 
 def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:
-    return ws.videos / f"synthetic-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
+    name = f"synthetic-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
+    if src.heldout_fraction != SyntheticSource.model_fields["heldout_fraction"].default:
+        name += f"-heldout{src.heldout_fraction:g}"
+    return ws.videos / name
 
 
 def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
@@ -158,7 +161,9 @@ def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     tmp = final.with_name(final.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    generate_dataset(tmp, n_videos=src.n_videos, n_long=src.n_long, seed=src.seed)
+    generate_dataset(
+        tmp, n_videos=src.n_videos, n_long=src.n_long, seed=src.seed, heldout_fraction=src.heldout_fraction
+    )
     os.replace(tmp, final)
     return final
 

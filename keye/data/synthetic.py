@@ -600,7 +600,7 @@ def _mcqs(spec: VideoSpec, rng: np.random.Generator) -> list[dict]:
 
 
 def _heldout(n: int, seed: int, fraction: float) -> set[int]:
-    if n < 3:
+    if n < 3 or fraction <= 0:  # 0: a train-only set (e.g. a second source that adds training videos)
         return set()
     k = max(1, int(round(n * fraction)))
     rng = np.random.default_rng([seed, 99])

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from keye.data.prompts import SYSTEM_PROMPT
 from keye.eval.prompts import build_prompt
 from keye.eval.readers import Question
 from keye.eval.runner import PredictFn
@@ -24,13 +25,15 @@ def keye_predict_fn(
     dtype: Any = None,
     max_new_tokens: int = 32,
     with_subtitles: bool = True,
-    system_prompt: str | None = None,
+    system_prompt: str | None = SYSTEM_PROMPT,
 ) -> PredictFn:
     """Load the checkpoint and tokenizer once; the returned function answers a batch of Questions (raw text).
 
     `tokenizer_dir` defaults to the checkpoint directory (a tokenizer.json saved beside the weights).
     `sampling_policy` is a keye.data.sampling.SamplingPolicy, a dict of its fields, or None for the defaults;
-    it must be the policy the checkpoint was trained with for the frame sizes and token counts to match."""
+    it must be the policy the checkpoint was trained with for the frame sizes and token counts to match.
+    `system_prompt` defaults to the one the training samples carry (keye.data.prompts); None or "" sends none.
+    The user turn is the frames, then the question's text, exactly as in a training sample."""
     import torch
 
     from keye.data.captioners.keye_checkpoint import frames_to_patches
@@ -74,7 +77,7 @@ def keye_predict_fn(
         messages.append(
             {
                 "role": "user",
-                "content": [video, {"type": "text", "text": "\n" + build_prompt(q, with_subtitles)}],
+                "content": [video, {"type": "text", "text": build_prompt(q, with_subtitles)}],
             }
         )
         enc = encode_chat(tok, messages, add_generation_prompt=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from keye.eval.export import write_heldout_benchmarks
+from keye.eval.metrics import mcq_significance
+from keye.eval.readers import read_benchmark
 from keye.eval.runner import evaluate, score
 
 
@@ -67,3 +69,33 @@ def run_benchmarks(
                 )
             results[name] = {**res.metrics, "_predictions": str(res.predictions_path), "_bench": str(path)}
     return results
+
+
+# Video-MME holds the held-out split's 4-option MCQs and Video-MME-v2 its 8-option ones; LongVideoBench asks the
+# same 4-option questions again (another prompt), so it is left out of the pool to count each question once.
+POOLED_MCQ_KINDS = ("videomme", "videomme_v2")
+
+
+def pooled_mcq_significance(
+    results: dict[str, dict[str, Any]], kinds: tuple[str, ...] = POOLED_MCQ_KINDS
+) -> dict[str, Any]:
+    """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
+    with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
+    predicted: list[str | None] = []
+    answers: list[str] = []
+    n_options: list[int] = []
+    for m in results.values():
+        if m.get("kind") not in kinds:
+            continue
+        bench = read_benchmark(m["_bench"], None, kind=m["kind"])
+        rows = {}
+        for line in Path(m["_predictions"]).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[str(row["id"])] = row
+        for q in bench.questions:
+            if q.id in rows:  # an eval limit keeps the first questions only
+                predicted.append(rows[q.id].get("parsed"))
+                answers.append(q.answer or "")
+                n_options.append(len(q.options))
+    return mcq_significance(predicted, answers, n_options)

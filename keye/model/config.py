@@ -83,6 +83,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 151655
     projector_hidden: int = 0  # 0 = 4 * vision.hidden_size (Keye: Linear(4D, 4D) -> GELU -> Linear(4D, H))
+    center_visual_tokens: bool = False  # subtract each frame's mean visual token (keye.model.projector)
     preset: str = "custom"
 
     def __post_init__(self) -> None:
@@ -198,7 +199,10 @@ def preset(name: str, vocab_size: int | None = None, image_token_id: int | None 
     else:
         raise ValueError(f"unknown preset {name!r}; choose tiny, small or 30b-a3b")
     tok = image_token_id if image_token_id is not None else min(151655, lm.vocab_size - 1)
-    return ModelConfig(lm=lm, vision=vision, image_token_id=tok, preset=name)
+    # tiny is trained from scratch on mostly-background frames: centred visual tokens (see keye.model.projector)
+    return ModelConfig(
+        lm=lm, vision=vision, image_token_id=tok, preset=name, center_visual_tokens=name == "tiny"
+    )
 
 
 PRESETS = ("tiny", "small", "30b-a3b")

@@ -68,6 +68,7 @@ class KeyeVL(nn.Module):
             config.lm.hidden_size,
             config.projector_hidden,
             config.vision.spatial_merge,
+            center=config.center_visual_tokens,
         )
         self.lm = LanguageModel(config.lm)
 
