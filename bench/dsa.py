@@ -426,31 +426,14 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
-    for seg, warps, chunk, cb, samp, cap in ((1024, 16, 256, 128, 1024, 0), (2048, 32, 256, 128, 1024, 0),
-                                             (2048, 16, 256, 128, 4096, 4096), (2048, 16, 256, 128, 8192, 4096),
-                                             (2048, 8, 256, 128, 8192, 4096), (1024, 16, 256, 128, 8192, 4096),
-                                             (2048, 16, 256, 128, 2048, 0)):  # fmt: skip
+    for samp, cap, tw in ((1024, 8192, 0), (1024, 8192, 16), (2048, 4096, 8), (4096, 4096, 0), (4096, 4096, 16),
+                          (4096, 8192, 8)):  # fmt: skip
         ms_g = decode_graph_ms(
-            lambda seg=seg, warps=warps, chunk=chunk, cb=cb, samp=samp, cap=cap: dsa_decode(
-                q,
-                kc,
-                vc,
-                qi,
-                kic,
-                w,
-                lens,
-                TOPK,
-                scale,
-                seg_len=seg,
-                select_warps=warps,
-                chunk=chunk,
-                compact_block=cb,
-                sample=samp,
-                cap=cap,
-            )  # fmt: skip
+            lambda samp=samp, cap=cap, tw=tw: dsa_decode(
+                q, kc, vc, qi, kic, w, lens, TOPK, scale, sample=samp, cap=cap, tau_warps=tw
+            )
         )
-        log(kind="variant", op="decode_graph", B=bsz, seg_len=seg, select_warps=warps, chunk=chunk,
-            compact_block=cb, sample=samp, cap=cap or 4 * TOPK, ms=ms_g)  # fmt: skip
+        log(kind="variant", op="decode_graph", B=bsz, sample=samp, cap=cap, tau_warps=tw, ms=ms_g)
     if bsz == 8:
         threshold_miss_rate(kic[0], lcache)
     ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))

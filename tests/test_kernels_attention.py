@@ -62,8 +62,9 @@ def test_decode_matches_prefill_reference() -> None:
     qi, w = torch.randn(b, hi, di, generator=g), torch.randn(b, hi, generator=g)
     kic = torch.randint(-1, 2, (b, lmax, di), generator=g).float()  # ties in the index scores
     want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
-    # candidates from several segments / from one; 16 candidate slots (2x next_pow2(k)) with a larger sample
-    for kw in (dict(seg_len=16), dict(seg_len=64), dict(seg_len=16, cap=16, sample=32)):
+    # candidates from several segments / from one; 16 candidate slots (2x next_pow2(k)) with a larger sample and
+    # the threshold from its own kernel
+    for kw in (dict(seg_len=16), dict(seg_len=64), dict(seg_len=16, cap=16, sample=32, tau_warps=4)):
         o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, **kw)
         assert torch.equal(idx, want[2])
         torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
@@ -84,7 +85,7 @@ def test_decode_matches_prefill_reference() -> None:
 
 
 def test_decode_threshold_miss_falls_back_to_exact_select() -> None:
-    """All index scores equal: every row passes the threshold (more than CAP = 32 candidates), so the select
+    """All index scores equal: every row passes the threshold (more than CAP = 16 candidate slots), so the select
     kernel hands the sequence to the fallback kernel's radix select over the stored scores; ties go to the smaller
     rows."""
     g = torch.Generator().manual_seed(5)

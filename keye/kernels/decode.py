@@ -3,10 +3,11 @@
 Follows DeepSeek-V3.2-Exp's decode path (index scores of the new token over the indexer key cache, top-k, sparse
 attention over the selected cached rows), adapted to GQA and laid out for latency, since a decode step moves little
 data (the indexer keys and 2048 K/V rows per sequence) and is dominated by serial chains inside single programs:
-1. `_decode_sample_kernel` (sequences x sample slices): scores of a strided sample of the cache rows.
-2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): each program first reads the sample's
-   threshold (expected to leave about sqrt(k * CAP) rows at or above it), then stores every score of its segment and
-   compacts the rows at or above the threshold in row order.
+1. `_decode_sample_kernel` (sequences x sample slices): scores of a strided sample of the cache rows (4096), and
+   `_decode_tau_kernel` (one program per sequence): the sample's threshold, expected to leave about sqrt(k * CAP)
+   rows at or above it (CAP = 2 * next_pow2(k) candidate slots; 0 misses in 512 random draws at 128K).
+2. `_decode_scores_compact_kernel` (sequences x segments of `seg_len` rows): every score of its segment, and the rows
+   at or above the threshold compacted in row order.
 3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
    exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
    than CAP candidates (heavy ties), `_decode_fallback_kernel`'s exact radix select over the stored scores
@@ -26,11 +27,12 @@ from torch import Tensor
 from keye.kernels.indexer_topk import (
     _emit_selected,
     _from_order_key,
-    _kth_key_prefix,
     _order_key,
     _radix_topk_row,
 )
 from keye.kernels.sparse_attention import _gathered_softmax_step
+
+TAU_BITS: tl.constexpr = tl.constexpr(16)  # bits of the sampled threshold (`_kth_key_top_bits`)
 
 
 @triton.jit
@@ -77,24 +79,48 @@ def _sample_tau(SAMP, b, n, target, S: tl.constexpr, CAP: tl.constexpr):
         i = tl.arange(0, S)
         sc = tl.load(SAMP + b * S + i)
         rank = tl.minimum((target * S / n.to(tl.float32)).to(tl.int32) + 1, S)
-        tau = _from_order_key(_kth_key_prefix(_order_key(sc), i < S, rank))
+        tau = _from_order_key(_kth_key_top_bits(_order_key(sc), rank, TAU_BITS))
     return tau
 
 
 @triton.jit
+def _kth_key_top_bits(keys, need, BITS: tl.constexpr):
+    """The need-th largest key with only its top BITS bits searched (the rest zero): a key at most that one, so at
+    least `need` keys are >= it. A threshold needs no more precision (16 bits of an fp32 score: within 2^-7 of
+    it), and the search is 32 / BITS times shorter: the threshold kernel was 11 us of the step at 32 rounds."""
+    v = tl.zeros([], tl.int64)
+    one = tl.full([], 1, tl.int64)
+    for b in tl.static_range(BITS):
+        trial = v | (one << (31 - b))
+        c = tl.sum((keys >= trial).to(tl.int32), 0)
+        v = tl.where(c >= need, trial, v)
+    return v
+
+
+@triton.jit
+def _decode_tau_kernel(SAMP, LENS, TAU, target, S: tl.constexpr, CAP: tl.constexpr):
+    """TAU[b] = `_sample_tau` once per sequence (the `tau_warps > 0` layout of decode_topk)."""
+    b = tl.program_id(0).to(tl.int64)
+    tl.store(TAU + b, _sample_tau(SAMP, b, tl.load(LENS + b), target, S, CAP))
+
+
+@triton.jit
 def _decode_scores_compact_kernel(
-    QI, KI, W, LENS, SAMP, SCORES, CAND_S, CAND_I, SEGCNT, scale, target,
+    QI, KI, W, LENS, SAMP, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale, target,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
-    S: tl.constexpr, CAP: tl.constexpr,
+    S: tl.constexpr, CAP: tl.constexpr, TAU_READY: tl.constexpr,
 ):  # fmt: skip
     """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above the sequence's
-    threshold (`_sample_tau`, read off by every segment program: cheaper than another link in the chain),
-    compacted in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT."""
+    threshold (TAU[b] when TAU_READY, else `_sample_tau` read off by this program), compacted in row order into
+    CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT."""
     b = tl.program_id(0).to(tl.int64)
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
-    tau = _sample_tau(SAMP, b, n, target, S, CAP)
+    if TAU_READY:
+        tau = tl.load(TAU + b)
+    else:
+        tau = _sample_tau(SAMP, b, n, target, S, CAP)
     q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
     offs_d = tl.arange(0, DI)
     out = (b * n_seg + sg) * SEG
@@ -243,17 +269,19 @@ def decode_topk(
     cache_lens: Tensor,
     topk: int,
     seg_len: int = 2048,
-    sample: int = 1024,
+    sample: int = 4096,
     select_warps: int = 16,
     compact_block: int = 128,
     cap: int = 0,
+    tau_warps: int = 8,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
     ascending order, ties to the smaller row, -1 padded; scores f32 [B,topk], -inf padded). seg_len: rows per
     compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two); cap:
-    candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), default 4x; fewer slots make the
-    select cheaper but need a larger sample to keep threshold misses rare)."""
+    candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), the default; fewer slots make the
+    select cheaper but need a larger sample to keep threshold misses rare); tau_warps > 0: the threshold is read
+    off the sample once per sequence by a kernel of that many warps instead of by every compaction program."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -262,7 +290,7 @@ def decode_topk(
     q_idx, k_idx_cache, w = q_idx.contiguous(), k_idx_cache.contiguous(), w.contiguous()
     lens = cache_lens.to(torch.int32).contiguous()
     kp = triton.next_power_of_2(topk)
-    cap = cap or 4 * kp
+    cap = cap or 2 * kp
     if cap & (cap - 1) or cap < 2 * kp:
         raise ValueError(f"cap {cap} must be a power of two >= 2 * next_pow2(topk) = {2 * kp}")
     target = (topk * cap) ** 0.5  # candidates aimed at: as far (as a ratio) from k as from cap
@@ -280,9 +308,13 @@ def decode_topk(
     cand_s = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.float32)
     cand_i = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.int32)
     segcnt = torch.empty((bsz * n_seg,), device=dev, dtype=torch.int32)
+    tau = torch.empty(bsz, device=dev, dtype=torch.float32)
+    if tau_warps:
+        _decode_tau_kernel[(bsz,)](samp, lens, tau, target, S=sample, CAP=cap, num_warps=tau_warps)
     _decode_scores_compact_kernel[(bsz, n_seg)](
-        q_idx, k_idx_cache, w, lens, samp, scores, cand_s, cand_i, segcnt, d_i**-0.5, target, *strides, scores.stride(0),
-        n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), S=sample, CAP=cap, num_warps=4,
+        q_idx, k_idx_cache, w, lens, samp, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, target, *strides,
+        scores.stride(0), n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), S=sample,
+        CAP=cap, TAU_READY=bool(tau_warps), num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
@@ -350,8 +382,9 @@ def dsa_decode(
     select_warps: int = 16,
     chunk: int = 256,
     compact_block: int = 128,
-    sample: int = 1024,
+    sample: int = 4096,
     cap: int = 0,
+    tau_warps: int = 8,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
     selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
@@ -366,6 +399,7 @@ def dsa_decode(
         compact_block=compact_block,
         sample=sample,
         cap=cap,
+        tau_warps=tau_warps,
     )
     o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale, chunk=chunk)
     return o, lse, indices
