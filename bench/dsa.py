@@ -426,14 +426,27 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
-    for samp, cap, tw in ((1024, 8192, 0), (1024, 8192, 16), (2048, 4096, 8), (4096, 4096, 0), (4096, 4096, 16),
-                          (4096, 8192, 8)):  # fmt: skip
+    for samp, cap, tw, fused in ((1024, 8192, 0, False), (4096, 4096, 8, False), (4096, 4096, 16, True),
+                                 (2048, 4096, 8, True)):  # fmt: skip
         ms_g = decode_graph_ms(
-            lambda samp=samp, cap=cap, tw=tw: dsa_decode(
-                q, kc, vc, qi, kic, w, lens, TOPK, scale, sample=samp, cap=cap, tau_warps=tw
+            lambda samp=samp, cap=cap, tw=tw, fused=fused: dsa_decode(
+                q,
+                kc,
+                vc,
+                qi,
+                kic,
+                w,
+                lens,
+                TOPK,
+                scale,
+                sample=samp,
+                cap=cap,
+                tau_warps=tw,
+                fused_fallback=fused,
             )
         )
-        log(kind="variant", op="decode_graph", B=bsz, sample=samp, cap=cap, tau_warps=tw, ms=ms_g)
+        log(kind="variant", op="decode_graph", B=bsz, sample=samp, cap=cap, tau_warps=tw, fused_fallback=fused,
+            ms=ms_g)  # fmt: skip
     if bsz == 8:
         threshold_miss_rate(kic[0], lcache)
     ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))

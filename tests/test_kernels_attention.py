@@ -95,8 +95,9 @@ def test_decode_threshold_miss_falls_back_to_exact_select() -> None:
     kc, vc = torch.randn(b, lmax, hkv, d, generator=g), torch.randn(b, lmax, hkv, d, generator=g)
     qi, w = torch.rand(b, hi, di, generator=g) + 0.5, torch.rand(b, hi, generator=g) + 0.5
     kic = torch.full((b, lmax, di), 0.25)
-    o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=16)
     want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
-    assert idx.tolist() == [list(range(6))] * 2 and torch.equal(idx, want[2])
-    torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
+    for fused in (True, False):  # the fallback as the select kernel's second program / as its own kernel
+        o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=16, fused_fallback=fused)
+        assert idx.tolist() == [list(range(6))] * 2 and torch.equal(idx, want[2])
+        torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)

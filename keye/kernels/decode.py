@@ -10,8 +10,8 @@ data (the indexer keys and 2048 K/V rows per sequence) and is dominated by seria
    at or above the threshold compacted in row order.
 3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
    exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
-   than CAP candidates (heavy ties), `_decode_fallback_kernel`'s exact radix select over the stored scores
-   decides instead (slow, rare; otherwise that kernel returns at once).
+   than CAP candidates (heavy ties), the exact radix select over the stored scores decides instead (slow, rare),
+   run by a second program per sequence of the same kernel (or by `_decode_fallback_kernel`).
 4. Split-K sparse attention over the selected rows (sequences x KV heads x splits), then a merge of the partial
    softmaxes. Everything stays on the device (no host sync), so the step can be captured in a CUDA graph, as a
    serving loop does (bench/dsa.py times both).
@@ -146,43 +146,50 @@ def _decode_scores_compact_kernel(
 
 @triton.jit
 def _decode_select_kernel(
-    CAND_S, CAND_I, SEGCNT, ENDS, LENS, MISS, OUT_IDX, OUT_SCORE, n_seg,
+    CAND_S, CAND_I, SEGCNT, ENDS, LENS, MISS, OUT_IDX, OUT_SCORE, SCORES, SCR, n_seg, stride_sb,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, NSEG: tl.constexpr, LOG_NSEG: tl.constexpr,
-    SEG: tl.constexpr,
+    SEG: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
-    """Exact top-k of sequence b from its segments' candidates; MISS[b] = 1 when the threshold left fewer than k
-    or more than CAP of them (`_decode_fallback_kernel` then decides). The rare fallback is a kernel of its own:
-    compiled into this one, its registers slowed the common path down."""
+    """Exact top-k of sequence b from its segments' candidates, unless the threshold left fewer than k or more
+    than CAP of them. FUSED (grid [B, 2]): program (b, 1) sees the same counts and runs the exact radix select over
+    the stored scores for such a sequence (one launch less); else MISS[b] = 1 hands it to `_decode_fallback_kernel`."""
     b = tl.program_id(0).to(tl.int64)
+    role = tl.program_id(1)
     n = tl.load(LENS + b)
     need = tl.minimum(n, TOPK)
     ks = tl.arange(0, NSEG)
     counts = tl.load(SEGCNT + b * n_seg + ks, mask=ks < n_seg, other=0)
     ends = tl.cumsum(counts, 0)
     total = tl.sum(counts, 0)
-    if (total >= need) and (total <= CAP):
-        tl.store(ENDS + b * NSEG + ks, ends)
-        tl.debug_barrier()
-        slots = tl.arange(0, CAP)
-        valid = slots < total
-        lo = tl.zeros([CAP], tl.int32)  # segment of each slot: first segment whose end is above it
-        hi = tl.full([CAP], NSEG, tl.int32)
-        for _ in tl.static_range(LOG_NSEG + 1):
-            mid = (lo + hi) // 2
-            e = tl.load(ENDS + b * NSEG + mid, mask=mid < NSEG, other=2147483647)
-            up = e <= slots
-            lo = tl.where(up, mid + 1, lo)
-            hi = tl.where(up, hi, mid)
-        seg = tl.minimum(lo, NSEG - 1)
-        seg_end = tl.load(ENDS + b * NSEG + seg)
-        seg_cnt = tl.load(SEGCNT + b * n_seg + seg, mask=valid, other=0)
-        off = (b * n_seg + seg) * SEG + (slots - (seg_end - seg_cnt))
-        sc = tl.load(CAND_S + off, mask=valid, other=float("-inf"))
-        gi = tl.load(CAND_I + off, mask=valid, other=-1)
-        _emit_selected(_order_key(sc), gi, valid, need, OUT_IDX, OUT_SCORE, b, TOPK, KP)
-        tl.store(MISS + b, 0)
-    else:
-        tl.store(MISS + b, 1)
+    hit = (total >= need) & (total <= CAP)
+    if role == 0:
+        if hit:
+            tl.store(ENDS + b * NSEG + ks, ends)
+            tl.debug_barrier()
+            slots = tl.arange(0, CAP)
+            valid = slots < total
+            lo = tl.zeros([CAP], tl.int32)  # segment of each slot: first segment whose end is above it
+            hi = tl.full([CAP], NSEG, tl.int32)
+            for _ in tl.static_range(LOG_NSEG + 1):
+                mid = (lo + hi) // 2
+                e = tl.load(ENDS + b * NSEG + mid, mask=mid < NSEG, other=2147483647)
+                up = e <= slots
+                lo = tl.where(up, mid + 1, lo)
+                hi = tl.where(up, hi, mid)
+            seg = tl.minimum(lo, NSEG - 1)
+            seg_end = tl.load(ENDS + b * NSEG + seg)
+            seg_cnt = tl.load(SEGCNT + b * n_seg + seg, mask=valid, other=0)
+            off = (b * n_seg + seg) * SEG + (slots - (seg_end - seg_cnt))
+            sc = tl.load(CAND_S + off, mask=valid, other=float("-inf"))
+            gi = tl.load(CAND_I + off, mask=valid, other=-1)
+            _emit_selected(_order_key(sc), gi, valid, need, OUT_IDX, OUT_SCORE, b, TOPK, KP)
+        if not FUSED:
+            tl.store(MISS + b, 1 - hit.to(tl.int32))
+    elif (total < need) | (total > CAP):
+        base = SCORES + b * stride_sb
+        _radix_topk_row(
+            base, base, 0, n, 0, need, SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, 1024, False, CAP, 1024, True
+        )  # fmt: skip
 
 
 @triton.jit
@@ -274,6 +281,7 @@ def decode_topk(
     compact_block: int = 128,
     cap: int = 0,
     tau_warps: int = 8,
+    fused_fallback: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
@@ -281,7 +289,8 @@ def decode_topk(
     compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two); cap:
     candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), the default; fewer slots make the
     select cheaper but need a larger sample to keep threshold misses rare); tau_warps > 0: the threshold is read
-    off the sample once per sequence by a kernel of that many warps instead of by every compaction program."""
+    off the sample once per sequence by a kernel of that many warps instead of by every compaction program;
+    fused_fallback: the exact fallback runs as a second program per sequence of the select kernel."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -320,16 +329,17 @@ def decode_topk(
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
     ends = torch.empty((bsz, nseg_p), device=dev, dtype=torch.int32)
     miss = torch.empty(bsz, device=dev, dtype=torch.int32)
-    _decode_select_kernel[(bsz,)](
-        cand_s, cand_i, segcnt, ends, lens, miss, out_idx, out_score, n_seg,
-        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len,
+    scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
+    _decode_select_kernel[(bsz, 2 if fused_fallback else 1)](
+        cand_s, cand_i, segcnt, ends, lens, miss, out_idx, out_score, scores, scr, n_seg, scores.stride(0),
+        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len, FUSED=fused_fallback,
         num_warps=select_warps,
     )  # fmt: skip
-    scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
-    _decode_fallback_kernel[(bsz,)](
-        scores, lens, miss, scr, out_idx, out_score, scores.stride(0), TOPK=topk, KP=kp, CAP=cap, BLOCK=1024,
-        num_warps=8,
-    )  # fmt: skip
+    if not fused_fallback:
+        _decode_fallback_kernel[(bsz,)](
+            scores, lens, miss, scr, out_idx, out_score, scores.stride(0), TOPK=topk, KP=kp, CAP=cap, BLOCK=1024,
+            num_warps=8,
+        )  # fmt: skip
     return out_idx, out_score
 
 
@@ -385,6 +395,7 @@ def dsa_decode(
     sample: int = 4096,
     cap: int = 0,
     tau_warps: int = 8,
+    fused_fallback: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
     selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
@@ -400,6 +411,7 @@ def dsa_decode(
         sample=sample,
         cap=cap,
         tau_warps=tau_warps,
+        fused_fallback=fused_fallback,
     )
     o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale, chunk=chunk)
     return o, lse, indices

@@ -267,6 +267,7 @@ def _add_projector(
         and prior.vision.hidden_size == cfg.vision.hidden_size
         and prior.lm.hidden_size == cfg.lm.hidden_size
         and prior.projector_hidden == cfg.projector_hidden
+        and prior.center_visual_tokens == cfg.center_visual_tokens  # a centred projector has no output bias
     )
     if fits and prior_dir is not None:
         for name, t in _tensors(prior_dir):
@@ -275,7 +276,11 @@ def _add_projector(
                 names.add(name)
         return
     proj = Projector(
-        cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.projector_hidden, cfg.vision.spatial_merge
+        cfg.vision.hidden_size,
+        cfg.lm.hidden_size,
+        cfg.projector_hidden,
+        cfg.vision.spatial_merge,
+        center=cfg.center_visual_tokens,
     )
     for name, t in _fresh(proj, "projector."):
         writer.add(name, t.to(dtype) if dtype is not None else t)
