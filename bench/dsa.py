@@ -426,27 +426,14 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
     dense_bytes = bsz * lcache * HKV * 2 * D * 2
     log(kind="time", op="decode", B=bsz, L=lcache, dsa_ms=ms, dense_ms=ms_d, ratio=ms / ms_d, dsa_gbs_min=min_bytes / ms / 1e6,
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
-    for samp, cap, tw, fused in ((1024, 8192, 0, False), (4096, 4096, 8, False), (4096, 4096, 16, True),
-                                 (2048, 4096, 8, True)):  # fmt: skip
+    for chunk, blk, warps in ((256, 64, 4), (2048, 64, 4), (2048, 64, 8), (2048, 128, 8), (1024, 64, 4),
+                              (512, 64, 4)):  # fmt: skip
         ms_g = decode_graph_ms(
-            lambda samp=samp, cap=cap, tw=tw, fused=fused: dsa_decode(
-                q,
-                kc,
-                vc,
-                qi,
-                kic,
-                w,
-                lens,
-                TOPK,
-                scale,
-                sample=samp,
-                cap=cap,
-                tau_warps=tw,
-                fused_fallback=fused,
+            lambda chunk=chunk, blk=blk, warps=warps: dsa_decode(
+                q, kc, vc, qi, kic, w, lens, TOPK, scale, chunk=chunk, attn_block=blk, attn_warps=warps
             )
         )
-        log(kind="variant", op="decode_graph", B=bsz, sample=samp, cap=cap, tau_warps=tw, fused_fallback=fused,
-            ms=ms_g)  # fmt: skip
+        log(kind="variant", op="decode_graph", B=bsz, chunk=chunk, attn_block=blk, attn_warps=warps, ms=ms_g)
     if bsz == 8:
         threshold_miss_rate(kic[0], lcache)
     ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))

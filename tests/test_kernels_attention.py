@@ -64,7 +64,12 @@ def test_decode_matches_prefill_reference() -> None:
     want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
     # candidates from several segments / from one; 16 candidate slots (2x next_pow2(k)) with a larger sample and
     # the threshold from its own kernel
-    for kw in (dict(seg_len=16), dict(seg_len=64), dict(seg_len=16, cap=16, sample=32, tau_warps=4)):
+    # attention in one program per KV head (chunk >= k) or split in chunks of 4 rows and merged
+    for kw in (
+        dict(seg_len=16),
+        dict(seg_len=64, chunk=4),
+        dict(seg_len=16, cap=16, sample=32, tau_warps=4),
+    ):
         o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, **kw)
         assert torch.equal(idx, want[2])
         torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)

@@ -210,13 +210,15 @@ def _decode_fallback_kernel(
 
 @triton.jit
 def _decode_attn_partial_kernel(
-    Q, K, V, IDX, PO, PML, sm_scale_log2,
+    Q, K, V, IDX, PO, PML, O, LSE, sm_scale_log2,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ib,
-    TOPK, n_split,
+    stride_ob, stride_oh, TOPK, n_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr,
+    FINAL: tl.constexpr,
 ):  # fmt: skip
     """Unnormalised softmax-weighted sum over one chunk of the selected rows, for the G heads of one KV head;
-    PO [B, split, Hq, D] and PML [B, split, Hq, 2] (running max in log2 units, sum of weights)."""
+    PO [B, split, Hq, D] and PML [B, split, Hq, 2] (running max in log2 units, sum of weights). FINAL (one chunk
+    covers all rows): the normalised O and LSE (nats) directly, and no merge."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -236,10 +238,18 @@ def _decode_attn_partial_kernel(
             k0, TOPK, stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BK,
         )  # fmt: skip
     hq = tl.num_programs(1) * G
-    base = (b * n_split + sp) * hq + heads
-    tl.store(PO + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
-    tl.store(PML + base * 2, m_i, mask=gmask)
-    tl.store(PML + base * 2 + 1, l_i, mask=gmask)
+    if FINAL:
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        dst = O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, o.to(O.dtype.element_ty), mask=gmask[:, None])
+        tl.store(LSE + b * hq + heads, lse, mask=gmask)
+    else:
+        base = (b * n_split + sp) * hq + heads
+        tl.store(PO + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        tl.store(PML + base * 2, m_i, mask=gmask)
+        tl.store(PML + base * 2 + 1, l_i, mask=gmask)
 
 
 @triton.jit
@@ -351,9 +361,11 @@ def decode_sparse_attention(
     scale: float,
     chunk: int = 256,
     block_k: int = 64,
+    num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """Attention of q [B,Hq,D] over its selected cache rows indices [B,topk] (-1 = none) of k_cache, v_cache
-    [B,L,Hkv,D], split over `chunk` rows per program and merged: (o [B,Hq,D], lse f32 [B,Hq])."""
+    [B,L,Hkv,D], split over `chunk` rows per program and merged (chunk >= topk: one program per KV head, no
+    merge): (o [B,Hq,D], lse f32 [B,Hq])."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -361,16 +373,20 @@ def decode_sparse_attention(
     n_split = max(1, triton.cdiv(topk, chunk))
     q = q.contiguous()
     indices = indices.to(torch.int32).contiguous()
-    po = torch.empty((bsz, n_split, hq, d), device=q.device, dtype=torch.float32)
-    pml = torch.empty((bsz, n_split, hq, 2), device=q.device, dtype=torch.float32)
-    _decode_attn_partial_kernel[(bsz, hkv, n_split)](
-        q, k_cache, v_cache, indices, po, pml, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0), topk, n_split,
-        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BK=min(block_k, chunk), CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
+    final = n_split == 1
+    po = torch.empty((bsz, 1 if final else n_split, hq, d), device=q.device, dtype=torch.float32)
+    pml = torch.empty((bsz, 1 if final else n_split, hq, 2), device=q.device, dtype=torch.float32)
     o = torch.empty_like(q)
     lse = torch.empty((bsz, hq), device=q.device, dtype=torch.float32)
+    _decode_attn_partial_kernel[(bsz, hkv, n_split)](
+        q, k_cache, v_cache, indices, po, pml, o, lse, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0), o.stride(0), o.stride(1),
+        topk, n_split, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BK=min(block_k, chunk), CHUNK=chunk,
+        FINAL=final, num_warps=num_warps,
+    )  # fmt: skip
+    if final:
+        return o, lse
     _decode_attn_merge_kernel[(bsz, hq)](
         po, pml, o, lse, n_split, o.stride(0), o.stride(1), NSP=max(2, triton.next_power_of_2(n_split)), D=d,
         num_warps=4,
@@ -396,6 +412,8 @@ def dsa_decode(
     cap: int = 0,
     tau_warps: int = 8,
     fused_fallback: bool = True,
+    attn_block: int = 64,
+    attn_warps: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
     selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
@@ -413,7 +431,9 @@ def dsa_decode(
         tau_warps=tau_warps,
         fused_fallback=fused_fallback,
     )
-    o, lse = decode_sparse_attention(q, k_cache, v_cache, indices, scale, chunk=chunk)
+    o, lse = decode_sparse_attention(
+        q, k_cache, v_cache, indices, scale, chunk=chunk, block_k=attn_block, num_warps=attn_warps
+    )
     return o, lse, indices
 
 
