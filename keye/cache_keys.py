@@ -15,6 +15,12 @@ from typing import Any
 from pydantic import BaseModel
 
 
+def stable_hash64(text: str) -> int:
+    """A 64-bit hash of text that is the same in every process and run (Python's hash() is salted per process):
+    for deterministic per-sample choices that must survive a restart."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def settings_hash(settings: BaseModel | dict[str, Any], *extra: Any) -> str:
     """Stable short hash of settings (and extra inputs)."""
     data = settings.model_dump(mode="json") if isinstance(settings, BaseModel) else settings

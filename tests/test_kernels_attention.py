@@ -91,7 +91,7 @@ def test_decode_matches_prefill_reference() -> None:
 
 def test_decode_threshold_miss_falls_back_to_exact_select() -> None:
     """All index scores equal: every row passes the threshold (more than CAP = 16 candidate slots), so the select
-    kernel hands the sequence to the fallback kernel's radix select over the stored scores; ties go to the smaller
+    kernel's second program runs the exact radix select over the stored scores; ties go to the smaller
     rows."""
     g = torch.Generator().manual_seed(5)
     b, lmax, hq, hkv, d, hi, di, topk = 2, 50, 4, 2, 16, 2, 16, 6
@@ -101,8 +101,7 @@ def test_decode_threshold_miss_falls_back_to_exact_select() -> None:
     qi, w = torch.rand(b, hi, di, generator=g) + 0.5, torch.rand(b, hi, generator=g) + 0.5
     kic = torch.full((b, lmax, di), 0.25)
     want = dsa_decode_reference(q, kc, vc, qi, kic, w, lens, topk, 0.3)
-    for fused in (True, False):  # the fallback as the select kernel's second program / as its own kernel
-        o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=16, fused_fallback=fused)
-        assert idx.tolist() == [list(range(6))] * 2 and torch.equal(idx, want[2])
-        torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
+    o, lse, idx = dsa_decode(q, kc, vc, qi, kic, w, lens, topk, 0.3, seg_len=16)
+    assert idx.tolist() == [list(range(6))] * 2 and torch.equal(idx, want[2])
+    torch.testing.assert_close(o, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)

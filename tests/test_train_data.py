@@ -57,6 +57,28 @@ def build_corpus(root: Path, n_clips: int = 8, max_tokens: int = 300) -> dict:
     }
 
 
+def write_train_spec(corpus: dict, out: Path, settings: dict, **extra: str) -> Path:
+    """The JSON spec `python -m keye.train.trainer SPEC` runs: `settings` (StageSettings) on the corpus from
+    build_corpus, CPU, checkpoints under `out`; `extra` adds spec keys (e.g. metrics_file). Written beside `out`."""
+    spec = {
+        "settings": settings,
+        "init_checkpoint": None,
+        "model_preset": corpus["model_preset"],
+        "vocab_size": corpus["vocab_size"],
+        "image_token_id": corpus["image_token_id"],
+        "pack_index": str(corpus["pack_index"]),
+        "shards": corpus["shards"],
+        "tokenizer_dir": str(corpus["tokenizer_dir"]),
+        "policy": corpus["policy"].model_dump(),
+        "out_dir": str(out),
+        "device": "cpu",
+        **extra,
+    }
+    path = out.parent / f"{out.name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
 def test_corpus_has_several_packs_and_tasks(train_corpus: dict) -> None:
     from keye.data.packing import read_pack_index
 

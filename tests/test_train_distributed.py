@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_data import write_train_spec
 
 from keye.data.packing import read_pack_index
 from keye.model.checkpoint import read_state
@@ -21,31 +22,17 @@ STEPS = 3
 
 
 def _spec(train_corpus: dict, out: Path, tokens_per_step: int) -> Path:
-    spec = {
-        "settings": {
-            "name": "pretrain",
-            "kind": "pretrain",
-            "steps": STEPS,
-            "lr": 2e-3,
-            "tokens_per_step": tokens_per_step,
-            "checkpoint_every": 100,
-            "shuffle": False,
-            "seed": 1,
-        },
-        "init_checkpoint": None,
-        "model_preset": "tiny",
-        "vocab_size": train_corpus["vocab_size"],
-        "image_token_id": train_corpus["image_token_id"],
-        "pack_index": str(train_corpus["pack_index"]),
-        "shards": train_corpus["shards"],
-        "tokenizer_dir": str(train_corpus["tokenizer_dir"]),
-        "policy": train_corpus["policy"].model_dump(),
-        "out_dir": str(out),
-        "device": "cpu",
+    settings = {
+        "name": "pretrain",
+        "kind": "pretrain",
+        "steps": STEPS,
+        "lr": 2e-3,
+        "tokens_per_step": tokens_per_step,
+        "checkpoint_every": 100,
+        "shuffle": False,
+        "seed": 1,
     }
-    path = out.parent / f"{out.name}.json"
-    path.write_text(json.dumps(spec))
-    return path
+    return write_train_spec(train_corpus, out, settings)
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_data import write_train_spec
 
 from keye.model.checkpoint import read_state
 from keye.train.checkpointing import list_checkpoints
@@ -23,33 +24,18 @@ STEPS = 8
 
 
 def _spec(train_corpus: dict, out: Path, metrics: Path) -> Path:
-    spec = {
-        "settings": {
-            "name": "pretrain",
-            "kind": "pretrain",
-            "steps": STEPS,
-            "lr": 2e-3,
-            "warmup_steps": 2,
-            "tokens_per_step": 500,
-            "checkpoint_every": 2,
-            "keep_last": 2,
-            "seed": 3,
-        },
-        "init_checkpoint": None,
-        "model_preset": train_corpus["model_preset"],
-        "vocab_size": train_corpus["vocab_size"],
-        "image_token_id": train_corpus["image_token_id"],
-        "pack_index": str(train_corpus["pack_index"]),
-        "shards": train_corpus["shards"],
-        "tokenizer_dir": str(train_corpus["tokenizer_dir"]),
-        "policy": train_corpus["policy"].model_dump(),
-        "out_dir": str(out),
-        "device": "cpu",
-        "metrics_file": str(metrics),
+    settings = {
+        "name": "pretrain",
+        "kind": "pretrain",
+        "steps": STEPS,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "tokens_per_step": 500,
+        "checkpoint_every": 2,
+        "keep_last": 2,
+        "seed": 3,
     }
-    path = out.parent / f"{out.name}.json"
-    path.write_text(json.dumps(spec))
-    return path
+    return write_train_spec(train_corpus, out, settings, metrics_file=str(metrics))
 
 
 def _env() -> dict[str, str]:

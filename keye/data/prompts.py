@@ -12,9 +12,9 @@ choices directly."), TimeLens grounder prompt ("The event happens in <start time
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
+from keye.cache_keys import stable_hash64
 from keye.data.tokenizer import format_time
 
 LETTERS = "ABCDEFGH"
@@ -76,5 +76,4 @@ def grounding_answer(start: float, end: float) -> str:
 def pick_style(sample_key: str) -> str:
     """The multiple-choice style a training sample is worded in: a stable hash of its id (not Python's hash,
     which changes per process), so a sample reads the same in the pack stage, the loader and every rerun."""
-    digest = hashlib.blake2b(sample_key.encode("utf-8"), digest_size=8).digest()
-    return MCQ_STYLES[int.from_bytes(digest, "little") % len(MCQ_STYLES)]
+    return MCQ_STYLES[stable_hash64(sample_key) % len(MCQ_STYLES)]

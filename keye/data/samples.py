@@ -18,7 +18,6 @@ tars (member offsets from the headers, WebDataset key = file name up to the firs
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from keye.atomic import atomic_path
+from keye.cache_keys import stable_hash64
 from keye.data.packing import PackBudget, pack, write_pack_index
 from keye.data.prompts import (
     CAPTION_PROMPT,
@@ -180,10 +180,7 @@ def mcq_options(
     opts = list(options)
     if order == 0:
         return opts, int(answer)
-    seed = int.from_bytes(
-        hashlib.blake2b(f"{key}:{question}:{order}".encode(), digest_size=8).digest(), "little"
-    )
-    perm = np.random.default_rng(seed).permutation(len(opts))
+    perm = np.random.default_rng(stable_hash64(f"{key}:{question}:{order}")).permutation(len(opts))
     return [opts[i] for i in perm], int(np.flatnonzero(perm == int(answer))[0])
 
 

@@ -11,7 +11,7 @@ data (the indexer keys and 2048 K/V rows per sequence) and is dominated by seria
 3. `_decode_select_kernel` (one program per sequence): the segments' candidates, concatenated in row order, give the
    exact top-k (bit search, ties to the smaller row, ascending order). If the threshold left fewer than k or more
    than CAP candidates (heavy ties), the exact radix select over the stored scores decides instead (slow, rare),
-   run by a second program per sequence of the same kernel (or by `_decode_fallback_kernel`).
+   run by a second program per sequence of the same kernel.
 4. Split-K sparse attention over the selected rows (sequences x KV heads x splits), then a merge of the partial
    softmaxes. Everything stays on the device (no host sync), so the step can be captured in a CUDA graph, as a
    serving loop does (bench/dsa.py times both).
@@ -27,12 +27,15 @@ from torch import Tensor
 from keye.kernels.indexer_topk import (
     _emit_selected,
     _from_order_key,
+    _kth_key,
     _order_key,
     _radix_topk_row,
 )
-from keye.kernels.sparse_attention import _gathered_softmax_step
+from keye.kernels.sparse_attention import _gathered_softmax_step, _softmax_result
 
-TAU_BITS: tl.constexpr = tl.constexpr(16)  # bits of the sampled threshold (`_kth_key_top_bits`)
+# bits of the sampled threshold: 16 of an fp32 score are within 2^-7 of it, and the search is half as long (the
+# threshold kernel was 11 us of the step at 32 rounds)
+TAU_BITS: tl.constexpr = tl.constexpr(16)
 
 
 @triton.jit
@@ -79,48 +82,30 @@ def _sample_tau(SAMP, b, n, target, S: tl.constexpr, CAP: tl.constexpr):
         i = tl.arange(0, S)
         sc = tl.load(SAMP + b * S + i)
         rank = tl.minimum((target * S / n.to(tl.float32)).to(tl.int32) + 1, S)
-        tau = _from_order_key(_kth_key_top_bits(_order_key(sc), rank, TAU_BITS))
+        tau = _from_order_key(_kth_key(_order_key(sc), i < S, rank, TAU_BITS))
     return tau
 
 
 @triton.jit
-def _kth_key_top_bits(keys, need, BITS: tl.constexpr):
-    """The need-th largest key with only its top BITS bits searched (the rest zero): a key at most that one, so at
-    least `need` keys are >= it. A threshold needs no more precision (16 bits of an fp32 score: within 2^-7 of
-    it), and the search is 32 / BITS times shorter: the threshold kernel was 11 us of the step at 32 rounds."""
-    v = tl.zeros([], tl.int64)
-    one = tl.full([], 1, tl.int64)
-    for b in tl.static_range(BITS):
-        trial = v | (one << (31 - b))
-        c = tl.sum((keys >= trial).to(tl.int32), 0)
-        v = tl.where(c >= need, trial, v)
-    return v
-
-
-@triton.jit
 def _decode_tau_kernel(SAMP, LENS, TAU, target, S: tl.constexpr, CAP: tl.constexpr):
-    """TAU[b] = `_sample_tau` once per sequence (the `tau_warps > 0` layout of decode_topk)."""
+    """TAU[b] = `_sample_tau` once per sequence (one program per sequence: in each compaction program instead it
+    lengthened all of them)."""
     b = tl.program_id(0).to(tl.int64)
     tl.store(TAU + b, _sample_tau(SAMP, b, tl.load(LENS + b), target, S, CAP))
 
 
 @triton.jit
 def _decode_scores_compact_kernel(
-    QI, KI, W, LENS, SAMP, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale, target,
+    QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
-    S: tl.constexpr, CAP: tl.constexpr, TAU_READY: tl.constexpr,
 ):  # fmt: skip
-    """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above the sequence's
-    threshold (TAU[b] when TAU_READY, else `_sample_tau` read off by this program), compacted in row order into
-    CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT."""
+    """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above TAU[b], compacted
+    in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT[b * n_seg + sg]."""
     b = tl.program_id(0).to(tl.int64)
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
-    if TAU_READY:
-        tau = tl.load(TAU + b)
-    else:
-        tau = _sample_tau(SAMP, b, n, target, S, CAP)
+    tau = tl.load(TAU + b)
     q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
     offs_d = tl.arange(0, DI)
     out = (b * n_seg + sg) * SEG
@@ -146,13 +131,13 @@ def _decode_scores_compact_kernel(
 
 @triton.jit
 def _decode_select_kernel(
-    CAND_S, CAND_I, SEGCNT, ENDS, LENS, MISS, OUT_IDX, OUT_SCORE, SCORES, SCR, n_seg, stride_sb,
+    CAND_S, CAND_I, SEGCNT, ENDS, LENS, OUT_IDX, OUT_SCORE, SCORES, SCR, n_seg, stride_sb,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, NSEG: tl.constexpr, LOG_NSEG: tl.constexpr,
-    SEG: tl.constexpr, FUSED: tl.constexpr,
+    SEG: tl.constexpr,
 ):  # fmt: skip
-    """Exact top-k of sequence b from its segments' candidates, unless the threshold left fewer than k or more
-    than CAP of them. FUSED (grid [B, 2]): program (b, 1) sees the same counts and runs the exact radix select over
-    the stored scores for such a sequence (one launch less); else MISS[b] = 1 hands it to `_decode_fallback_kernel`."""
+    """Grid [B, 2]. Program (b, 0): the exact top-k of sequence b from its segments' candidates, unless the
+    threshold left fewer than k or more than CAP of them; program (b, 1) sees the same counts and then runs the
+    exact radix select over the stored scores (a kernel of its own cost a launch; this one returns at once)."""
     b = tl.program_id(0).to(tl.int64)
     role = tl.program_id(1)
     n = tl.load(LENS + b)
@@ -183,28 +168,10 @@ def _decode_select_kernel(
             sc = tl.load(CAND_S + off, mask=valid, other=float("-inf"))
             gi = tl.load(CAND_I + off, mask=valid, other=-1)
             _emit_selected(_order_key(sc), gi, valid, need, OUT_IDX, OUT_SCORE, b, TOPK, KP)
-        if not FUSED:
-            tl.store(MISS + b, 1 - hit.to(tl.int32))
     elif (total < need) | (total > CAP):
         base = SCORES + b * stride_sb
         _radix_topk_row(
             base, base, 0, n, 0, need, SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, 1024, False, CAP, 1024, True
-        )  # fmt: skip
-
-
-@triton.jit
-def _decode_fallback_kernel(
-    SCORES, LENS, MISS, SCR, OUT_IDX, OUT_SCORE, stride_sb,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """For a sequence whose threshold missed: the exact radix select over all its stored scores (slow, rare)."""
-    b = tl.program_id(0).to(tl.int64)
-    if tl.load(MISS + b) != 0:
-        n = tl.load(LENS + b)
-        base = SCORES + b * stride_sb
-        _radix_topk_row(
-            base, base, 0, n, 0, tl.minimum(n, TOPK), SCR + b * CAP, OUT_IDX, OUT_SCORE, b, TOPK, KP, BLOCK, False,
-            CAP, 1024, True,
         )  # fmt: skip
 
 
@@ -239,9 +206,7 @@ def _decode_attn_partial_kernel(
         )  # fmt: skip
     hq = tl.num_programs(1) * G
     if FINAL:
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        o, lse = _softmax_result(m_i, l_i, acc)
         dst = O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(dst, o.to(O.dtype.element_ty), mask=gmask[:, None])
         tl.store(LSE + b * hq + heads, lse, mask=gmask)
@@ -291,16 +256,14 @@ def decode_topk(
     compact_block: int = 128,
     cap: int = 0,
     tau_warps: int = 8,
-    fused_fallback: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
     ascending order, ties to the smaller row, -1 padded; scores f32 [B,topk], -inf padded). seg_len: rows per
     compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two); cap:
     candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), the default; fewer slots make the
-    select cheaper but need a larger sample to keep threshold misses rare); tau_warps > 0: the threshold is read
-    off the sample once per sequence by a kernel of that many warps instead of by every compaction program;
-    fused_fallback: the exact fallback runs as a second program per sequence of the select kernel."""
+    select cheaper but need a larger sample to keep threshold misses rare); tau_warps: warps of the threshold
+    kernel; select_warps / compact_block: the select kernel's warps and the compaction's rows per step."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -328,28 +291,20 @@ def decode_topk(
     cand_i = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.int32)
     segcnt = torch.empty((bsz * n_seg,), device=dev, dtype=torch.int32)
     tau = torch.empty(bsz, device=dev, dtype=torch.float32)
-    if tau_warps:
-        _decode_tau_kernel[(bsz,)](samp, lens, tau, target, S=sample, CAP=cap, num_warps=tau_warps)
+    _decode_tau_kernel[(bsz,)](samp, lens, tau, target, S=sample, CAP=cap, num_warps=tau_warps)
     _decode_scores_compact_kernel[(bsz, n_seg)](
-        q_idx, k_idx_cache, w, lens, samp, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, target, *strides,
-        scores.stride(0), n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), S=sample,
-        CAP=cap, TAU_READY=bool(tau_warps), num_warps=4,
+        q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0),
+        n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
     ends = torch.empty((bsz, nseg_p), device=dev, dtype=torch.int32)
-    miss = torch.empty(bsz, device=dev, dtype=torch.int32)
     scr = torch.empty((bsz, cap), device=dev, dtype=torch.int64)
-    _decode_select_kernel[(bsz, 2 if fused_fallback else 1)](
-        cand_s, cand_i, segcnt, ends, lens, miss, out_idx, out_score, scores, scr, n_seg, scores.stride(0),
-        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len, FUSED=fused_fallback,
+    _decode_select_kernel[(bsz, 2)](
+        cand_s, cand_i, segcnt, ends, lens, out_idx, out_score, scores, scr, n_seg, scores.stride(0),
+        TOPK=topk, KP=kp, CAP=cap, NSEG=nseg_p, LOG_NSEG=nseg_p.bit_length() - 1, SEG=seg_len,
         num_warps=select_warps,
     )  # fmt: skip
-    if not fused_fallback:
-        _decode_fallback_kernel[(bsz,)](
-            scores, lens, miss, scr, out_idx, out_score, scores.stride(0), TOPK=topk, KP=kp, CAP=cap, BLOCK=1024,
-            num_warps=8,
-        )  # fmt: skip
     return out_idx, out_score
 
 
@@ -404,33 +359,15 @@ def dsa_decode(
     cache_lens: Tensor,
     topk: int,
     scale: float,
-    seg_len: int = 2048,
-    select_warps: int = 16,
     chunk: int = 256,
-    compact_block: int = 128,
-    sample: int = 4096,
-    cap: int = 0,
-    tau_warps: int = 8,
-    fused_fallback: bool = True,
     attn_block: int = 64,
     attn_warps: int = 4,
+    **topk_options: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors as `decode_topk`; `chunk`:
-    selected rows per attention program. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
-    indices, _ = decode_topk(
-        q_idx,
-        k_idx_cache,
-        w,
-        cache_lens,
-        topk,
-        seg_len,
-        select_warps=select_warps,
-        compact_block=compact_block,
-        sample=sample,
-        cap=cap,
-        tau_warps=tau_warps,
-        fused_fallback=fused_fallback,
-    )
+    """One DSA decode step. q [B,Hq,D]; k_cache, v_cache [B,L,Hkv,D]; indexer tensors and `topk_options` (seg_len,
+    sample, cap, ...) as `decode_topk`; chunk / attn_block / attn_warps: `decode_sparse_attention`'s rows per
+    program, rows per step and warps. Returns (o [B,Hq,D], lse f32 [B,Hq], indices int32 [B,topk] cache rows)."""
+    indices, _ = decode_topk(q_idx, k_idx_cache, w, cache_lens, topk, **topk_options)
     o, lse = decode_sparse_attention(
         q, k_cache, v_cache, indices, scale, chunk=chunk, block_k=attn_block, num_warps=attn_warps
     )

@@ -121,12 +121,13 @@ def _radix_threshold(base, ibase, lo, hi, col0, need, BLOCK: tl.constexpr, HAS_I
 
 
 @triton.jit
-def _kth_key(keys, valid, need):
+def _kth_key(keys, valid, need, BITS: tl.constexpr = 32):
     """The need-th largest of keys[valid] (keys in [0, 2^32)): the largest v with count(keys >= v) >= need, found
-    bit by bit (32 counting rounds over registers instead of a sort). need <= 0 gives 2^32 - 1."""
+    bit by bit (32 counting rounds over registers instead of a sort). need <= 0 gives 2^32 - 1. BITS < 32 searches
+    only the top bits (the rest zero): a key at most the need-th, in BITS rounds (enough for a threshold)."""
     v = tl.zeros([], tl.int64)
     one = tl.full([], 1, tl.int64)
-    for b in tl.static_range(32):
+    for b in tl.static_range(BITS):
         trial = v | (one << (31 - b))
         c = tl.sum((valid & (keys >= trial)).to(tl.int32), 0)
         v = tl.where(c >= need, trial, v)

@@ -42,6 +42,16 @@ def _gathered_softmax_step(
 
 
 @triton.jit
+def _softmax_result(m_i, l_i, acc):
+    """(o, lse in nats) from the online softmax state (max in log2 units, sum of weights, weighted V sum); rows
+    that saw no key give o = 0 and lse = -inf."""
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return o, lse
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     sm_scale_log2,
@@ -67,9 +77,7 @@ def _sparse_fwd_kernel(
             q, K + hk * stride_kh, V + hk * stride_vh, IDX + t * stride_it, k0, TOPK, stride_kt, stride_vt,
             m_i, l_i, acc, sm_scale_log2, D, BK,
         )  # fmt: skip
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o, lse = _softmax_result(m_i, l_i, acc)
     tl.store(
         O + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         o.to(O.dtype.element_ty),

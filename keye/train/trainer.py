@@ -9,7 +9,6 @@ the same gradient as 1 rank x 2k packs; MoE aux and DSA indexer losses are avera
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from keye.cache_keys import stable_hash64
 from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
 from keye.data.sampling import SamplingPolicy
@@ -62,8 +62,7 @@ def _keep(seed: int, epoch: int, sample_id: str, p: float) -> bool:
     """Deterministic coin (no RNG state: identical after a resume) for down-weighting a task's loss."""
     if p >= 1.0:
         return True
-    h = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < p
+    return stable_hash64(f"{seed}:{epoch}:{sample_id}") / 2**64 < p
 
 
 def stage_labels(batch: PackedBatch, settings: StageSettings, image_token_id: int, epoch: int) -> Tensor:
