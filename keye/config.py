@@ -120,6 +120,11 @@ class PackSettings(_Strict):
     mcq_orders: int = Field(
         1, ge=1, le=8, description="option orders each training MCQ is asked in (1: as annotated only)"
     )
+    mcq_answer: Literal["letter", "option"] = Field(
+        "letter",
+        description="a training MCQ's answer: its letter, or the right option's text (which the eval maps back to "
+        "the letter; a small model trained from scratch learns the latter far sooner)",
+    )
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 

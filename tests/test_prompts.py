@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from keye.data.prompts import MCQ_STYLES, SYSTEM_PROMPT, grounding_prompt, mcq_prompt, pick_style
-from keye.data.samples import MCQ_ORDER_STRIDE, build_sample, corpus_texts, sample_id, sample_items
+from keye.data.samples import (
+    MCQ_ANSWER_STRIDE,
+    MCQ_ORDER_STRIDE,
+    build_sample,
+    corpus_texts,
+    sample_id,
+    sample_items,
+)
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import train_bpe
 from keye.eval.prompts import build_prompt
@@ -116,3 +123,32 @@ def test_mcq_orders_ask_each_question_in_several_orders(tok) -> None:
     ).all()
     with pytest.raises(ValueError, match="mcq_orders"):
         sample_items(rec, ["mcq"], mcq_orders=0)
+
+
+def test_option_answers_are_the_right_option_text_which_the_eval_maps_to_its_letter(tok) -> None:
+    from keye.eval.parsing import parse_choice
+
+    rec = _rec(n_mcq=2)
+    items = sample_items(rec, ["mcq"], mcq_orders=3, mcq_answer="option")
+    assert items == [
+        ("mcq", MCQ_ANSWER_STRIDE + k * MCQ_ORDER_STRIDE + i) for k in range(3) for i in range(2)
+    ]
+    for (_, item), (_, letter_item) in zip(items, sample_items(rec, ["mcq"], mcq_orders=3), strict=True):
+        s = build_sample(tok, rec, "mcq", item, POLICY)
+        as_letter = build_sample(tok, rec, "mcq", letter_item, POLICY)
+        assert _user_text(tok, s) == _user_text(
+            tok, as_letter
+        )  # same question, same wording and option order
+        said = tok.decode(s.input_ids[s.labels != -100].tolist()).replace("<|im_end|>", "").strip()
+        letter = (
+            tok.decode(as_letter.input_ids[as_letter.labels != -100].tolist())
+            .replace("<|im_end|>", "")
+            .strip()
+        )
+        lines = [ln for ln in _user_text(tok, s).splitlines() if ln[:3] in {f"{c}. " for c in "ABCD"}]
+        opts = [ln[3:] for ln in lines]
+        assert said == OPTIONS[rec["mcq"][item % MCQ_ORDER_STRIDE]["answer"]] == opts[ord(letter) - ord("A")]
+        assert parse_choice(said, len(opts), opts) == letter
+        assert s.sample_id != as_letter.sample_id
+    with pytest.raises(ValueError, match="mcq_answer"):
+        sample_items(rec, ["mcq"], mcq_answer="word")

@@ -113,5 +113,6 @@ def task_pack_index(
             seed=settings.seed,
             split="train",
             mcq_orders=settings.mcq_orders,
+            mcq_answer=settings.mcq_answer,
         )
     return sub / "packs.parquet"

@@ -24,6 +24,8 @@ DENSE_PROMPT = "List the events of the video, each with its start and end time i
 
 # The multiple-choice wordings, by the benchmark kind whose evaluation uses them (keye.eval.readers kinds).
 MCQ_STYLES: tuple[str, ...] = ("videomme", "videomme_v2", "longvideobench")
+# What a training MCQ's answer is: the letter the benchmarks ask for, or the right option's own text.
+MCQ_ANSWERS: tuple[str, ...] = ("letter", "option")
 
 
 def letters_list(n: int) -> str:
@@ -58,6 +60,22 @@ def mcq_prompt(style: str, question: str, options: Sequence[str], subtitles: str
     if style == "videomme_v2":
         return f"{head}\n{instruction}\nQuestion: {question}\n{format_options(options)}"
     return f"{head}\n{instruction}\n{question}\n{format_options(options)}\nThe best answer is:"
+
+
+def mcq_answer(options: Sequence[str], answer: int, kind: str = "letter") -> str:
+    """The training answer of a multiple-choice question (MCQ_ANSWERS).
+
+    Why "option": a model trained from scratch learns "which colour is the shape" from the frames within tens of
+    steps when it answers with the word, but not with the letter, which also needs the binding of the word to its
+    place in the option list (docs/TRAINING.md). keye.eval.parsing.parse_choice maps an answer that is exactly one
+    option's text back to that option's letter, as VLMEvalKit's can_infer_text does, so such a model is scored on
+    the same questions and letters as any other.
+    """
+    if kind == "letter":
+        return LETTERS[answer]
+    if kind == "option":
+        return str(options[answer])
+    raise ValueError(f"unknown multiple-choice answer kind {kind!r}; known: {MCQ_ANSWERS}")
 
 
 def grounding_prompt(query: str) -> str:

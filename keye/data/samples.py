@@ -38,10 +38,11 @@ from keye.data.packing import PackBudget, pack, write_pack_index
 from keye.data.prompts import (
     CAPTION_PROMPT,
     DENSE_PROMPT,
-    LETTERS,
+    MCQ_ANSWERS,
     SYSTEM_PROMPT,
     grounding_answer,
     grounding_prompt,
+    mcq_answer,
     mcq_prompt,
     pick_style,
 )
@@ -165,9 +166,12 @@ def scan_shard(path: str | os.PathLike[str]) -> ShardScan:
 
 # ---------------------------------------------------------------------------------------------------- samples
 TASKS: tuple[str, ...] = ("caption", "dense", "grounding", "mcq", "text")
-# An MCQ sample's item is `order * MCQ_ORDER_STRIDE + question index`: order 0 asks the options as annotated,
-# order k > 0 in a permutation drawn from the sample's key (see mcq_options).
+# An MCQ sample's item is `answer kind * MCQ_ANSWER_STRIDE + order * MCQ_ORDER_STRIDE + question index`: order 0
+# asks the options as annotated, order k > 0 in a permutation drawn from the sample's key (see mcq_options); answer
+# kind indexes MCQ_ANSWERS (0: the letter, 1: the option's text). The item is the sample's identity in the pack
+# index, so the loader rebuilds exactly the sample the pack stage counted.
 MCQ_ORDER_STRIDE = 1000
+MCQ_ANSWER_STRIDE = 10 * MCQ_ORDER_STRIDE
 
 
 def mcq_options(
@@ -214,12 +218,16 @@ def frame_plan(record: dict[str, Any], policy: SamplingPolicy, keep_frames: int 
 
 
 def sample_items(
-    record: dict[str, Any], tasks: Sequence[str] = TASKS, mcq_orders: int = 1
+    record: dict[str, Any], tasks: Sequence[str] = TASKS, mcq_orders: int = 1, mcq_answer: str = "letter"
 ) -> list[tuple[str, int]]:
     """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks);
-    each MCQ is asked in `mcq_orders` option orders (item = order * MCQ_ORDER_STRIDE + question index)."""
+    each MCQ is asked in `mcq_orders` option orders and answered as `mcq_answer` (MCQ_ANSWERS; see the item layout
+    at MCQ_ORDER_STRIDE)."""
     if not 1 <= mcq_orders <= 8:
         raise ValueError(f"mcq_orders must be in 1..8, got {mcq_orders}")
+    if mcq_answer not in MCQ_ANSWERS:
+        raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
+    kind = MCQ_ANSWERS.index(mcq_answer) * MCQ_ANSWER_STRIDE
     out: list[tuple[str, int]] = []
     for task in tasks:
         if task not in TASKS:
@@ -232,7 +240,7 @@ def sample_items(
             out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
         elif task == "mcq":
             usable = [i for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8]
-            out.extend((task, k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in usable)
+            out.extend((task, kind + k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in usable)
         elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
             out.append(("text", 0))
     return out
@@ -259,11 +267,12 @@ def task_messages(
         g = record["grounding"][item]
         q, a = grounding_prompt(g["query"]), grounding_answer(g["start"], g["end"])
     elif task == "mcq":
-        order, question = divmod(item, MCQ_ORDER_STRIDE)
+        kind, asked = divmod(item, MCQ_ANSWER_STRIDE)
+        order, question = divmod(asked, MCQ_ORDER_STRIDE)
         m = record["mcq"][question]
         options, answer = mcq_options(str(record.get("key", "")), question, order, m["options"], m["answer"])
-        style = pick_style(sample_id(str(record.get("key", "")), task, item))
-        q, a = mcq_prompt(style, m["question"], options), LETTERS[answer]
+        style = pick_style(sample_id(str(record.get("key", "")), task, asked))
+        q, a = mcq_prompt(style, m["question"], options), mcq_answer(options, answer, MCQ_ANSWERS[kind])
     elif (
         task == "text"
     ):  # grounding from a written event log: keeps language and time arithmetic without pixels
@@ -396,11 +405,12 @@ def sample_table(
     split: str | None = "train",
     bad: list[tuple[str, str, str]] | None = None,
     mcq_orders: int = 1,
+    mcq_answer: str = "letter",
 ) -> pa.Table:
     """One row per (record, task, item) with exact token counts. `records` yields (shard name, record json);
     records of another split are skipped (None = keep all). With a `bad` list, a record that cannot be built
     (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises.
-    `mcq_orders`: option orders per MCQ (sample_items)."""
+    `mcq_orders`, `mcq_answer`: how MCQs are asked and answered (sample_items)."""
     cols: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
     for shard, rec in records:
         if split is not None and rec.get("split", "train") != split:
@@ -408,7 +418,7 @@ def sample_table(
         try:
             built = [
                 build_sample(tok, rec, task, item, policy)
-                for task, item in sample_items(rec, tasks, mcq_orders)
+                for task, item in sample_items(rec, tasks, mcq_orders, mcq_answer)
             ]
         except (KeyError, ValueError, TypeError, IndexError) as e:
             if bad is None:
@@ -483,6 +493,7 @@ def pack_shards(
     seed: int = 0,
     split: str | None = "train",
     mcq_orders: int = 1,
+    mcq_answer: str = "letter",
 ) -> PackSetResult:
     """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
     sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
@@ -501,7 +512,9 @@ def pack_shards(
         for key, rec in sc.records:
             records[(name, key)] = rec
             ordered.append((name, rec))
-    table = sample_table(ordered, tok, policy, tasks, split, bad=bad, mcq_orders=mcq_orders)
+    table = sample_table(
+        ordered, tok, policy, tasks, split, bad=bad, mcq_orders=mcq_orders, mcq_answer=mcq_answer
+    )
     result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
     result.stats["n_bad_records"] = len(bad)
     result.stats["n_records"] = len(records)
