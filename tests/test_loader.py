@@ -330,3 +330,34 @@ def test_skip_empty_false_keeps_one_item_per_pack(corpus: dict) -> None:
     for b in got:
         if not b.sample_ids:
             assert b.input_ids.shape == (0,) and b.cu_seqlens.tolist() == [0] and b.bad
+
+
+def test_option_answer_packs_load_as_counted(corpus: dict, tmp_path: Path) -> None:
+    """pack.mcq_answer=option: the loader rebuilds from the index's item exactly the samples the pack stage counted,
+    and the MCQ answers are option texts, not letters."""
+    from keye.data.samples import pack_shards
+
+    tok = corpus["tok"]
+    shards = {p.name: p for p in sorted(corpus["dir"].glob("*.tar"))}
+    res = pack_shards(
+        shards,
+        tok,
+        POLICY,
+        PackBudget(max_tokens=420, max_frames=2),
+        tmp_path / "packs",
+        tasks=["mcq", "caption"],
+        seed=0,
+        mcq_orders=2,
+        mcq_answer="option",
+    )
+    index = read_pack_index(res.index_path).to_pylist()
+    answers = set()
+    for b in _all(open_loader(res.index_path, shards, tok, POLICY)):
+        by_id = {r["sample_id"]: r for r in index if r["pack_id"] == b.pack_id}
+        for j, sid in enumerate(b.sample_ids):
+            lo, hi = int(b.cu_seqlens[j]), int(b.cu_seqlens[j + 1])
+            assert hi - lo == by_id[sid]["tokens"]
+            if ":mcq:" in sid:
+                lab = b.labels[lo:hi]
+                answers.add(tok.decode(lab[lab != -100].tolist()).replace("<|im_end|>", "").strip())
+    assert answers and answers <= {"a", "b", "c", "d"}
