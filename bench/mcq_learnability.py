@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from keye.data.prompts import SYSTEM_PROMPT, mcq_answer, mcq_prompt
-from keye.data.synthetic import COLORS
+from keye.data.synthetic import COLORS, SHAPES, _shape_mask
 from keye.data.tokenizer import encode_chat, train_bpe
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
@@ -29,11 +29,12 @@ from keye.model.rope import mrope_positions
 from keye.model.vision_tokens import PATCH
 
 NAMES = list(COLORS)
-QUESTION = "What colour is the shape?"
+QUESTION = (
+    "What colour is the shape?"  # with --shapes N > 1: "What colour is the <shape>?" about one of N shapes
+)
 
 
 def make_sample(rng: np.random.Generator, a: argparse.Namespace) -> dict:
-    c = int(rng.integers(len(NAMES)))
     size = a.size
     if a.background == "grey":
         bg = np.full(3, rng.integers(40, 200), np.float32)
@@ -41,18 +42,25 @@ def make_sample(rng: np.random.Generator, a: argparse.Namespace) -> dict:
         bg = rng.integers(30, 200, size=3).astype(np.float32)
     frames = bg + rng.normal(0, 8, size=(a.frames, size, size, 3)).astype(np.float32)
     r = max(3, int(a.radius * size))
-    cx, cy = rng.integers(r, size - r, size=2)
-    yy, xx = np.mgrid[:size, :size]
-    frames[:, (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = COLORS[NAMES[c]]
+    shapes = [str(x) for x in rng.permutation(SHAPES)[: a.shapes]]
+    colours = [int(x) for x in rng.permutation(len(NAMES))[: a.shapes]]
+    cells = rng.permutation(4)[: a.shapes]  # one quadrant each, so shapes never overlap
+    half = size // 2
+    for shape, colour, cell in zip(shapes, colours, cells, strict=True):
+        mask = _shape_mask(shape, r) if a.shapes > 1 else _shape_mask("circle", r)
+        cy = (cell // 2) * half + int(rng.integers(r, half - r))
+        cx = (cell % 2) * half + int(rng.integers(r, half - r))
+        frames[:, cy - r : cy + r + 1, cx - r : cx + r + 1][:, mask] = COLORS[NAMES[colour]]
+    c = colours[0]
     others = [k for k in range(len(NAMES)) if k != c]
     rng.shuffle(others)
     opts = [c, *others[:3]]
     rng.shuffle(opts)
-    options = [NAMES[k] for k in opts]
     return {
         "frames": np.clip(frames, 0, 255).astype(np.uint8),
-        "options": options,
+        "options": [NAMES[k] for k in opts],
         "answer": opts.index(c),
+        "question": QUESTION if a.shapes == 1 else f"What colour is the {shapes[0]}?",
     }
 
 
@@ -63,7 +71,7 @@ def messages(s: dict, a: argparse.Namespace, with_answer: bool) -> list[dict]:
         {"role": "system", "content": SYSTEM_PROMPT},
         {
             "role": "user",
-            "content": [video, {"type": "text", "text": mcq_prompt("videomme", QUESTION, s["options"])}],
+            "content": [video, {"type": "text", "text": mcq_prompt("videomme", s["question"], s["options"])}],
         },
     ]
     if with_answer:
@@ -138,6 +146,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112, help="frame side in pixels (a multiple of 28)")
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--radius", type=float, default=0.1, help="shape radius as a fraction of the frame side")
+    ap.add_argument(
+        "--shapes", type=int, default=1, choices=[1, 2, 3, 4], help="shapes per sample (>1: ask about one)"
+    )
     ap.add_argument("--background", choices=["grey", "colour"], default="colour")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -178,7 +189,7 @@ def main() -> None:
             blank, _ = greedy_accuracy(model, tok, test, a, blank=True)
             model.train()
             row = {
-                "answer": a.answer, "step": step, "loss": round(float(out.lm_loss.detach()), 4),
+                "answer": a.answer, "shapes": a.shapes, "step": step, "loss": round(float(out.lm_loss.detach()), 4),
                 "acc_real": real, "acc_blank": blank, "chance": 25.0, "said": said, "s": round(time.time() - t0, 1),
             }  # fmt: skip
             print(json.dumps(row), flush=True)
