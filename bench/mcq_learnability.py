@@ -34,7 +34,8 @@ QUESTION = (
 )
 
 
-def make_sample(rng: np.random.Generator, a: argparse.Namespace) -> dict:
+def make_sample(rng: np.random.Generator, a: argparse.Namespace, n_shapes: int | None = None) -> dict:
+    n_shapes = n_shapes or a.shapes
     size = a.size
     if a.background == "grey":
         bg = np.full(3, rng.integers(40, 200), np.float32)
@@ -42,12 +43,12 @@ def make_sample(rng: np.random.Generator, a: argparse.Namespace) -> dict:
         bg = rng.integers(30, 200, size=3).astype(np.float32)
     frames = bg + rng.normal(0, 8, size=(a.frames, size, size, 3)).astype(np.float32)
     r = max(3, int(a.radius * size))
-    shapes = [str(x) for x in rng.permutation(SHAPES)[: a.shapes]]
-    colours = [int(x) for x in rng.permutation(len(NAMES))[: a.shapes]]
-    cells = rng.permutation(4)[: a.shapes]  # one quadrant each, so shapes never overlap
+    shapes = [str(x) for x in rng.permutation(SHAPES)[:n_shapes]]
+    colours = [int(x) for x in rng.permutation(len(NAMES))[:n_shapes]]
+    cells = rng.permutation(4)[:n_shapes]  # one quadrant each, so shapes never overlap
     half = size // 2
     for shape, colour, cell in zip(shapes, colours, cells, strict=True):
-        mask = _shape_mask(shape, r) if a.shapes > 1 else _shape_mask("circle", r)
+        mask = _shape_mask(shape, r) if a.shapes > 1 else _shape_mask("circle", r)  # one-shape bench: a disc
         cy = (cell // 2) * half + int(rng.integers(r, half - r))
         cx = (cell % 2) * half + int(rng.integers(r, half - r))
         frames[:, cy - r : cy + r + 1, cx - r : cx + r + 1][:, mask] = COLORS[NAMES[colour]]
@@ -149,6 +150,9 @@ def main() -> None:
     ap.add_argument(
         "--shapes", type=int, default=1, choices=[1, 2, 3, 4], help="shapes per sample (>1: ask about one)"
     )
+    ap.add_argument(
+        "--train-shapes", default="", help="comma list: each training sample's shape count is drawn from it"
+    )
     ap.add_argument("--background", choices=["grey", "colour"], default="colour")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -169,11 +173,13 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     t0 = time.time()
     for step in range(1, a.steps + 1):
-        batch = (
-            [pool[int(rng.integers(a.pool))] for _ in range(a.batch)]
-            if pool
-            else [make_sample(rng, a) for _ in range(a.batch)]
-        )
+        counts = [int(x) for x in a.train_shapes.split(",")] if a.train_shapes else [a.shapes]
+        if pool:
+            batch = [pool[int(rng.integers(a.pool))] for _ in range(a.batch)]
+        elif len(counts) == 1:
+            batch = [make_sample(rng, a, counts[0]) for _ in range(a.batch)]
+        else:
+            batch = [make_sample(rng, a, counts[int(rng.integers(len(counts)))]) for _ in range(a.batch)]
         items = []
         for s in batch:
             enc = encode_chat(tok, messages(s, a, True))
