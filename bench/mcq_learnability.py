@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
+from keye.data.loader import patchify
 from keye.data.prompts import SYSTEM_PROMPT, mcq_answer, mcq_prompt
-from keye.data.synthetic import COLORS, SHAPES, _shape_mask
+from keye.data.synthetic import COLORS, SHAPES, shape_mask
 from keye.data.tokenizer import encode_chat, train_bpe
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
+from keye.model.generate import Prompt, generate
 from keye.model.rope import mrope_positions
 from keye.model.vision_tokens import PATCH
 
@@ -48,7 +51,7 @@ def make_sample(rng: np.random.Generator, a: argparse.Namespace, n_shapes: int |
     cells = rng.permutation(4)[:n_shapes]  # one quadrant each, so shapes never overlap
     half = size // 2
     for shape, colour, cell in zip(shapes, colours, cells, strict=True):
-        mask = _shape_mask(shape, r) if a.shapes > 1 else _shape_mask("circle", r)  # one-shape bench: a disc
+        mask = shape_mask(shape, r) if a.shapes > 1 else shape_mask("circle", r)  # one-shape bench: a disc
         cy = (cell // 2) * half + int(rng.integers(r, half - r))
         cx = (cell % 2) * half + int(rng.integers(r, half - r))
         frames[:, cy - r : cy + r + 1, cx - r : cx + r + 1][:, mask] = COLORS[NAMES[colour]]
@@ -80,56 +83,42 @@ def messages(s: dict, a: argparse.Namespace, with_answer: bool) -> list[dict]:
     return msgs
 
 
-def inputs(tok, items: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]], a: argparse.Namespace) -> dict:
-    """Packed model inputs from (ids, labels or None, frames) triples."""
+def inputs(tok, items: list[tuple[Any, np.ndarray]], a: argparse.Namespace) -> dict:
+    """Packed training inputs from (encoded chat, frames) pairs, in the loader's layout (keye.data.loader.patchify)."""
     g = a.size // PATCH
-    ids, labels, pos, cu, patches = [], [], [], [0], []
-    for seq, lab, fr in items:
-        t = torch.from_numpy(seq.astype(np.int64))
-        ids.append(t)
-        if lab is not None:
-            labels.append(torch.from_numpy(lab.astype(np.int64)))
-        pos.append(mrope_positions(t, tok.image_id, [(g // 2, g // 2)] * a.frames))
-        cu.append(cu[-1] + len(t))
-        x = torch.from_numpy(fr).float().div(127.5).sub(1.0)
-        patches.append(
-            x.reshape(a.frames, g, PATCH, g, PATCH, 3).permute(0, 1, 3, 5, 2, 4).reshape(-1, 3 * PATCH**2)
-        )
+    ids = [torch.from_numpy(e.ids.astype(np.int64)) for e, _ in items]
     n = len(items) * a.frames
-    out = {
+    return {
         "input_ids": torch.cat(ids),
-        "position_ids": torch.cat(pos, 1),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "pixel_patches": torch.cat(patches),
+        "labels": torch.from_numpy(np.concatenate([e.labels for e, _ in items]).astype(np.int64)),
+        "position_ids": torch.cat(
+            [mrope_positions(t, tok.image_id, [(g // 2, g // 2)] * a.frames) for t in ids], 1
+        ),
+        "cu_seqlens": torch.tensor(np.cumsum([0] + [len(t) for t in ids]), dtype=torch.int32),
+        "pixel_patches": torch.from_numpy(np.concatenate([patchify(fr) for _, fr in items])),
         "patch_grids": torch.tensor([(1, g, g)] * n, dtype=torch.int32),
         "vision_cu_seqlens": torch.arange(0, n * g * g + 1, g * g, dtype=torch.int32),
     }
-    if labels:
-        out["labels"] = torch.cat(labels)
-    return out
 
 
-@torch.no_grad()
 def greedy_accuracy(
     model, tok, test: list[dict], a: argparse.Namespace, blank: bool
 ) -> tuple[float, list[str]]:
-    prompts = [encode_chat(tok, messages(s, a, False), add_generation_prompt=True).ids for s in test]
-    outs: list[list[int]] = [[] for _ in test]
-    for _ in range(a.max_new_tokens):
-        items = [
-            (
-                np.concatenate([p, np.asarray(o, np.int64)]),
-                None,
-                np.zeros_like(s["frames"]) if blank else s["frames"],
-            )
-            for p, o, s in zip(prompts, outs, test, strict=True)
-        ]
-        x = inputs(tok, items, a)
-        last = x["cu_seqlens"][1:].long() - 1
-        nxt = model(**x, logits_index=last).logits.argmax(-1).tolist()
-        for o, t in zip(outs, nxt, strict=True):
-            o.append(t)
-    texts = [tok.decode(o).split("<|im_end|>")[0].strip() for o in outs]
+    """Greedy answers as the eval makes them (keye.model.generate, stopping at end of turn), read by parse_choice."""
+    g = a.size // PATCH
+    prompts = [
+        Prompt(
+            input_ids=encode_chat(tok, messages(s, a, False), add_generation_prompt=True).ids.astype(
+                np.int64
+            ),
+            pixel_patches=torch.from_numpy(patchify(np.zeros_like(s["frames"]) if blank else s["frames"])),
+            patch_grids=torch.tensor([(1, g, g)] * a.frames, dtype=torch.int32),
+        )
+        for s in test
+    ]
+    eos = [tok.eos_id, tok.pad_id]
+    results = generate(model, prompts, max_new_tokens=a.max_new_tokens, temperature=0.0, eos_token_ids=eos)
+    texts = [tok.decode([t for t in r.token_ids if t not in eos]).strip() for r in results]
     right = [
         parse_choice(t, 4, s["options"]) == "ABCD"[s["answer"]] for t, s in zip(texts, test, strict=True)
     ]
@@ -157,7 +146,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--test", type=int, default=60, help="held-out samples")
-    ap.add_argument("--max-new-tokens", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -180,10 +169,7 @@ def main() -> None:
             batch = [make_sample(rng, a, counts[0]) for _ in range(a.batch)]
         else:
             batch = [make_sample(rng, a, counts[int(rng.integers(len(counts)))]) for _ in range(a.batch)]
-        items = []
-        for s in batch:
-            enc = encode_chat(tok, messages(s, a, True))
-            items.append((enc.ids, enc.labels, s["frames"]))
+        items = [(encode_chat(tok, messages(s, a, True)), s["frames"]) for s in batch]
         out = model(**inputs(tok, items, a))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -236,7 +236,7 @@ def make_spec(index: int, seed: int, long: bool = False, split: str = "train", *
 # ----------------------------------------------------------------------------------------------- rendering
 
 
-def _shape_mask(shape: str, r: int) -> np.ndarray:
+def shape_mask(shape: str, r: int) -> np.ndarray:
     """Boolean mask (2r+1 square) of a shape of radius r."""
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1].astype(np.float32)
     if shape == "circle":
@@ -309,7 +309,7 @@ def render_frame(spec: VideoSpec, bg: _Background, k: int, masks: dict) -> np.nd
         r = max(3, int(round(obj.radius_at(t) * short)))
         key = (obj.shape, r)
         if key not in masks:
-            masks[key] = _shape_mask(obj.shape, r)
+            masks[key] = shape_mask(obj.shape, r)
         m = masks[key]
         x, y = obj.pos_at(t)
         cx, cy = int(round(x * spec.width)), int(round(y * spec.height))
