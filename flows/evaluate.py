@@ -13,7 +13,13 @@ from keye.cache_keys import code_hash, settings_hash
 from keye.checkpoint_hash import hash_checkpoint_dir
 from keye.config import PipelineConfig
 from keye.eval import flat_metrics, keye_predict_fn, write_report
-from keye.eval.stage import heldout_benchmarks, run_benchmarks
+from keye.eval.stage import (
+    blank_frame_control,
+    control_metrics,
+    describe_control,
+    heldout_benchmarks,
+    run_benchmarks,
+)
 from keye.lineage import make_id
 from keye.orchestration import ParentRun, open_stage
 from keye.tracking import register_checkpoint
@@ -48,13 +54,19 @@ def evaluate(
             sets = heldout_benchmarks(videos, out / "benchmarks", split=s.split)
             predict = keye_predict_fn(checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens)
             results = run_benchmarks(predict, sets, out, s.batch_size, s.limit)
+            notes = {"checkpoint": str(checkpoint_dir), "videoset": videoset_id}
+            if s.blank_control:
+                control = blank_frame_control(
+                    predict, sets, results, out / "blank_frames", s.batch_size, s.limit
+                )
+                notes["blank-frame control"] = describe_control(control)
             previous = ctx.lineage.previous_eval_metrics(ckpt_id, list(results))
             write_report(
                 {k: v for k, v in results.items()},
                 out,
                 previous=previous,
                 predictions={k: v["_predictions"] for k, v in results.items()},
-                notes={"checkpoint": str(checkpoint_dir), "videoset": videoset_id},
+                notes=notes,
             )
             ctx.lineage.record_evals(eval_id, ckpt_id, results, str(out))
             done = ctx.lineage.evals_of(eval_id)
@@ -63,6 +75,10 @@ def evaluate(
             ctx.tracker.log_metrics(
                 flat_metrics({k: v for k, v in m.items() if not k.startswith("_")}, f"{name}/")
             )
+        control_path = out / "blank_frames" / "vision_control.json"
+        if s.blank_control and control_path.is_file():
+            control = json.loads(control_path.read_text(encoding="utf-8"))
+            ctx.tracker.log_metrics(control_metrics(control))
         ctx.tracker.log_artifact(out)
         headline = sum(float(m[m["primary"]]) for m in metrics.values()) / max(len(metrics), 1)
         reg = register_checkpoint(ctx.tracker, Path(checkpoint_dir), s.registered_model, headline, s.alias)

@@ -153,6 +153,10 @@ class EvalSettings(_Strict):
     limit: int | None = Field(None, ge=1, description="questions per benchmark (None: all)")
     max_new_tokens: int = Field(24, ge=1)
     device: str = "cpu"
+    blank_control: bool = Field(
+        True,
+        description="answer the pooled MCQs again with blank frames and test real vs blank (what the pixels add)",
+    )
     registered_model: str = Field(
         "keye", description="MLflow registered model the evaluated checkpoint joins"
     )

@@ -46,6 +46,18 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "n": m.get("n"),
             }
         s["report"] = str(lineage.workspace.reports / ev / "report.html")
+        control = lineage.workspace.reports / ev / "blank_frames" / "vision_control.json"
+        if control.is_file():  # the eval's blank-frame control (keye.eval.stage.blank_frame_control)
+            c = json.loads(control.read_text(encoding="utf-8"))
+            s["vision_control"] = str(control)
+            s["vision"] = {
+                "n": c["real"]["n"],
+                "accuracy": c["real"]["accuracy"],
+                "chance": c["real"]["chance"],
+                "p_value": c["real"]["p_value"],
+                "blank_accuracy": c["blank"]["accuracy"],
+                "p_real_vs_blank": c["real_vs_blank"]["p_value"],
+            }
     if ck := outputs.get("checkpoint"):
         s["checkpoint_dir"] = ck
     return s
@@ -79,6 +91,11 @@ def render(summary: dict[str, Any]) -> str:
         chance = f" (chance {e['chance']:.1f})" if isinstance(e.get("chance"), int | float) else ""
         lines.append(
             f"  eval        {bench:<15} {e['metric']} {e['value']:.1f}{chance} on {e['n']} questions"
+        )
+    if v := summary.get("vision"):
+        lines.append(
+            f"  mcq pooled  {v['accuracy']:.1f} (chance {v['chance']:.1f}, p {v['p_value']:.2g}) on {v['n']} "
+            f"questions; blank frames {v['blank_accuracy']:.1f} (real vs blank p {v['p_real_vs_blank']:.2g})"
         )
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")

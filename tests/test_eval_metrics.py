@@ -129,3 +129,17 @@ def test_mcq_significance_against_chance_and_constant_letters():
     assert perfect["predicted_letters"]["B"] == 4
     unparsed = mcq_significance([None] * 10, answers, [4] * 10)
     assert unparsed["correct"] == 0 and unparsed["p_value"] == 1.0
+
+
+def test_paired_advantage_is_the_exact_sign_test_on_discordant_questions():
+    from keye.eval.metrics import paired_advantage
+
+    real = [True] * 7 + [False] * 3 + [True] * 2
+    blank = [False] * 7 + [True] * 1 + [False] * 2 + [True] * 2
+    res = paired_advantage(real, blank)
+    assert (res["right_only_here"], res["right_only_in_control"], res["n"]) == (7, 1, 12)
+    assert res["p_value"] == pytest.approx(9 / 256)  # P(X >= 7), X ~ Binomial(8, 1/2)
+    assert res["accuracy"] == pytest.approx(100 * 9 / 12) and res["control_accuracy"] == pytest.approx(25.0)
+    assert paired_advantage(blank, real)["p_value"] > 0.9
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_advantage(real, blank[:-1])

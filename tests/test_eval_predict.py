@@ -84,6 +84,28 @@ def test_prompt_has_the_planned_frames_and_the_benchmark_prompt(setup, monkeypat
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_blank_frames_keep_the_prompt_and_drop_the_pixels(setup, monkeypatch):
+    """The blank-frame control asks the same prompt (same frames, sizes and tokens) with every pixel mid-grey."""
+    d, bench, tok, _ = setup
+    captured = []
+
+    def fake_generate(model, prompts, **kw):
+        captured.extend(prompts)
+        return [type("R", (), {"token_ids": tok.encode("The event")})() for _ in prompts]
+
+    monkeypatch.setattr("keye.model.generate.generate", fake_generate)
+    fn = keye_predict_fn(d / "ckpt", d / "tok", POLICY)
+    qs = read_benchmark(bench, d / "videos").questions
+    fn(qs)
+    fn(qs, blank_frames=True)
+    real, blank = captured[: len(qs)], captured[len(qs) :]
+    for r, b in zip(real, blank, strict=True):
+        assert torch.equal(r.input_ids, b.input_ids) and torch.equal(r.patch_grids, b.patch_grids)
+        assert r.pixel_patches.shape == b.pixel_patches.shape
+        assert r.pixel_patches.std() > 0.1
+        assert torch.equal(b.pixel_patches, torch.full_like(b.pixel_patches, float(b.pixel_patches[0, 0])))
+
+
 def test_tiny_checkpoint_runs_through_evaluate(setup, tmp_path):
     d, bench, _, _ = setup
     torch.manual_seed(0)

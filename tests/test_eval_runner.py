@@ -215,3 +215,39 @@ def test_export_names_missing_video(tmp_path):
     (vids / "evt_00001.mp4").unlink()
     with pytest.raises(FileNotFoundError, match="evt_00001.mp4"):
         write_heldout_benchmarks([ann], vids, tmp_path / "bench")
+
+
+def test_blank_frame_control_pairs_real_and_blank_answers(tmp_path):
+    """keye.eval.stage.blank_frame_control asks the pooled MCQs again with blank frames and compares question by
+    question; a scripted predict_fn that is right only when it sees the frames (and answers "A" blind)."""
+    from keye.eval.stage import BenchSet, blank_frame_control, pooled_mcq_significance, run_benchmarks
+
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    anns = [_sidecar(vids, f"evt_0000{i}", "heldout", 8, 4) for i in range(1, 4)]
+    files = write_heldout_benchmarks(anns, vids, tmp_path / "bench")
+    sets = [BenchSet(vids, files)]
+    calls = []
+
+    def predict(questions, blank_frames=False):
+        calls.append(blank_frames)
+        if blank_frames:
+            return ["A" for _ in questions]
+        return ["The event happens in 1 - 2 seconds" if q.is_grounding else q.answer for q in questions]
+
+    results = run_benchmarks(predict, sets, tmp_path / "real", batch_size=4, limit=None)
+    control = blank_frame_control(predict, sets, results, tmp_path / "blank", batch_size=4, limit=None)
+    assert True in calls and False in calls
+    real, blank, paired = control["real"], control["blank"], control["real_vs_blank"]
+    assert real == pooled_mcq_significance(results) and real["accuracy"] == 100.0
+    n = real["n"]
+    assert n == 24 + 12 and blank["n"] == n and paired["n"] == n  # 4-option (Video-MME) + 8-option (v2) MCQs
+    right_blind = sum(
+        q.answer == "A" for m in ("videomme", "videomme_v2") for q in read_benchmark(files[m]).questions
+    )
+    assert paired["right_only_in_control"] == 0 and paired["right_only_here"] == n - right_blind
+    assert blank["correct"] == right_blind and paired["p_value"] < 1e-6
+    assert set(control["blank_predictions"]) == {"videomme", "videomme_v2"}  # LongVideoBench is not pooled
+    assert json.loads((tmp_path / "blank" / "vision_control.json").read_text()) == json.loads(
+        json.dumps(control, sort_keys=True)
+    )

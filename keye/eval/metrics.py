@@ -156,6 +156,23 @@ def mcq_significance(
     }
 
 
+def paired_advantage(correct: Sequence[bool], control_correct: Sequence[bool]) -> dict[str, object]:
+    """Does a run answer the same questions better than its control (e.g. the model with blank frames)? The exact
+    one-sided sign test (McNemar's) on the discordant questions: right only here vs right only in the control."""
+    if len(correct) != len(control_correct):
+        raise ValueError(f"paired runs differ in length: {len(correct)} vs {len(control_correct)}")
+    only = int(sum(bool(a) and not bool(b) for a, b in zip(correct, control_correct, strict=True)))
+    only_control = int(sum(bool(b) and not bool(a) for a, b in zip(correct, control_correct, strict=True)))
+    return {
+        "n": len(correct),
+        "accuracy": accuracy(correct),
+        "control_accuracy": accuracy(control_correct),
+        "right_only_here": only,
+        "right_only_in_control": only_control,
+        "p_value": at_least_k_probability(only, [0.5] * (only + only_control)),
+    }
+
+
 def relevance_group_score(correct: Sequence[bool]) -> float:
     """Video-MME-v2 capability-consistency group: 0/6.25/25/56.25/100 for 0-4 correct answers."""
     if len(correct) != 4:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from keye.data.prompts import SYSTEM_PROMPT
 from keye.eval.prompts import build_prompt
 from keye.eval.readers import Question
@@ -64,10 +66,12 @@ def keye_predict_fn(
     patch = model.config.vision.patch_size
     eos = [tok.eos_id, tok.pad_id]
 
-    def prompt_for(q: Question) -> Any:
+    def prompt_for(q: Question, blank_frames: bool) -> Any:
         info = probe(q.video, min_duration=0.0)
         plan = plan_frames(info.duration, info.width, info.height, policy, video_fps=info.fps or None)
         frames = decode_frames(q.video, plan.timestamps, size=(plan.height, plan.width))
+        if blank_frames:  # same sizes, times and tokens; no content (mid-grey is 0 after normalisation)
+            frames = np.full_like(frames, 128)
         patches, grids = frames_to_patches(frames, patch)
         video = {
             "type": "video",
@@ -86,12 +90,13 @@ def keye_predict_fn(
             ids[start : start + length] = image_id
         return Prompt(input_ids=ids, pixel_patches=patches.to(model.dtype), patch_grids=grids)
 
-    def predict(questions: list[Question]) -> list[str]:
+    def predict(questions: list[Question], blank_frames: bool = False) -> list[str]:
+        """`blank_frames`: the control run, every frame mid-grey: what the model answers from the text alone."""
         answers = [""] * len(questions)
         prompts, index = [], []
         for i, q in enumerate(questions):
             try:
-                prompts.append(prompt_for(q))
+                prompts.append(prompt_for(q, blank_frames))
                 index.append(i)
             except (
                 VideoRejected

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keye.atomic import atomic_write_json
 from keye.eval.export import write_heldout_benchmarks
-from keye.eval.metrics import mcq_significance
+from keye.eval.metrics import mcq_significance, paired_advantage
 from keye.eval.readers import read_benchmark
 from keye.eval.runner import evaluate, score
 
@@ -76,15 +77,12 @@ def run_benchmarks(
 POOLED_MCQ_KINDS = ("videomme", "videomme_v2")
 
 
-def pooled_mcq_significance(
-    results: dict[str, dict[str, Any]], kinds: tuple[str, ...] = POOLED_MCQ_KINDS
-) -> dict[str, Any]:
-    """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
-    with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
-    predicted: list[str | None] = []
-    answers: list[str] = []
-    n_options: list[int] = []
-    for m in results.values():
+def _pooled_mcq_rows(
+    results: dict[str, dict[str, Any]], kinds: tuple[str, ...]
+) -> list[tuple[str, str | None, str, int]]:
+    """(question key, parsed letter, answer, options) of every distinct held-out MCQ in an eval's results."""
+    rows_out = []
+    for name, m in sorted(results.items()):
         if m.get("kind") not in kinds:
             continue
         bench = read_benchmark(m["_bench"], None, kind=m["kind"])
@@ -95,7 +93,73 @@ def pooled_mcq_significance(
                 rows[str(row["id"])] = row
         for q in bench.questions:
             if q.id in rows:  # an eval limit keeps the first questions only
-                predicted.append(rows[q.id].get("parsed"))
-                answers.append(q.answer or "")
-                n_options.append(len(q.options))
-    return mcq_significance(predicted, answers, n_options)
+                rows_out.append((f"{name}/{q.id}", rows[q.id].get("parsed"), q.answer or "", len(q.options)))
+    return rows_out
+
+
+def pooled_mcq_significance(
+    results: dict[str, dict[str, Any]], kinds: tuple[str, ...] = POOLED_MCQ_KINDS
+) -> dict[str, Any]:
+    """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
+    with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
+    rows = _pooled_mcq_rows(results, kinds)
+    return mcq_significance([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def blank_frame_control(
+    predict_fn: Any,
+    sets: list[BenchSet],
+    results: dict[str, dict[str, Any]],
+    out_dir: Path,
+    batch_size: int,
+    limit: int | None,
+    kinds: tuple[str, ...] = POOLED_MCQ_KINDS,
+) -> dict[str, Any]:
+    """Answer the pooled MCQs again with every frame blank (`predict_fn(questions, blank_frames=True)`, as
+    keye_predict_fn offers) and compare question by question with `results` (the real-frame run).
+
+    Why: beating chance is not seeing. A model can beat uniform guessing from the wording alone (each question type
+    has likely answers); only the gap to its own blank-frame answers on the same questions is what it took from the
+    pixels. Blank predictions and the comparison are written under `out_dir` (vision_control.json)."""
+    blank_sets = [BenchSet(bs.videos_dir, {k: p for k, p in bs.files.items() if k in kinds}) for bs in sets]
+
+    def blank_predict(questions: list[Any]) -> list[str]:
+        return predict_fn(questions, blank_frames=True)
+
+    blank = run_benchmarks(blank_predict, blank_sets, out_dir, batch_size, limit)
+    real_rows = {r[0]: r for r in _pooled_mcq_rows(results, kinds)}
+    blank_rows = {r[0]: r for r in _pooled_mcq_rows(blank, kinds)}
+    keys = sorted(real_rows.keys() & blank_rows.keys())
+    control = {
+        "real": pooled_mcq_significance(results, kinds),
+        "blank": pooled_mcq_significance(blank, kinds),
+        "real_vs_blank": paired_advantage(
+            [real_rows[k][1] == real_rows[k][2] for k in keys],
+            [blank_rows[k][1] == blank_rows[k][2] for k in keys],
+        ),
+        "blank_predictions": {name: m["_predictions"] for name, m in blank.items()},
+    }
+    atomic_write_json(out_dir / "vision_control.json", control)
+    return control
+
+
+def control_metrics(control: dict[str, Any]) -> dict[str, float]:
+    """The blank-frame control as flat MLflow metrics."""
+    paired = control["real_vs_blank"]
+    return {
+        "vision/mcq_accuracy": float(control["real"]["accuracy"]),
+        "vision/mcq_p_vs_chance": float(control["real"]["p_value"]),
+        "vision/mcq_blank_accuracy": float(control["blank"]["accuracy"]),
+        "vision/mcq_p_real_vs_blank": float(paired["p_value"]),
+    }
+
+
+def describe_control(control: dict[str, Any]) -> str:
+    """One line for the report."""
+    real, blank, paired = control["real"], control["blank"], control["real_vs_blank"]
+    return (
+        f"{real['n']} pooled MCQs: {real['accuracy']}% with the frames (chance {real['chance']}%, "
+        f"p {real['p_value']:.2g}), {blank['accuracy']}% with blank frames; right only with the frames "
+        f"{paired['right_only_here']}, only blank {paired['right_only_in_control']} (sign test p "
+        f"{paired['p_value']:.2g})"
+    )
