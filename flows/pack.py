@@ -57,6 +57,7 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
                 split="train",
                 mcq_orders=s.mcq_orders,
                 mcq_answer=s.mcq_answer,
+                mcq_turns=s.mcq_turns,
             )
             pack_ids = pack_stage.record_packs(
                 ctx.lineage, ps_id, shardset_id, shards, read_pack_index(result.index_path), s.max_tokens

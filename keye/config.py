@@ -125,6 +125,12 @@ class PackSettings(_Strict):
         description="a training MCQ's answer: its letter, or the right option's text (which the eval maps back to "
         "the letter; a small model trained from scratch learns the latter far sooner)",
     )
+    mcq_turns: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="questions of one clip per training MCQ sample, one per turn after one view of the frames",
+    )
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 

@@ -11,6 +11,7 @@ from keye.data.prompts import MCQ_STYLES, SYSTEM_PROMPT, grounding_prompt, mcq_p
 from keye.data.samples import (
     MCQ_ANSWER_STRIDE,
     MCQ_ORDER_STRIDE,
+    MCQ_TURNS_STRIDE,
     build_sample,
     corpus_texts,
     sample_id,
@@ -152,3 +153,35 @@ def test_option_answers_are_the_right_option_text_which_the_eval_maps_to_its_let
         assert s.sample_id != as_letter.sample_id
     with pytest.raises(ValueError, match="mcq_answer"):
         sample_items(rec, ["mcq"], mcq_answer="word")
+
+
+def test_mcq_turns_ask_a_clips_questions_after_one_view_of_the_frames(tok) -> None:
+    """pack.mcq_turns: each sample asks up to N questions of the clip, one per turn; the first turn is exactly the
+    single-question sample, every answer carries loss, and every question is asked once per order."""
+    rec = _rec(n_mcq=7)
+    items = sample_items(rec, ["mcq"], mcq_orders=2, mcq_answer="option", mcq_turns=3)
+    base = 2 * MCQ_TURNS_STRIDE + MCQ_ANSWER_STRIDE
+    assert items == [("mcq", base + k * MCQ_ORDER_STRIDE + i) for k in range(2) for i in (0, 3, 6)]
+    asked = []
+    for _, item in items:
+        s = build_sample(tok, rec, "mcq", item, POLICY)
+        first = item % MCQ_ORDER_STRIDE
+        single = build_sample(tok, rec, "mcq", item % MCQ_TURNS_STRIDE, POLICY)
+        assert s.sample_id != single.sample_id
+        # the single-question sample is the multi-turn one up to its first answer's end of turn
+        n = len(single.input_ids)
+        assert (s.input_ids[:n] == single.input_ids).all() and (s.labels[:n] == single.labels).all()
+        assert s.visual_tokens == single.visual_tokens and len(s.visual_runs) == len(single.visual_runs)
+        text = tok.decode(s.input_ids.tolist(), skip_special_tokens=False)
+        turns = text.count("<|im_start|>user\n")
+        assert turns == min(3, 7 - first)
+        labelled = tok.decode(s.input_ids[s.labels != -100].tolist(), skip_special_tokens=False)
+        said = labelled.split("<|im_end|>")[:-1]
+        questions = [q.split("?")[0] for q in text.split("What colour is shape ")[1:]]
+        assert len(said) == len(questions) == turns
+        for q, a in zip(questions, said, strict=True):
+            assert a.strip() == OPTIONS[int(q) % 4]  # each answer is its own question's right option
+        asked += [int(q) for q in questions]
+    assert sorted(asked) == sorted(list(range(7)) * 2)
+    with pytest.raises(ValueError, match="mcq_turns"):
+        sample_items(rec, ["mcq"], mcq_turns=0)

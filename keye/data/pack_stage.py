@@ -114,5 +114,6 @@ def task_pack_index(
             split="train",
             mcq_orders=settings.mcq_orders,
             mcq_answer=settings.mcq_answer,
+            mcq_turns=settings.mcq_turns,
         )
     return sub / "packs.parquet"

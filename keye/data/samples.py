@@ -166,12 +166,16 @@ def scan_shard(path: str | os.PathLike[str]) -> ShardScan:
 
 # ---------------------------------------------------------------------------------------------------- samples
 TASKS: tuple[str, ...] = ("caption", "dense", "grounding", "mcq", "text")
-# An MCQ sample's item is `answer kind * MCQ_ANSWER_STRIDE + order * MCQ_ORDER_STRIDE + question index`: order 0
-# asks the options as annotated, order k > 0 in a permutation drawn from the sample's key (see mcq_options); answer
-# kind indexes MCQ_ANSWERS (0: the letter, 1: the option's text). The item is the sample's identity in the pack
-# index, so the loader rebuilds exactly the sample the pack stage counted.
+# An MCQ sample's item is `(turns - 1) * MCQ_TURNS_STRIDE + answer kind * MCQ_ANSWER_STRIDE + order *
+# MCQ_ORDER_STRIDE + question index`: order 0 asks the options as annotated, order k > 0 in a permutation drawn from
+# the sample's key (see mcq_options); answer kind indexes MCQ_ANSWERS (0: the letter, 1: the option's text); a
+# sample of several turns asks that question and the next usable ones of the clip, one per turn, after one view of
+# the frames. The item is the sample's identity in the pack index, so the loader rebuilds exactly the sample the
+# pack stage counted.
 MCQ_ORDER_STRIDE = 1000
 MCQ_ANSWER_STRIDE = 10 * MCQ_ORDER_STRIDE
+MCQ_TURNS_STRIDE = 10 * MCQ_ANSWER_STRIDE
+MAX_MCQ_TURNS = 16
 
 
 def mcq_options(
@@ -217,17 +221,28 @@ def frame_plan(record: dict[str, Any], policy: SamplingPolicy, keep_frames: int 
     return FramePlan(ts, plan.height, plan.width, plan.tokens_per_frame, len(ts) * plan.tokens_per_frame)
 
 
+def usable_mcqs(record: dict[str, Any]) -> list[int]:
+    """Indices of the record's MCQs a sample can ask (2..8 options, as the prompts letter them)."""
+    return [i for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8]
+
+
 def sample_items(
-    record: dict[str, Any], tasks: Sequence[str] = TASKS, mcq_orders: int = 1, mcq_answer: str = "letter"
+    record: dict[str, Any],
+    tasks: Sequence[str] = TASKS,
+    mcq_orders: int = 1,
+    mcq_answer: str = "letter",
+    mcq_turns: int = 1,
 ) -> list[tuple[str, int]]:
     """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks);
-    each MCQ is asked in `mcq_orders` option orders and answered as `mcq_answer` (MCQ_ANSWERS; see the item layout
-    at MCQ_ORDER_STRIDE)."""
+    each MCQ is asked in `mcq_orders` option orders and answered as `mcq_answer` (MCQ_ANSWERS), in samples of up
+    to `mcq_turns` questions of the same clip (see the item layout at MCQ_ORDER_STRIDE)."""
     if not 1 <= mcq_orders <= 8:
         raise ValueError(f"mcq_orders must be in 1..8, got {mcq_orders}")
     if mcq_answer not in MCQ_ANSWERS:
         raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
-    kind = MCQ_ANSWERS.index(mcq_answer) * MCQ_ANSWER_STRIDE
+    if not 1 <= mcq_turns <= MAX_MCQ_TURNS:
+        raise ValueError(f"mcq_turns must be in 1..{MAX_MCQ_TURNS}, got {mcq_turns}")
+    kind = (mcq_turns - 1) * MCQ_TURNS_STRIDE + MCQ_ANSWERS.index(mcq_answer) * MCQ_ANSWER_STRIDE
     out: list[tuple[str, int]] = []
     for task in tasks:
         if task not in TASKS:
@@ -239,8 +254,8 @@ def sample_items(
         elif task == "grounding":
             out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
         elif task == "mcq":
-            usable = [i for i, q in enumerate(record.get("mcq") or []) if 2 <= len(q["options"]) <= 8]
-            out.extend((task, kind + k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in usable)
+            firsts = usable_mcqs(record)[::mcq_turns]
+            out.extend((task, kind + k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in firsts)
         elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
             out.append(("text", 0))
     return out
@@ -267,12 +282,7 @@ def task_messages(
         g = record["grounding"][item]
         q, a = grounding_prompt(g["query"]), grounding_answer(g["start"], g["end"])
     elif task == "mcq":
-        kind, asked = divmod(item, MCQ_ANSWER_STRIDE)
-        order, question = divmod(asked, MCQ_ORDER_STRIDE)
-        m = record["mcq"][question]
-        options, answer = mcq_options(str(record.get("key", "")), question, order, m["options"], m["answer"])
-        style = pick_style(sample_id(str(record.get("key", "")), task, asked))
-        q, a = mcq_prompt(style, m["question"], options), mcq_answer(options, answer, MCQ_ANSWERS[kind])
+        return _mcq_messages(record, item, video)
     elif (
         task == "text"
     ):  # grounding from a written event log: keeps language and time arithmetic without pixels
@@ -287,6 +297,31 @@ def task_messages(
         {"role": "user", "content": [*video, {"type": "text", "text": q}]},
         {"role": "assistant", "content": a},
     ]
+
+
+def _mcq_messages(record: dict[str, Any], item: int, video: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One MCQ sample: the frames, then each question of its group as a user turn with its answer.
+
+    Why several turns: a question's answer is one or two tokens behind a few hundred of frames and prompt; asking
+    a clip's questions in one conversation sees the frames once, so a step carries several times the answers (the
+    first turn is exactly the single-question sample, and each question keeps its own wording and option order)."""
+    key = str(record.get("key", ""))
+    turns_less_one, rest = divmod(item, MCQ_TURNS_STRIDE)
+    kind, asked = divmod(rest, MCQ_ANSWER_STRIDE)
+    order, first = divmod(asked, MCQ_ORDER_STRIDE)
+    usable = usable_mcqs(record)
+    if first not in usable:
+        raise ValueError(f"MCQ {first} of record {key!r} cannot be asked (needs 2..8 options)")
+    at = usable.index(first)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for n, question in enumerate(usable[at : at + turns_less_one + 1]):
+        m = record["mcq"][question]
+        options, answer = mcq_options(key, question, order, m["options"], m["answer"])
+        style = pick_style(sample_id(key, "mcq", order * MCQ_ORDER_STRIDE + question))
+        text = {"type": "text", "text": mcq_prompt(style, m["question"], options)}
+        messages.append({"role": "user", "content": [*video, text] if n == 0 else [text]})
+        messages.append({"role": "assistant", "content": mcq_answer(options, answer, MCQ_ANSWERS[kind])})
+    return messages
 
 
 @dataclass
@@ -406,11 +441,12 @@ def sample_table(
     bad: list[tuple[str, str, str]] | None = None,
     mcq_orders: int = 1,
     mcq_answer: str = "letter",
+    mcq_turns: int = 1,
 ) -> pa.Table:
     """One row per (record, task, item) with exact token counts. `records` yields (shard name, record json);
     records of another split are skipped (None = keep all). With a `bad` list, a record that cannot be built
     (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises.
-    `mcq_orders`, `mcq_answer`: how MCQs are asked and answered (sample_items)."""
+    `mcq_orders`, `mcq_answer`, `mcq_turns`: how MCQs are asked and answered (sample_items)."""
     cols: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
     for shard, rec in records:
         if split is not None and rec.get("split", "train") != split:
@@ -418,7 +454,7 @@ def sample_table(
         try:
             built = [
                 build_sample(tok, rec, task, item, policy)
-                for task, item in sample_items(rec, tasks, mcq_orders, mcq_answer)
+                for task, item in sample_items(rec, tasks, mcq_orders, mcq_answer, mcq_turns)
             ]
         except (KeyError, ValueError, TypeError, IndexError) as e:
             if bad is None:
@@ -494,6 +530,7 @@ def pack_shards(
     split: str | None = "train",
     mcq_orders: int = 1,
     mcq_answer: str = "letter",
+    mcq_turns: int = 1,
 ) -> PackSetResult:
     """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
     sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
@@ -513,7 +550,15 @@ def pack_shards(
             records[(name, key)] = rec
             ordered.append((name, rec))
     table = sample_table(
-        ordered, tok, policy, tasks, split, bad=bad, mcq_orders=mcq_orders, mcq_answer=mcq_answer
+        ordered,
+        tok,
+        policy,
+        tasks,
+        split,
+        bad=bad,
+        mcq_orders=mcq_orders,
+        mcq_answer=mcq_answer,
+        mcq_turns=mcq_turns,
     )
     result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
     result.stats["n_bad_records"] = len(bad)
