@@ -40,6 +40,10 @@ class SyntheticSource(_Strict):
         lt=1.0,
         description="share of the short videos in the held-out (eval) split; 0: train only",
     )
+    max_objects: int = Field(
+        3, ge=1, le=3, description="shapes per short video at most (1: every question is about the one shape)"
+    )
+    color_changes: bool = Field(True, description="shapes may change colour mid-video")
 
 
 class PathSource(_Strict):

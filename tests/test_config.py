@@ -33,6 +33,8 @@ def test_overrides_and_short_source_forms(tmp_path):
         ("stages: [ingest, train_everything]\n", [], "unknown stage(s) ['train_everything']"),
         ("ingest:\n  min_clip_seconds: 9\n  max_clip_seconds: 3\n", [], "min_clip_seconds must not exceed"),
         ("sources: []\n", [], "at least one source"),
+        ("sources:\n  - synthetic: {max_objects: 4}\n", [], "sources.0.synthetic.max_objects"),
+        ("", ["pack.mcq_turns=0"], "pack.mcq_turns"),
         ("", ["shard.target_bytes=-5"], "shard.target_bytes"),
         ("- just\n- a list\n", [], "top level must be a mapping"),
         ("a: [unclosed\n", [], "not valid YAML"),
@@ -52,3 +54,18 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, overrides=["ingest.max_clip_seconds"])
+
+
+def test_synthetic_set_folder_names_what_changes_its_files(tmp_path):
+    """A synthetic set is generated once per folder name, so every setting that changes the files is in it."""
+    from keye.data.sources import synthetic_dir
+    from keye.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    default = synthetic_dir(SyntheticSource(), ws).name
+    assert default.startswith("synthetic-v") and "-seed0-n40-long1" in default
+    names = {
+        synthetic_dir(SyntheticSource(**kw), ws).name
+        for kw in ({}, {"max_objects": 1}, {"color_changes": False}, {"heldout_fraction": 0.3}, {"seed": 2})
+    }
+    assert len(names) == 5

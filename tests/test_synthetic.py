@@ -82,7 +82,16 @@ def _check_doc(doc: dict, video: Path) -> None:
         assert len(q["options"]) in (4, 8) and len(set(q["options"])) == len(q["options"])
         assert 0 <= q["answer"] < len(q["options"])
         assert 0.0 <= q["start"] <= q["end"] <= dur + 1e-6
-        assert q["kind"] in ("color", "position", "motion", "change", "order", "count")
+        assert q["kind"] in (
+            "color",
+            "position",
+            "motion",
+            "change",
+            "order",
+            "count",
+            "color_presence",
+            "shape_presence",
+        )
 
 
 def test_sidecar_format(small_set):
@@ -164,6 +173,12 @@ def test_shapes_and_mcq_answers_are_consistent():
                 assert shape in SHAPES and any(o.shape == shape and o.color == ans for o in spec.objects)
             if q["kind"] == "change":
                 assert ans in objs
+            seen = {o.color for o in spec.objects} | {o.new_color for o in spec.objects if o.new_color}
+            if q["kind"] == "color_presence":  # the answer is in the video, every other option never is
+                assert ans in seen and not (set(q["options"]) - {ans}) & seen
+            if q["kind"] == "shape_presence":
+                shapes = {o.shape for o in spec.objects}
+                assert ans in shapes and not (set(q["options"]) - {ans}) & shapes
 
 
 def test_cli_entry_point(tmp_path, capsys):
@@ -200,3 +215,24 @@ def test_long_video_annotations_stay_unambiguous():
     assert all(abs(int(o) - len(spec.objects)) <= 7 for o in count["options"])  # no odd-one-out answer
     assert max(o.t_out for o in spec.objects) <= 1200.0
     assert [e["t"] for e in doc["events"]] == sorted(e["t"] for e in doc["events"])
+
+
+def test_one_shape_sets_ask_what_the_frames_show():
+    """max_objects=1, color_changes=False: every short video has one shape that keeps its colour, so each question's
+    answer is what the frames show; "how many" (always one) is not asked; the long video keeps its many shapes."""
+    specs = dataset_specs(30, 1, seed=3, max_objects=1, color_changes=False)
+    shorts, longs = specs[:-1], specs[-1:]
+    assert all(len(s.objects) == 1 and s.objects[0].t_change is None for s in shorts)
+    assert len(longs[0].objects) > 1
+    kinds = set()
+    for s in shorts:
+        doc = annotations(s)
+        kinds |= {q["kind"] for q in doc["mcq"]}
+        assert not any(e["type"] == "color_change" for e in doc["events"])
+    assert kinds == {"color", "position", "motion", "order", "shape_presence"}
+    assert "count" in {q["kind"] for q in annotations(longs[0])["mcq"]}
+    # the same draws as the default set: the one shape is the default video's first shape
+    default = dataset_specs(30, 0, seed=3)
+    assert [s.objects[0].shape for s in shorts] == [s.objects[0].shape for s in default]
+    with pytest.raises(ValueError, match="max_objects"):
+        make_spec(0, 0, max_objects=0)

@@ -145,9 +145,17 @@ def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -
 
 
 def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:
-    name = f"synthetic-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
-    if src.heldout_fraction != SyntheticSource.model_fields["heldout_fraction"].default:
+    """The set's folder, named by everything that changes its files (a set is generated once per name)."""
+    from keye.data.synthetic import GENERATOR_VERSION
+
+    name = f"synthetic-v{GENERATOR_VERSION}-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
+    defaults = SyntheticSource.model_fields
+    if src.heldout_fraction != defaults["heldout_fraction"].default:
         name += f"-heldout{src.heldout_fraction:g}"
+    if src.max_objects != defaults["max_objects"].default:
+        name += f"-objects{src.max_objects}"
+    if src.color_changes != defaults["color_changes"].default:
+        name += "-nocolorchange"
     return ws.videos / name
 
 
@@ -162,7 +170,13 @@ def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     generate_dataset(
-        tmp, n_videos=src.n_videos, n_long=src.n_long, seed=src.seed, heldout_fraction=src.heldout_fraction
+        tmp,
+        n_videos=src.n_videos,
+        n_long=src.n_long,
+        seed=src.seed,
+        heldout_fraction=src.heldout_fraction,
+        max_objects=src.max_objects,
+        color_changes=src.color_changes,
     )
     os.replace(tmp, final)
     return final

@@ -32,6 +32,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+MAX_OBJECTS = 3  # shapes in a short video: 1-2 under 6 s, 2-3 otherwise, capped by a set's max_objects
+GENERATOR_VERSION = 2  # bump when the same spec renders differently (2: muted backgrounds, larger shapes)
 REGIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
 DIRECTIONS = ("left", "right", "up", "down")
 # (codec, container extension, pixel format, encoder options); weights below pick among them
@@ -103,6 +105,9 @@ class VideoSpec:
     split: str
     objects: list[ObjectTrack] = field(default_factory=list)
     cuts: list[float] = field(default_factory=list)  # background changes (scene cuts), seconds
+    max_objects: int = (
+        MAX_OBJECTS  # the set's cap on shapes per short video (1: "how many" is not a question)
+    )
 
     @property
     def duration(self) -> float:
@@ -133,7 +138,12 @@ def _direction(p0: tuple[float, float], p1: tuple[float, float]) -> str:
 
 
 def _make_objects(
-    rng: np.random.Generator, duration: float, fps: int, n_objects: int, long: bool
+    rng: np.random.Generator,
+    duration: float,
+    fps: int,
+    n_objects: int,
+    long: bool,
+    color_changes: bool = True,
 ) -> list[ObjectTrack]:
     """Objects with unique (colour, shape) over every phase, so each query names exactly one thing."""
     used: set[tuple[str, str]] = set()
@@ -167,9 +177,9 @@ def _make_objects(
         p1 = (min(0.88, max(0.12, p0[0] + vec[0])), min(0.88, max(0.12, p0[1] + vec[1])))
         if _direction(p0, p1) != d or math.dist(p0, p1) < 0.08:  # clipped at the border: go the other way
             p1 = (min(0.88, max(0.12, p0[0] - vec[0])), min(0.88, max(0.12, p0[1] - vec[1])))
-        obj = ObjectTrack(shape, color, t_in, t_out, p0, p1, radius=float(rng.uniform(0.09, 0.13)))
+        obj = ObjectTrack(shape, color, t_in, t_out, p0, p1, radius=float(rng.uniform(0.13, 0.18)))
         life = t_out - t_in
-        if life > 2.0 and rng.random() < 0.55:
+        if color_changes and life > 2.0 and rng.random() < 0.55:
             options = [c for c in colors if (c, shape) not in used]
             if options:
                 obj.new_color = options[int(rng.integers(len(options)))]
@@ -182,8 +192,22 @@ def _make_objects(
     return objs
 
 
-def make_spec(index: int, seed: int, long: bool = False, split: str = "train", **long_kw: float) -> VideoSpec:
-    """Draw one video's parameters from (seed, index) alone, so any subset regenerates identically."""
+def make_spec(
+    index: int,
+    seed: int,
+    long: bool = False,
+    split: str = "train",
+    max_objects: int = MAX_OBJECTS,
+    color_changes: bool = True,
+    **long_kw: float,
+) -> VideoSpec:
+    """Draw one video's parameters from (seed, index) alone, so any subset regenerates identically.
+
+    `max_objects` caps the shapes of a short video and `color_changes` lets shapes change colour: a set with one
+    shape that keeps its colour asks questions whose answer is what the frames show (no telling shapes apart, no
+    "at which moment"), which a model trained from scratch for minutes can learn (docs/TRAINING.md)."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     rng = np.random.default_rng([seed, index, 1 if long else 0])
     if long:
         width, height = int(long_kw.get("width", 128)), int(long_kw.get("height", 96))
@@ -199,13 +223,13 @@ def make_spec(index: int, seed: int, long: bool = False, split: str = "train", *
         fps = int(FPS_CHOICES[int(rng.choice(len(FPS_CHOICES), p=FPS_WEIGHTS))])
         duration = float(rng.uniform(3.0, 9.0) if rng.random() < 0.75 else rng.uniform(9.0, 20.0))
         codec, ext, opts = CODECS[int(rng.choice(len(CODECS), p=CODEC_WEIGHTS))]
-        n_obj = int(rng.integers(1, 3)) if duration < 6 else int(rng.integers(2, 4))
+        n_obj = min(max_objects, int(rng.integers(1, 3)) if duration < 6 else int(rng.integers(2, 4)))
         gop = int(rng.choice([fps, 2 * fps, 250]))
         name = f"evt_{index:05d}"
     n_frames = max(2, int(round(duration * fps)))
     duration = n_frames / fps
     rotation = 90 if (not long and ext == "mp4" and codec == "libx264" and index % 11 == 7) else 0
-    objs = _make_objects(rng, duration, fps, n_obj, long)
+    objs = _make_objects(rng, duration, fps, n_obj, long, color_changes)
     cuts: list[float] = []
     if long:
         n_cuts = max(1, int(duration // 90))
@@ -230,6 +254,7 @@ def make_spec(index: int, seed: int, long: bool = False, split: str = "train", *
         split=split,
         objects=objs,
         cuts=cuts,
+        max_objects=MAX_OBJECTS if long else max_objects,
     )
 
 
@@ -266,8 +291,13 @@ class _Background:
         prev_mean: np.ndarray | None = None
         for _ in range(n_scenes):
             for _attempt in range(50):  # consecutive scenes must look clearly different (a real cut)
-                base = rng.integers(30, 200, size=3).astype(np.float32)
-                alt = np.clip(base + rng.integers(-90, 90, size=3), 0, 255).astype(np.float32)
+                # muted, near-grey tints: the objects are the only saturated colours, so "which colour can be
+                # seen" has one answer; scenes still differ clearly in brightness
+                base = np.clip(rng.uniform(40, 190) + rng.integers(-18, 19, size=3), 0, 255).astype(
+                    np.float32
+                )
+                alt = np.clip(base + rng.uniform(-50, 50) + rng.integers(-12, 13, size=3), 0, 255)
+                alt = alt.astype(np.float32)
                 mean = (base + alt) / 2
                 if prev_mean is None or float(np.abs(mean - prev_mean).sum()) >= 150:
                     break
@@ -592,7 +622,38 @@ def _mcqs(spec: VideoSpec, rng: np.random.Generator) -> list[dict]:
         )
         n = len(spec.objects)
         pool = [str(i) for i in range(max(1, n - 5), max(9, n + 6))]  # numbers around the answer
-        add("How many shapes appear in the video?", str(n), pool, 8 if n > 3 else 4, 0.0, dur, "count")
+        if spec.max_objects > 1:  # with one shape per video the count is known without looking
+            add("How many shapes appear in the video?", str(n), pool, 8 if n > 3 else 4, 0.0, dur, "count")
+        # Perception: one thing that is in the video against ones that never are (no binding, no timing needed).
+        seen_colors = {o.color for o in spec.objects} | {o.new_color for o in spec.objects if o.new_color}
+        absent_colors = [c for c in COLORS if c not in seen_colors]
+        absent_shapes = [s for s in SHAPES if all(o.shape != s for o in spec.objects)]
+        asked: set[str] = set()
+        for o in spec.objects:
+            # one shape: "which colour" is the colour question again, so only ask it with several shapes
+            if len(spec.objects) > 1 and len(absent_colors) >= 3 and o.color not in asked:
+                asked.add(o.color)
+                until = o.t_change if o.t_change is not None else o.t_out
+                add(
+                    "Which colour can be seen in the video?",
+                    o.color,
+                    [o.color, *absent_colors],
+                    4,
+                    o.t_in,
+                    until,
+                    "color_presence",
+                )
+            if len(absent_shapes) >= 3 and o.shape not in asked:
+                asked.add(o.shape)
+                add(
+                    "Which shape can be seen in the video?",
+                    o.shape,
+                    [o.shape, *absent_shapes],
+                    4,
+                    o.t_in,
+                    o.t_out,
+                    "shape_presence",
+                )
     return qs
 
 
@@ -622,10 +683,22 @@ def dataset_specs(
     long_duration: float = 600.0,
     long_size: tuple[int, int] = (128, 96),
     long_fps: int = 6,
+    max_objects: int = MAX_OBJECTS,
+    color_changes: bool = True,
 ) -> list[VideoSpec]:
-    """The specs of a dataset (no files); the long videos always belong to the train split."""
+    """The specs of a dataset (no files); the long videos always belong to the train split (and keep their many
+    shapes and changes: they exist for long-context work)."""
     held = _heldout(n_videos, seed, heldout_fraction)
-    specs = [make_spec(i, seed, split="heldout" if i in held else "train") for i in range(n_videos)]
+    specs = [
+        make_spec(
+            i,
+            seed,
+            split="heldout" if i in held else "train",
+            max_objects=max_objects,
+            color_changes=color_changes,
+        )
+        for i in range(n_videos)
+    ]
     for j in range(n_long):
         specs.append(
             make_spec(
@@ -652,6 +725,8 @@ def generate_dataset(
     long_size: tuple[int, int] = (128, 96),
     long_fps: int = 6,
     workers: int | None = None,
+    max_objects: int = MAX_OBJECTS,
+    color_changes: bool = True,
 ) -> list[Path]:
     """Write videos + `<stem>.json` sidecars into `out_dir`; returns the video paths (short ones, then long).
 
@@ -660,7 +735,17 @@ def generate_dataset(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = dataset_specs(n_videos, n_long, seed, heldout_fraction, long_duration, long_size, long_fps)
+    specs = dataset_specs(
+        n_videos,
+        n_long,
+        seed,
+        heldout_fraction,
+        long_duration,
+        long_size,
+        long_fps,
+        max_objects=max_objects,
+        color_changes=color_changes,
+    )
     for spec in specs:
         doc = json.dumps(annotations(spec), indent=1, sort_keys=False) + "\n"
         tmp = out / f".{spec.name}.json.tmp"
