@@ -19,6 +19,7 @@ from keye.eval.stage import (
     describe_control,
     heldout_benchmarks,
     run_benchmarks,
+    vision_control_path,
 )
 from keye.lineage import make_id
 from keye.orchestration import ParentRun, open_stage
@@ -57,7 +58,7 @@ def evaluate(
             notes = {"checkpoint": str(checkpoint_dir), "videoset": videoset_id}
             if s.blank_control:
                 control = blank_frame_control(
-                    predict, sets, results, out / "blank_frames", s.batch_size, s.limit
+                    predict, sets, results, vision_control_path(out).parent, s.batch_size, s.limit
                 )
                 notes["blank-frame control"] = describe_control(control)
             previous = ctx.lineage.previous_eval_metrics(ckpt_id, list(results))
@@ -75,7 +76,7 @@ def evaluate(
             ctx.tracker.log_metrics(
                 flat_metrics({k: v for k, v in m.items() if not k.startswith("_")}, f"{name}/")
             )
-        control_path = out / "blank_frames" / "vision_control.json"
+        control_path = vision_control_path(out)
         if s.blank_control and control_path.is_file():
             control = json.loads(control_path.read_text(encoding="utf-8"))
             ctx.tracker.log_metrics(control_metrics(control))

@@ -170,14 +170,8 @@ def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     generate_dataset(
-        tmp,
-        n_videos=src.n_videos,
-        n_long=src.n_long,
-        seed=src.seed,
-        heldout_fraction=src.heldout_fraction,
-        max_objects=src.max_objects,
-        color_changes=src.color_changes,
-    )
+        tmp, **src.model_dump(exclude={"kind"})
+    )  # every field of the source is a generator setting
     os.replace(tmp, final)
     return final
 

@@ -105,9 +105,8 @@ class VideoSpec:
     split: str
     objects: list[ObjectTrack] = field(default_factory=list)
     cuts: list[float] = field(default_factory=list)  # background changes (scene cuts), seconds
-    max_objects: int = (
-        MAX_OBJECTS  # the set's cap on shapes per short video (1: "how many" is not a question)
-    )
+    # the set's cap on shapes per short video (1: "how many" is not a question)
+    max_objects: int = MAX_OBJECTS
 
     @property
     def duration(self) -> float:

@@ -102,8 +102,16 @@ def pooled_mcq_significance(
 ) -> dict[str, Any]:
     """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
     with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
-    rows = _pooled_mcq_rows(results, kinds)
+    return _significance(_pooled_mcq_rows(results, kinds))
+
+
+def _significance(rows: list[tuple[str, str | None, str, int]]) -> dict[str, Any]:
     return mcq_significance([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def vision_control_path(report_dir: Path) -> Path:
+    """Where an eval's blank-frame control lives, beside its report (blank predictions in the same folder)."""
+    return Path(report_dir) / "blank_frames" / "vision_control.json"
 
 
 def blank_frame_control(
@@ -127,16 +135,14 @@ def blank_frame_control(
         return predict_fn(questions, blank_frames=True)
 
     blank = run_benchmarks(blank_predict, blank_sets, out_dir, batch_size, limit)
-    real_rows = {r[0]: r for r in _pooled_mcq_rows(results, kinds)}
-    blank_rows = {r[0]: r for r in _pooled_mcq_rows(blank, kinds)}
-    keys = sorted(real_rows.keys() & blank_rows.keys())
+    real_rows, blank_rows = _pooled_mcq_rows(results, kinds), _pooled_mcq_rows(blank, kinds)
+    real_right = {r[0]: r[1] == r[2] for r in real_rows}
+    blank_right = {r[0]: r[1] == r[2] for r in blank_rows}
+    keys = sorted(real_right.keys() & blank_right.keys())
     control = {
-        "real": pooled_mcq_significance(results, kinds),
-        "blank": pooled_mcq_significance(blank, kinds),
-        "real_vs_blank": paired_advantage(
-            [real_rows[k][1] == real_rows[k][2] for k in keys],
-            [blank_rows[k][1] == blank_rows[k][2] for k in keys],
-        ),
+        "real": _significance(real_rows),
+        "blank": _significance(blank_rows),
+        "real_vs_blank": paired_advantage([real_right[k] for k in keys], [blank_right[k] for k in keys]),
         "blank_predictions": {name: m["_predictions"] for name, m in blank.items()},
     }
     atomic_write_json(out_dir / "vision_control.json", control)
