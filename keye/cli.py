@@ -326,12 +326,25 @@ def eval_score(
     limit: Annotated[
         int | None, typer.Option(help="the first N questions only (as the run that made them)")
     ] = None,
+    lenient: Annotated[
+        bool,
+        typer.Option(
+            help="skip malformed lines and unknown or duplicate ids (warned, counted in the metrics)"
+        ),
+    ] = False,
 ) -> None:
     """Re-score saved predictions; prints the metrics as JSON."""
     from keye.eval import BenchmarkFormatError, score
 
     try:
-        metrics = score(bench, predictions, kind=kind, limit=limit)
+        metrics = score(
+            bench,
+            predictions,
+            kind=kind,
+            limit=limit,
+            lenient=lenient,
+            warn=lambda m: typer.echo(m, err=True),
+        )
     except (BenchmarkFormatError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(metrics, indent=2, default=str))
