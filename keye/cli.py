@@ -72,13 +72,15 @@ def _run_guarded(fn):
     from keye.config import ConfigError
     from keye.data.sources import SourceError
     from keye.lineage import LineageError
+    from keye.model.integrity import CheckpointIntegrityError
+    from keye.train.state_io import StateFormatError
     from keye.workspace import WorkspaceLocked
 
     try:
         return fn()
     except WorkspaceLocked as e:
         _fail(str(e), 3)
-    except (ConfigError, SourceError, LineageError) as e:
+    except (ConfigError, SourceError, LineageError, CheckpointIntegrityError, StateFormatError) as e:
         _fail(str(e), 2)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from keye.atomic import atomic_write_text
 from keye.data.sampling import SamplingPolicy
+from keye.model import integrity
 
 POLICY_FILE = "sampling_policy.json"
 
@@ -15,9 +16,12 @@ POLICY_FILE = "sampling_policy.json"
 def bundle_checkpoint(checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy) -> None:
     """Copy the tokenizer files and write the policy beside the weights (idempotent)."""
     checkpoint_dir = Path(checkpoint_dir)
+    added = []
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and not (checkpoint_dir / f.name).exists():
             tmp = checkpoint_dir / f".{f.name}.partial"
             shutil.copyfile(f, tmp)
             tmp.replace(checkpoint_dir / f.name)
+            added.append(f.name)
     atomic_write_text(checkpoint_dir / POLICY_FILE, policy.model_dump_json(indent=2))
+    integrity.add_checksums(checkpoint_dir, [*added, POLICY_FILE])  # readers check these files too
