@@ -13,6 +13,7 @@ from flows.runners import task_runner
 from flows.shard import shard
 from flows.train import train
 from keye.config import load_config
+from keye.config_paths import check_paths
 from keye.orchestration import open_pipeline
 from keye.summary import pipeline_summary
 
@@ -28,6 +29,7 @@ def pipeline(
     if stages:
         overrides = {**(overrides or {}), "stages": list(stages)}
     config = load_config(config_path, overrides=overrides, workspace=workspace)
+    check_paths(config, origin=str(config_path))  # before the workspace, MLflow or lineage are touched
     runner = task_runner(config.runner)
     with open_pipeline(config, flow_run.id) as ctx:
         out: dict[str, str] = {}

@@ -101,6 +101,7 @@ def run(
     overrides = list(set_ or [])
     stage_list = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
     cfg = _load(pipeline, overrides + ([f"stages=[{stages}]"] if stages else []), workspace)
+    _check_paths(cfg, None, str(pipeline))
     _prepare(cfg.workspace)
     from flows.pipeline import pipeline as pipeline_flow
     from keye.summary import render
@@ -124,7 +125,20 @@ def _as_dict(overrides: list[str]) -> dict[str, str]:
     return out
 
 
-def _stage_config(source: str | None, workspace: Path, config: Path | None, set_: list[str] | None):
+def _check_paths(cfg, stages: list[str] | None, origin: str) -> None:
+    """Every path the stages will read, checked before the workspace is created (one line per problem)."""
+    from keye.config import ConfigError
+    from keye.config_paths import check_paths
+
+    try:
+        check_paths(cfg, stages, origin)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _stage_config(
+    source: str | None, workspace: Path, config: Path | None, set_: list[str] | None, stage: str
+):
     """A stage run alone uses the same settings as `keye run` would: ./pipelines.yaml when it exists."""
     if config is None and Path("pipelines.yaml").is_file():
         config = Path("pipelines.yaml")
@@ -135,6 +149,7 @@ def _stage_config(source: str | None, workspace: Path, config: Path | None, set_
 
         src = SyntheticSource() if source == "synthetic" else PathSource(path=source)
         cfg = cfg.model_copy(update={"sources": [src]})
+    _check_paths(cfg, [stage], str(config or "(built-in default)"))
     _prepare(cfg.workspace)
     return cfg
 
@@ -147,7 +162,7 @@ def ingest(
     set_: SetOpt = None,
 ) -> None:
     """Scan, hash, probe and clip the videos of SOURCE."""
-    cfg = _stage_config(source, workspace, config, set_)
+    cfg = _stage_config(source, workspace, config, set_, "ingest")
     from flows.ingest import ingest as ingest_flow
 
     vs = _run_guarded(lambda: ingest_flow(cfg))
@@ -169,7 +184,7 @@ def caption(
     videoset: Annotated[str | None, typer.Option(help="VideoSet id (default: the latest)")] = None,
 ) -> None:
     """Caption the clips of a VideoSet with the configured backend."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "caption")
     from flows.caption import caption as caption_flow
 
     cs = _run_guarded(lambda: caption_flow(cfg, videoset))
@@ -184,7 +199,7 @@ def shard(
     captionset: Annotated[str | None, typer.Option(help="CaptionSet id (default: the latest)")] = None,
 ) -> None:
     """Write WebDataset shards of the captioned clips."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "shard")
     from flows.shard import shard as shard_flow
 
     ss = _run_guarded(lambda: shard_flow(cfg, captionset))
@@ -199,7 +214,7 @@ def pack(
     shardset: Annotated[str | None, typer.Option(help="ShardSet id (default: the latest)")] = None,
 ) -> None:
     """Tokenizer + task samples + best-fit packing of a ShardSet."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "pack")
     from flows.pack import pack as pack_flow
 
     ps = _run_guarded(lambda: pack_flow(cfg, shardset))
@@ -214,7 +229,7 @@ def train(
     packset: Annotated[str | None, typer.Option(help="PackSet id (default: the latest)")] = None,
 ) -> None:
     """Run the training recipes (train.stages) in order; a re-run resumes from the last step checkpoint."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "train")
     from flows.train import train as train_flow
 
     final = _run_guarded(lambda: train_flow(cfg, packset))
