@@ -261,8 +261,9 @@ def lineage(
 
     def walk():
         store = Lineage(workspace, read_only=True)
-        node = store.resolve(artifact)
-        return node, store.upstream(node["id"]), store.downstream(node["id"])
+        with store.pinned():  # one snapshot for the node and both walks
+            node = store.resolve(artifact)
+            return node, store.upstream(node["id"]), store.downstream(node["id"])
 
     node, up, down = _run_guarded(walk)
     if as_json:
