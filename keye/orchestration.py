@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from keye.config import PipelineConfig
+from keye.crash_recovery import own_run, recover_after_crash
 from keye.lineage import Lineage
 from keye.tracking import Tracker, make_client, pipeline_run
 from keye.workspace import Workspace, WorkspaceLock
@@ -81,6 +82,7 @@ def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Ite
     with WorkspaceLock(ws):
         lineage = Lineage(ws)
         run_id = new_run_id("p")
+        recover_after_crash(ws, lineage, run_id, config.tracking.uri, config.tracking.experiment)
         tags = {
             "keye.prefect_flow_run_id": flow_run_id,
             "keye.lineage_run_id": run_id,
@@ -94,6 +96,7 @@ def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Ite
             uri=config.tracking.uri,
             experiment=config.tracking.experiment,
         ) as tracker:
+            own_run(run_id)
             lineage.start_run(
                 run_id,
                 "pipeline",
@@ -140,6 +143,7 @@ def open_stage(
         run_id = new_run_id("r")
         tags = {"keye.prefect_flow_run_id": flow_run_id, "keye.lineage_run_id": run_id}
         with parent_tracker.stage(name, params=settings, tags=tags) as tracker:
+            own_run(run_id)
             lineage.start_run(run_id, "stage", name, parent.run_id, flow_run_id, tracker.run_id, settings)
             ctx = StageContext(config, ws, lineage, tracker, run_id, name)
             try:
