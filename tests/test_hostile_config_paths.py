@@ -2,24 +2,26 @@
 is checked in the config phase, before the workspace, MLflow or lineage exist: one line per problem, no traceback."""
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+
+class _Result:
+    def __init__(self, r):
+        self.returncode, self.stderr, self.stdout = r.exit_code, r.output, r.output
 
 
 def _keye(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "keye.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    """The real command line, in-process (the checks run before anything is started)."""
+    from typer.testing import CliRunner
+
+    from keye.cli import app
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return _Result(CliRunner().invoke(app, list(args)))
+    finally:
+        os.chdir(old)
 
 
 def test_all_path_problems_reported_before_any_workspace_write(tmp_path):

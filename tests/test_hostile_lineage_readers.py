@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = """
@@ -44,7 +46,7 @@ while not os.path.exists(stop):
     calls += 1
     try:
         store = Lineage(ws, read_only=True)
-        with store.pinned() if hasattr(store, "pinned") else __import__("contextlib").nullcontext():
+        with store.pinned():
             bad = store.query(
                 '''SELECT s.shard_id FROM shards s
                    LEFT JOIN (SELECT shard_id, count(*) AS n FROM shard_members GROUP BY shard_id) m USING (shard_id)
@@ -64,6 +66,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_readers_never_crash_the_writer_nor_see_half_writes(tmp_path):
     ws = tmp_path / "ws"
     from keye.lineage import Lineage
