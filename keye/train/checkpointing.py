@@ -124,6 +124,8 @@ def prune(out_dir: Path, keep_last: int) -> None:
 
 
 def _read_checked(ckpt: Path, name: str) -> Any:
+    if not (ckpt / name).is_file():
+        return load_state_file(ckpt / name)  # raises: missing, or an old pickle layout (named, never loaded)
     integrity.verify(ckpt, only=[name])
     return load_state_file(ckpt / name)
 
