@@ -189,3 +189,19 @@ def policy_loss(
         clip_fraction=masked_mean(clipped, m).detach(),
         ratio_mean=masked_mean(ratio.detach(), m),
     )
+
+
+def completion_mask(
+    lengths: Tensor | list[int],
+    max_len: int | None = None,
+    truncated: Tensor | list[bool] | None = None,
+    mask_truncated_completions: bool = False,
+) -> Tensor:
+    """[B, L] float mask of the completion tokens of right-padded rows. With mask_truncated_completions (TRL), rows
+    cut by the length limit get no tokens at all: they neither gain nor lose for an answer they could not finish."""
+    lens = torch.as_tensor(lengths, dtype=torch.int64)
+    width = int(max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0))
+    mask = (torch.arange(width)[None, :] < lens[:, None]).to(torch.float32)
+    if mask_truncated_completions and truncated is not None:
+        mask = mask * (~torch.as_tensor(truncated, dtype=torch.bool))[:, None].to(mask.dtype)
+    return mask
