@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keye.serve.batching import GenerationBatcher
+from keye.serve.batching import GenerationBatcher, seeded_generator
 from keye.serve.chat import ChatModel, ChatRequestError
 
 MAX_N = 64
@@ -67,7 +67,6 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 def create_app(
     chat: ChatModel, *, window_s: float = 0.01, max_batch_prompts: int = 64, default_max_tokens: int = 256
 ) -> Any:
-    import torch
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.concurrency import run_in_threadpool
@@ -136,11 +135,7 @@ def create_app(
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
         prompts = []
         for k in range(req.n):
-            gen = None
-            if req.seed is not None:
-                gen = torch.Generator(device=chat.model.device).manual_seed(
-                    (req.seed * 1_000_003 + k) % (2**63)
-                )
+            gen = None if req.seed is None else seeded_generator(req.seed, k, chat.model.device)
             prompts.append(
                 Prompt(
                     input_ids=base.input_ids,

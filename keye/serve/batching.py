@@ -16,6 +16,14 @@ from concurrent.futures import Future
 from typing import Any
 
 
+def seeded_generator(seed: int, index: int, device: Any = "cpu") -> Any:
+    """The generator of the `index`-th sample of a request with `seed` (the server's choices and the local rollout
+    engine use the same rule, so both draw the same samples from the same weights)."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63))
+
+
 class GenerationBatcher:
     def __init__(
         self,
