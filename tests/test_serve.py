@@ -310,3 +310,47 @@ def test_openai_captioner_points_at_keye_serve(server):
     assert (
         usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 2 * 4
     )  # two frames of >= 4 visual tokens
+
+
+def test_openai_rollout_engine_against_keye_serve_matches_local_engine(server):
+    """The same checkpoint sampled in process and through the server, with the same seed: same groups, same
+    token ids, same sampler logprobs; then one GRPO step on the server's rollouts with truncated IS weights."""
+    import torch
+
+    from keye.rl.grpo import GRPOSettings, grpo_step
+    from keye.rl.rollouts import LocalEngine, OpenAIEngine, RolloutPrompt, SamplingSettings
+    from keye.serve.chat import ChatModel
+
+    _, base, d, name = server
+    chat = ChatModel.from_checkpoint(d / name)
+    video = {"type": "video_url", "video_url": {"url": str(d / "clip.mp4"), "end": 2.0}}
+    prompts = [
+        RolloutPrompt(
+            [{"role": "user", "content": [video, {"type": "text", "text": "when is the red bar?"}]}],
+            {"span": [0.0, 1.0], "duration": 3.0},
+        ),
+        RolloutPrompt([{"role": "user", "content": "colours"}], {"span": [1.0, 2.0], "duration": 3.0}),
+    ]
+    sampling = SamplingSettings(n=3, max_new_tokens=6, temperature=1.0, seed=11)
+    remote = OpenAIEngine(base + "/v1", name, chat, api_key_env=None).rollout(prompts, sampling)
+    local = LocalEngine(chat).rollout(prompts, sampling)
+    for rg, lg in zip(remote, local, strict=True):
+        assert len(rg) == len(lg) == 3
+        for r, lo in zip(rg, lg, strict=True):
+            assert r.token_ids == lo.token_ids and r.text == lo.text
+            assert r.logprobs == pytest.approx(lo.logprobs, abs=1e-4)
+            assert torch.equal(torch.as_tensor(r.prompt.input_ids), torch.as_tensor(lo.prompt.input_ids))
+    assert remote[0][0].prompt.pixel_patches is not None  # the video's frames are in the trainer's prompt too
+    opt = torch.optim.SGD([p for p in chat.model.parameters() if p.requires_grad], lr=1e-3)
+    engine = OpenAIEngine(base + "/v1", name, chat, api_key_env=None)
+    m = grpo_step(
+        chat,
+        opt,
+        engine,
+        lambda: prompts,
+        lambda text, ref: float(len(text) % 3),
+        GRPOSettings(group_size=4, max_new_tokens=6),
+        want_groups=2,
+        seed=3,
+    )
+    assert m["groups"] == 2 and all(v == v for v in m.values())  # no NaN with the sampler-mismatch weights on
