@@ -77,7 +77,8 @@ def server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # one torch thread: the test process runs a model too, and two processes x 2 threads on 2 cores spin-wait
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "keye.cli", "serve", str(ckpt), "--port", str(port), "--media-root", str(d)],
         stdout=subprocess.PIPE,
@@ -259,6 +260,7 @@ def test_video_and_image_frames_reach_the_model(server):
             "start",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
+        ({"messages": [{"role": "user", "content": "7 " * 15000}], "max_tokens": 4096}, 400, "context"),
         ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not served"),
     ],
 )
@@ -330,6 +332,24 @@ def test_openai_rollout_engine_against_keye_serve_matches_local_engine(server):
             {"span": [0.0, 1.0], "duration": 3.0},
         ),
         RolloutPrompt([{"role": "user", "content": "colours"}], {"span": [1.0, 2.0], "duration": 3.0}),
+        RolloutPrompt(  # decoded frames in process; sent to the server as lossless PNG video_frames
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "video",
+                            "times": [0.0, 0.5],
+                            "frames": np.stack(
+                                [np.full((48, 64, 3), 30, np.uint8), np.full((48, 64, 3), 220, np.uint8)]
+                            ),
+                        },
+                        {"type": "text", "text": "when?"},
+                    ],
+                }
+            ],
+            {"span": [0.0, 0.5], "duration": 1.0},
+        ),
     ]
     sampling = SamplingSettings(n=3, max_new_tokens=6, temperature=1.0, seed=11)
     remote = OpenAIEngine(base + "/v1", name, chat, api_key_env=None).rollout(prompts, sampling)
@@ -341,6 +361,7 @@ def test_openai_rollout_engine_against_keye_serve_matches_local_engine(server):
             assert r.logprobs == pytest.approx(lo.logprobs, abs=1e-4)
             assert torch.equal(torch.as_tensor(r.prompt.input_ids), torch.as_tensor(lo.prompt.input_ids))
     assert remote[0][0].prompt.pixel_patches is not None  # the video's frames are in the trainer's prompt too
+    assert remote[2][0].prompt.patch_grids.shape[0] == 2
     opt = torch.optim.SGD([p for p in chat.model.parameters() if p.requires_grad], lr=1e-3)
     engine = OpenAIEngine(base + "/v1", name, chat, api_key_env=None)
     m = grpo_step(

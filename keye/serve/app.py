@@ -133,6 +133,14 @@ def create_app(
         except ChatRequestError as e:
             return _error(400, str(e), "messages")
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        limit = chat.model.config.lm.max_position_embeddings
+        if len(base.input_ids) + max_new > limit:
+            return _error(
+                400,
+                f"the prompt ({len(base.input_ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
+                f"context of {limit} tokens",
+                "max_tokens",
+            )
         prompts = []
         for k in range(req.n):
             gen = None if req.seed is None else seeded_generator(req.seed, k, chat.model.device)

@@ -47,7 +47,7 @@ def decode_data_url(url: str, where: str) -> np.ndarray:
     try:
         raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
         with Image.open(io.BytesIO(raw)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
         raise ChatRequestError(f"{where}: the image cannot be decoded ({e})") from e
 
@@ -57,7 +57,7 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if img.shape[:2] == (height, width):
         return img
-    return np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
+    return np.array(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
 @dataclass
