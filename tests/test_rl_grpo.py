@@ -190,3 +190,35 @@ def test_recovered_samples_are_weighted_and_normalised_with_their_group(tok):
         assert (g is None) == (p.grad is None or not p.grad.any())
         if g is not None:
             assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_to_a_frozen_reference_starts_at_zero_and_grows(tok):
+    import copy
+
+    chat = _chat(tok, seed=2)
+    ref = copy.deepcopy(chat.model).eval().requires_grad_(False)
+    engine = LocalEngine(chat)
+    opt = torch.optim.AdamW([p for p in chat.model.parameters() if p.requires_grad], lr=1e-2)
+    settings = GRPOSettings(group_size=4, max_new_tokens=4, kl_coef=0.1)
+
+    def step(seed, s=settings):
+        return grpo_step(
+            chat,
+            opt,
+            engine,
+            lambda: _prompts(2),
+            share_of_digits,
+            s,
+            want_groups=2,
+            ref_model=ref,
+            seed=seed,
+        )
+
+    assert step(0)["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
+    second = step(1)
+    assert second["kl"] > 1e-6 and math.isfinite(second["loss"])
+    # two PPO epochs: the second pass sees the updated policy against the same old log-probs (ratio moves off 1)
+    two = step(2, GRPOSettings(group_size=4, max_new_tokens=4, ppo_epochs=2))
+    assert abs(two["ratio_mean"] - 1.0) > 1e-4
+    with pytest.raises(ValueError, match="original prompt"):
+        train_on_groups(chat, opt, Collected(groups=[[Sample(0, [105], [0.0], "", "stop")]]), settings)

@@ -99,6 +99,11 @@ def train_on_groups(
     metrics: dict[str, float] = {}
     if not samples:
         return {"trained_samples": 0.0}
+    if any(s.prompt is None for s in samples):
+        raise ValueError(
+            "samples lack the original prompt's model input: give the rollout engine the ChatModel of the trained "
+            "model (OpenAIEngine(..., chat=...)) so the trainer can score the sampled tokens"
+        )
     rewards = torch.tensor([s.reward for s in samples])
     gid = torch.tensor([gi for gi, g in enumerate(collected.groups) for _ in g])
     adv = group_advantages(rewards, gid, settings.scale_rewards)
