@@ -20,6 +20,16 @@ from keye.rl.rollouts import LocalEngine, RolloutPrompt, Sample, SamplingSetting
 from keye.serve.chat import ChatModel
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's steps are overhead-bound: one thread is as fast on an idle machine and avoids the
+    spin-waiting that makes 2 threads many times slower on a busy one (CI shares its 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe(["say seven: 7 77 777. the event happens in 1.0 - 2.0 seconds. abc xyz"] * 10, 300, 1)

@@ -69,6 +69,17 @@ def make_checkpoint(d):
     return ckpt
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """This process runs a model beside the server's: one thread each on 2 cores (no spin-waiting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
