@@ -276,6 +276,35 @@ def lineage(
             typer.echo(f"  {'  ' * (r['depth'] - 1)}{r['kind']:<10} {r['id']}  {r['label'] or ''}")
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint dir (weights + tokenizer.json beside them)")],
+    host: Annotated[
+        str, typer.Option(help="address to bind (keep 127.0.0.1 unless you mean to expose it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="torch device of the model")] = "cpu",
+    media_root: Annotated[Path | None, typer.Option(help="only serve video files under this folder")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="model id clients send (default: the folder name)")
+    ] = None,
+) -> None:
+    """OpenAI-compatible /v1/chat/completions and /v1/models over one checkpoint (keye.serve)."""
+    from keye.serve.app import serve as _serve
+
+    try:
+        _serve(
+            str(checkpoint),
+            host,
+            port,
+            device=device,
+            media_root=str(media_root) if media_root else None,
+            model_name=model_name,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
 @convert_app.command("hf")
 def convert_hf(
     src_dir: Annotated[Path, typer.Argument(help="Hugging Face model dir (config.json + safetensors)")],
