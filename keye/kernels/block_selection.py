@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from keye.kernels.dsa_reference import sparse_attention_reference
+from keye.kernels.dsa_reference import sparse_attention_reference, topk_lowest_index_ties
 from keye.kernels.selections import adjacent_jaccard
 
 
@@ -45,7 +45,7 @@ def block_topk(
 
     Block b pools its tokens' indexer queries and weights (means over the block: q_b, w_b) and scores the keys of
     its sample up to its last row: I_b[s] = sum_j w_b[j] relu(q_b[j] . k_idx[s] / sqrt(D_I)); the top-k of those
-    (all of them if fewer), ascending, -1 after. The pooling costs `block` times fewer index-score FLOPs than the
+    (all of them if fewer; ties to the smaller row), ascending, -1 after. The pooling costs `block` times fewer index-score FLOPs than the
     per-token indexer. `chunk` blocks are scored per matmul (bounds the [chunk, H_I, window] slab)."""
     bstart = block_layout(cu_seqlens, block)
     nb = bstart.numel() - 1
@@ -75,10 +75,10 @@ def block_topk(
             vis = (keys[None, :] >= sample_start[c0:c1, None]) & (keys[None, :] < bs[c0 + 1 : c1 + 1, None])
             scores = scores.masked_fill(~vis, float("-inf"))
             kk = min(topk, hi - lo)
-            vals, cols = torch.topk(scores, kk, dim=1)
-            cols = torch.where(torch.isfinite(vals), cols + lo, torch.iinfo(torch.int64).max)
-            cols = cols.sort(dim=1).values
-            out[c0:c1, :kk] = torch.where(cols == torch.iinfo(torch.int64).max, -1, cols).to(torch.int32)
+            vals, cols = topk_lowest_index_ties(scores, kk)  # ascending; ReLU ties to the smaller row
+            big = torch.iinfo(torch.int64).max
+            cols = torch.where(torch.isfinite(vals), cols + lo, big).sort(dim=1).values
+            out[c0:c1, :kk] = torch.where(cols == big, -1, cols).to(torch.int32)
     return out, bstart
 
 
