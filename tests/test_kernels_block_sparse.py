@@ -15,7 +15,12 @@ from keye.kernels.block_selection import (
     union_token_indices,
 )
 from keye.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_fwd
-from keye.kernels.dsa_reference import indexer_scores_block, sparse_attention_reference
+from keye.kernels.block_topk import block_topk_triton
+from keye.kernels.dsa_reference import (
+    indexer_scores_block,
+    sparse_attention_reference,
+    topk_lowest_index_ties,
+)
 from keye.kernels.selections import adjacent_jaccard, selection_stats, synthetic_selections
 
 CU = torch.tensor([0, 37, 38, 101], dtype=torch.int32)  # packed: odd lengths, a one-token sample
@@ -75,11 +80,26 @@ def test_block_topk_matches_pooled_scores() -> None:
         a = max(x for x in cu if x <= t0)
         qb, wb = q_idx[t0:t1].mean(0, keepdim=True), w[t0:t1].mean(0, keepdim=True)
         scores = (wb[:, :, None] * torch.relu(qb @ k_idx[a:t1].T * di**-0.5)).sum(1)[0]
-        want = set((scores.topk(min(topk, t1 - a)).indices + a).tolist())  # random inputs: no ties
+        _, cols = topk_lowest_index_ties(scores[None], min(topk, t1 - a))  # relu zeros tie: smaller row wins
+        want = set((cols[0] + a).tolist())
         row = bidx[b]
         assert set(row[row >= 0].tolist()) == want
         assert row[row >= 0].tolist() == sorted(want)
     assert indexer_scores_block is not None  # the per-token scores stay the spec of the token mode
+
+
+def test_block_topk_kernel_matches_reference() -> None:
+    g = torch.Generator().manual_seed(11)
+    t, hi, di, topk, block = 101, 2, 16, 13, 8
+    q_idx, k_idx, w = (
+        torch.randn(t, hi, di, generator=g),
+        torch.randn(t, di, generator=g),
+        torch.randn(t, hi, generator=g),
+    )
+    want, bstart = block_topk(q_idx, k_idx, w, CU, topk, block)
+    got, bstart2 = block_topk_triton(q_idx, k_idx, w, CU, topk, block, slab_bytes=4 * 40 * 64, tile=(16, 32, 4),
+                                     select_block=32, sample=16)  # fmt: skip
+    assert torch.equal(bstart, bstart2) and torch.equal(got, want)
 
 
 def test_union_round_trips_token_selections() -> None:

@@ -38,6 +38,26 @@ def _block_of_rows(bstart: Tensor, t_total: int) -> Tensor:
     return (torch.searchsorted(bstart[1:].long(), rows, right=True)).clamp(max=max(0, bstart.numel() - 2))
 
 
+def pooled_queries(
+    q_idx: Tensor, w: Tensor, cu_seqlens: Tensor, bstart: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per block: (mean indexer query [NB, H_I, D_I] in q_idx.dtype, mean weights f32 [NB, H_I], first visible key
+    int32 [NB] (its sample's start), end of its keys int32 [NB] (its last row + 1))."""
+    t_total, h_i, d_i = q_idx.shape
+    nb = bstart.numel() - 1
+    dev = q_idx.device
+    cu = cu_seqlens.to(dev).long()
+    bs = bstart.to(dev).long()
+    sample_start = cu[torch.searchsorted(cu[1:], bs[:-1], right=True)]
+    lens = (bs[1:] - bs[:-1]).clamp(min=1)
+    blk = _block_of_rows(bstart.to(dev), t_total)
+    with torch.no_grad():
+        qsum = torch.zeros((nb, h_i, d_i), device=dev, dtype=torch.float32).index_add_(0, blk, q_idx.float())
+        wsum = torch.zeros((nb, h_i), device=dev, dtype=torch.float32).index_add_(0, blk, w.float())
+    qb = (qsum / lens[:, None, None]).to(q_idx.dtype).contiguous()
+    return qb, (wsum / lens[:, None]).contiguous(), sample_start.to(torch.int32), bs[1:].to(torch.int32)
+
+
 def block_topk(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int, chunk: int = 128
 ) -> tuple[Tensor, Tensor]:
@@ -53,23 +73,16 @@ def block_topk(
     out = torch.full((nb, topk), -1, dtype=torch.int32, device=dev)
     if nb == 0 or topk == 0:
         return out, bstart
-    t_total, h_i, d_i = q_idx.shape
-    cu = cu_seqlens.to(dev).long()
-    bs = bstart.long()
-    sample_start = cu[torch.searchsorted(cu[1:], bs[:-1], right=True)]
-    lens = (bs[1:] - bs[:-1]).clamp(min=1)
-    blk = _block_of_rows(bstart, t_total)
+    d_i = q_idx.shape[2]
+    qb, wb, sample_start, bs_end = pooled_queries(q_idx, w, cu_seqlens, bstart)
+    sample_start, bs = sample_start.long(), torch.cat([bstart[:1], bs_end]).long()
     with torch.no_grad():
-        qsum = torch.zeros((nb, h_i, d_i), device=dev, dtype=torch.float32).index_add_(0, blk, q_idx.float())
-        wsum = torch.zeros((nb, h_i), device=dev, dtype=torch.float32).index_add_(0, blk, w.float())
-        qb = (qsum / lens[:, None, None]).to(q_idx.dtype)
-        wb = wsum / lens[:, None]
         host_a = sample_start.tolist()
         host_end = bs[1:].tolist()
         for c0 in range(0, nb, chunk):
             c1 = min(nb, c0 + chunk)
             lo, hi = min(host_a[c0:c1]), max(host_end[c0:c1])
-            s = torch.einsum("bjd,sd->bjs", qb[c0:c1], k_idx[lo:hi]).float() * d_i**-0.5
+            s = torch.einsum("bjd,sd->bjs", qb[c0:c1].float(), k_idx[lo:hi].float()) * d_i**-0.5
             scores = (wb[c0:c1, :, None] * torch.relu(s)).sum(1)  # [C, window]
             keys = torch.arange(lo, hi, device=dev)
             vis = (keys[None, :] >= sample_start[c0:c1, None]) & (keys[None, :] < bs[c0 + 1 : c1 + 1, None])

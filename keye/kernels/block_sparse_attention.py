@@ -196,9 +196,11 @@ def _prep(bidx: Tensor, bstart: Tensor, bits: Tensor | None, q: Tensor) -> tuple
 
 def block_sparse_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, bidx: Tensor, bstart: Tensor, scale: float, bits: Tensor | None = None,
-    block_q: int = 16, block_k: int = 64, num_warps: int = 8,
+    block_q: int = 16, block_k: int = 32, num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(o [T,Hq,D] q.dtype, lse f32 [T,Hq]); contract of `block_sparse_attention_reference` (no autograd)."""
+    """(o [T,Hq,D] q.dtype, lse f32 [T,Hq]); contract of `block_sparse_attention_reference` (no autograd).
+    Default tile from the H200 variants at 128K, block-shared (bench/RESULTS.md): 16/32/4 16.5 ms, 32/32/8 17.4,
+    8/64/4 18.0, 16/64/8 18.5."""
     t, hq, hkv, d = _check(q, k, v, bidx, bstart)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bidx, bstart, bits_t = _prep(bidx, bstart, bits, q)
@@ -220,9 +222,10 @@ def block_sparse_attention_fwd(
 
 def block_sparse_attention_bwd(
     q: Tensor, k: Tensor, v: Tensor, bidx: Tensor, bstart: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-    scale: float, bits: Tensor | None = None, block_q: int = 16, block_k: int = 32, num_warps: int = 8,
+    scale: float, bits: Tensor | None = None, block_q: int = 16, block_k: int = 64, num_warps: int = 8,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv) of `block_sparse_attention_fwd` (fp32 atomics for dk/dv: order not fixed)."""
+    """(dq, dk, dv) of `block_sparse_attention_fwd` (fp32 atomics for dk/dv: order not fixed). Default tile from
+    the H200 variants at 128K (bench/RESULTS.md): 16/64/8 50 ms, 16/32/8 64, 8/64/4 105."""
     t, hq, hkv, d = _check(q, k, v, bidx, bstart)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     bidx, bstart, bits_t = _prep(bidx, bstart, bits, q)

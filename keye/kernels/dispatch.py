@@ -28,6 +28,7 @@ KERNEL_NAMES = (
     "dsa_decode",
     "decode_attention",
     "block_sparse_attention",
+    "block_topk",
 )
 
 _REFERENCE: dict[str, Callable[..., object]] = {
@@ -39,11 +40,12 @@ _REFERENCE: dict[str, Callable[..., object]] = {
     "dsa_decode": dsa_reference.dsa_decode_reference,
     "decode_attention": dsa_reference.decode_attention_reference,
     "block_sparse_attention": block_selection.block_sparse_attention_reference,
+    "block_topk": block_selection.block_topk,
 }
 
 # Token selections whose neighbouring sets overlap at least this much (mean adjacent Jaccard, sampled) run as the
 # union of each query block's sets through the block-sparse kernel (bench/RESULTS.md `## dsa`, per overlap level).
-UNION_MIN_OVERLAP = 0.8
+UNION_MIN_OVERLAP = 0.9
 UNION_BLOCK = 16
 
 
@@ -53,6 +55,7 @@ def _triton_table() -> dict[str, Callable[..., object]]:
     e.g. {"sparse_attention": triton_sparse_attention}. Missing names fall back to the reference."""
     try:  # imported lazily: triton may be absent on a bare CPU box
         from keye.kernels.block_sparse_attention import block_sparse_attention as triton_block_sparse
+        from keye.kernels.block_topk import block_topk_triton
         from keye.kernels.decode import dsa_decode as triton_dsa_decode
         from keye.kernels.indexer_kl import indexer_kl as triton_indexer_kl
         from keye.kernels.indexer_topk import indexer_topk as triton_indexer_topk
@@ -67,6 +70,7 @@ def _triton_table() -> dict[str, Callable[..., object]]:
         "moe_experts": triton_moe_experts,
         "dsa_decode": triton_dsa_decode,
         "block_sparse_attention": triton_block_sparse,
+        "block_topk": block_topk_triton,
     }
 
 
@@ -138,6 +142,12 @@ def token_sparse_attention(
             uidx, bits = block_selection.union_of_selections(indices, bstart)
             return fn(q, k, v, uidx, bstart, scale, bits)
     return sparse_attention(q, k, v, indices, scale)
+
+
+def block_topk(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int
+) -> tuple[Tensor, Tensor]:
+    return pick("block_topk", q_idx)(q_idx, k_idx, w, cu_seqlens, topk, block)
 
 
 def block_sparse_attention(

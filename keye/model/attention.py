@@ -76,7 +76,7 @@ class Attention(nn.Module):
         covers = int(torch.diff(cu_seqlens).max()) <= self.cfg.dsa.topk if t else True
         by_block = self.cfg.dsa.selection == "block"
         if mode == "dsa" and (not covers or want_kl) and by_block:
-            bidx, bstart = block_selection.block_topk(
+            bidx, bstart = dispatch.block_topk(
                 q_idx.detach(), k_idx.detach(), w.detach(), cu_seqlens, self.cfg.dsa.topk,
                 self.cfg.dsa.selection_block,
             )  # fmt: skip
