@@ -36,6 +36,7 @@ from keye.kernels.block_selection import (  # noqa: E402
     union_of_selections,
 )
 from keye.kernels.block_sparse_attention import block_sparse_attention_bwd, block_sparse_attention_fwd  # noqa: E402
+from keye.kernels.block_topk import block_topk_triton  # noqa: E402
 from keye.kernels.decode import decode_topk, dsa_decode  # noqa: E402
 from keye.kernels.indexer_fp8 import (  # noqa: E402
     dequantize,
@@ -85,10 +86,11 @@ def check() -> None:
     q, k, v, qi, ki, w = base.make(t, seed=3)
     scale = D**-0.5
     do = torch.randn_like(q)
-    # block-shared
-    bidx, bstart = block_topk(qi, ki, w, cu, topk, 64)
-    bidx_ref, _ = block_topk(qi.float(), ki.float(), w.float(), cu, topk, 64)
+    # block-shared: the Triton selection vs the torch spec on the same bf16 values
+    bidx, bstart = block_topk_triton(qi, ki, w, cu, topk, 64)
+    bidx_ref, _ = block_topk(qi, ki, w, cu, topk, 64)
     same = float((bidx == bidx_ref).all(1).float().mean())
+    log(kind="check", kernel="block_topk_triton", rows_identical=same, recall=topk_recall(bidx, bidx_ref))
     cases = {"block_shared": (bidx, bstart, None)}
     tok = selections(cu, 0.8, topk, seed=1)
     bs16 = block_layout(cu, 16)
@@ -220,12 +222,17 @@ def bench_block_shared(t: int, sdpa_fwd: float, sdpa_fb: float | None) -> None:
     q, k, v, qi, ki, w = base.make(t, seed=4)
     scale = D**-0.5
     for blk in (64, 128):
-        ms_sel = base.timeit(lambda blk=blk: block_topk(qi, ki, w, cu, TOPK, blk), reps=3, warmup=1)
-        bidx, bstart = block_topk(qi, ki, w, cu, TOPK, blk)
+        ms_torch = base.timeit(lambda blk=blk: block_topk(qi, ki, w, cu, TOPK, blk), reps=2, warmup=1)
+        ms_sel = base.timeit(lambda blk=blk: block_topk_triton(qi, ki, w, cu, TOPK, blk), reps=3, warmup=1)
+        bidx, bstart = block_topk_triton(qi, ki, w, cu, TOPK, blk)
+        ref_idx, _ = block_topk(qi, ki, w, cu, TOPK, blk)
+        log(kind="time", op="block_topk", T=t, block=blk, triton_ms=ms_sel, torch_ms=ms_torch,
+            rows_identical=float((bidx == ref_idx).all(1).float().mean()))  # fmt: skip
+        del ref_idx
         tok = expand_block_indices(bidx, bstart, t)
         log(kind="selection_stats", source=f"block-shared block={blk}", T=t, **selection_stats(tok, cu))
         del tok
-        for bq, bk, warps in ((16, 64, 8), (16, 32, 4), (8, 64, 4), (32, 32, 8)):
+        for bq, bk, warps in ((16, 32, 4), (32, 32, 8), (16, 32, 8), (32, 64, 8)):
             f = base.timeit(lambda bq=bq, bk=bk, warps=warps: block_sparse_attention_fwd(
                 q, k, v, bidx, bstart, scale, block_q=bq, block_k=bk, num_warps=warps), reps=3, warmup=1)  # fmt: skip
             log(
@@ -245,7 +252,7 @@ def bench_block_shared(t: int, sdpa_fwd: float, sdpa_fb: float | None) -> None:
         if sdpa_fb is not None:
             o, lse = block_sparse_attention_fwd(q, k, v, bidx, bstart, scale)
             do = torch.randn_like(q)
-            for bq, bk, warps in ((16, 32, 8), (16, 64, 8), (8, 64, 4)):
+            for bq, bk, warps in ((16, 64, 8), (32, 64, 8), (16, 128, 8)):
                 b_ = base.timeit(lambda bq=bq, bk=bk, warps=warps: block_sparse_attention_bwd(
                     q, k, v, bidx, bstart, o, lse, do, scale, block_q=bq, block_k=bk, num_warps=warps), reps=3, warmup=1)  # fmt: skip
                 log(
