@@ -81,3 +81,25 @@ def test_selection_config_validates_and_roundtrips() -> None:
     cfg.lm.dsa.selection_block = 32
     back = ModelConfig.from_dict(cfg.to_dict())
     assert back.lm.dsa.selection == "block" and back.lm.dsa.selection_block == 32
+
+
+def test_selection_stats_tool_reads_a_checkpoint(tmp_path) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from keye.model.checkpoint import save_checkpoint
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "dsa_selection_stats.py"
+    spec = importlib.util.spec_from_file_location("dsa_selection_stats", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for selection in ("token", "block"):
+        model = _tiny(selection, topk=6)
+        save_checkpoint(model, tmp_path / selection)
+        loaded = tool.load_checkpoint(tmp_path / selection)
+        _, ids, cu = _packed([30, 21], seed=7)
+        rows = tool.measure(loaded, ids, cu)
+        assert [r["layer"] for r in rows] == [0, 1] and all(r["selection"] == selection for r in rows)
+        assert all(0.0 <= r["jaccard"] <= 1.0 and 0 < r["fill"] <= 1.0 for r in rows)
+        if selection == "block":  # tokens of one block share their keys: high overlap by construction
+            assert min(r["jaccard"] for r in rows) > 0.5
