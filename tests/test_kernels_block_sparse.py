@@ -75,16 +75,21 @@ def test_block_topk_matches_pooled_scores() -> None:
     bidx, bstart = block_topk(q_idx, k_idx, w, CU, topk, block, chunk=3)
     assert bstart.tolist() == block_layout(CU, block).tolist()
     cu = CU.tolist()
+    assert bidx.shape == (bstart.numel() - 1, topk + block)
     for b in range(bidx.shape[0]):
         t0, t1 = int(bstart[b]), int(bstart[b + 1])
         a = max(x for x in cu if x <= t0)
         qb, wb = q_idx[t0:t1].mean(0, keepdim=True), w[t0:t1].mean(0, keepdim=True)
-        scores = (wb[:, :, None] * torch.relu(qb @ k_idx[a:t1].T * di**-0.5)).sum(1)[0]
-        _, cols = topk_lowest_index_ties(scores[None], min(topk, t1 - a))  # relu zeros tie: smaller row wins
-        want = set((cols[0] + a).tolist())
-        row = bidx[b]
-        assert set(row[row >= 0].tolist()) == want
-        assert row[row >= 0].tolist() == sorted(want)
+        want: list[int] = []
+        if t0 > a:  # earlier keys of the sample, scored by the pooled query
+            scores = (wb[:, :, None] * torch.relu(qb @ k_idx[a:t0].T * di**-0.5)).sum(1)[0]
+            _, cols = topk_lowest_index_ties(
+                scores[None], min(topk, t0 - a)
+            )  # relu zeros tie: smaller row wins
+            want = sorted((cols[0] + a).tolist())
+        sel, own = bidx[b, :topk], bidx[b, topk:]
+        assert sel[sel >= 0].tolist() == want and bool((sel[len(want) :] == -1).all())
+        assert own[own >= 0].tolist() == list(range(t0, t1))  # the block's own rows, attended causally
     assert indexer_scores_block is not None  # the per-token scores stay the spec of the token mode
 
 

@@ -103,3 +103,28 @@ def test_selection_stats_tool_reads_a_checkpoint(tmp_path) -> None:
         assert all(0.0 <= r["jaccard"] <= 1.0 and 0 < r["fill"] <= 1.0 for r in rows)
         if selection == "block":  # tokens of one block share their keys: high overlap by construction
             assert min(r["jaccard"] for r in rows) > 0.5
+
+
+@pytest.mark.gpu
+def test_block_mode_cuda_triton_matches_cpu_reference_and_trains_in_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keye.model.generate import generate
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _tiny(topk=6, block=8)
+    _, ids, cu = _packed([45, 3, 70], seed=8)
+    with torch.no_grad():
+        monkeypatch.setenv("KEYE_KERNELS", "reference")
+        cpu = model(input_ids=ids, cu_seqlens=cu).logits
+        monkeypatch.setenv("KEYE_KERNELS", "auto")
+        gpu = model.cuda()(input_ids=ids.cuda(), cu_seqlens=cu.cuda()).logits.cpu()
+    # Triton's fp32 tl.dot runs in TF32 on the GPU (~1e-3 relative); a flipped selection would give O(1) errors
+    assert (cpu - gpu).abs().max().item() < 1e-2 * max(1.0, cpu.abs().max().item())
+    model = model.to(torch.bfloat16).train()
+    out = model(input_ids=ids.cuda(), cu_seqlens=cu.cuda(), labels=ids.cuda())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.indexer_loss is not None
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    res = generate(model.eval(), [[1, 2, 3, 4, 5, 6], [7, 8]], max_new_tokens=8)
+    assert all(len(r.token_ids) == 8 for r in res)

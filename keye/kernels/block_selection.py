@@ -5,7 +5,8 @@ reference of block-sparse attention over them (the spec of keye/kernels/block_sp
 Why blocks: a key row gathered once serves block x G query rows (a compute-bound tensor-core tile) instead of the G
 heads of one token, and the backward sums dK/dV over the block before its atomics.
 
-Layout: blocks never straddle samples: each sample of `cu_seqlens` is cut into blocks of `block` tokens (the last
+Block-shared lists are a block's top-k earlier keys followed by its own rows (attended causally), so every token
+sees at least itself. Layout: blocks never straddle samples: each sample of `cu_seqlens` is cut into blocks of `block` tokens (the last
 one shorter); `bstart` int32 [NB+1] gives block b's rows [bstart[b], bstart[b+1]). A block's key list `bidx`
 [NB, U] int32 (global rows, ascending, -1 padding) holds keys of its sample at or before its last row; token t of
 the block attends to the listed keys s <= t (block-shared), or to those whose bit is set in its row of the
@@ -41,8 +42,8 @@ def _block_of_rows(bstart: Tensor, t_total: int) -> Tensor:
 def pooled_queries(
     q_idx: Tensor, w: Tensor, cu_seqlens: Tensor, bstart: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per block: (mean indexer query [NB, H_I, D_I] in q_idx.dtype, mean weights f32 [NB, H_I], first visible key
-    int32 [NB] (its sample's start), end of its keys int32 [NB] (its last row + 1))."""
+    """Per block: (mean indexer query [NB, H_I, D_I] in q_idx.dtype, mean weights f32 [NB, H_I], first scored key
+    int32 [NB] (its sample's start), end of its scored keys int32 [NB] (its own first row: earlier keys only))."""
     t_total, h_i, d_i = q_idx.shape
     nb = bstart.numel() - 1
     dev = q_idx.device
@@ -55,44 +56,56 @@ def pooled_queries(
         qsum = torch.zeros((nb, h_i, d_i), device=dev, dtype=torch.float32).index_add_(0, blk, q_idx.float())
         wsum = torch.zeros((nb, h_i), device=dev, dtype=torch.float32).index_add_(0, blk, w.float())
     qb = (qsum / lens[:, None, None]).to(q_idx.dtype).contiguous()
-    return qb, (wsum / lens[:, None]).contiguous(), sample_start.to(torch.int32), bs[1:].to(torch.int32)
+    return qb, (wsum / lens[:, None]).contiguous(), sample_start.to(torch.int32), bs[:-1].to(torch.int32)
+
+
+def own_block_rows(bstart: Tensor, block: int) -> Tensor:
+    """int32 [NB, block]: each block's own rows (ascending, -1 past its end), appended to its selected keys."""
+    bs = bstart.long()
+    j = torch.arange(block, device=bs.device)
+    rows = bs[:-1, None] + j[None, :]
+    return torch.where(rows < bs[1:, None], rows, -1).to(torch.int32)
 
 
 def block_topk(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int, chunk: int = 128
 ) -> tuple[Tensor, Tensor]:
-    """Block-shared selection: (bidx int32 [NB, topk], bstart int32 [NB+1]).
+    """Block-shared selection: (bidx int32 [NB, topk + block], bstart int32 [NB+1]).
 
-    Block b pools its tokens' indexer queries and weights (means over the block: q_b, w_b) and scores the keys of
-    its sample up to its last row: I_b[s] = sum_j w_b[j] relu(q_b[j] . k_idx[s] / sqrt(D_I)); the top-k of those
-    (all of them if fewer; ties to the smaller row), ascending, -1 after. The pooling costs `block` times fewer index-score FLOPs than the
-    per-token indexer. `chunk` blocks are scored per matmul (bounds the [chunk, H_I, window] slab)."""
+    Block b pools its tokens' indexer queries and weights (means over the block: q_b, w_b) and scores the earlier
+    keys of its sample (before its first row): I_b[s] = sum_j w_b[j] relu(q_b[j] . k_idx[s] / sqrt(D_I)); its list
+    is the top-k of those (all of them if fewer; ties to the smaller row), ascending, -1 padded, then its own rows
+    (`own_block_rows`), which each token attends causally: every token sees at least itself (MoBA's current block).
+    The pooling costs `block` times fewer index-score FLOPs than the per-token indexer. `chunk` blocks are scored
+    per matmul (bounds the [chunk, H_I, window] slab)."""
     bstart = block_layout(cu_seqlens, block)
     nb = bstart.numel() - 1
     dev = q_idx.device
     out = torch.full((nb, topk), -1, dtype=torch.int32, device=dev)
-    if nb == 0 or topk == 0:
-        return out, bstart
+    if nb == 0:
+        return torch.cat([out, own_block_rows(bstart.to(dev), block)], 1), bstart
     d_i = q_idx.shape[2]
-    qb, wb, sample_start, bs_end = pooled_queries(q_idx, w, cu_seqlens, bstart)
-    sample_start, bs = sample_start.long(), torch.cat([bstart[:1], bs_end]).long()
+    qb, wb, sample_start, first = pooled_queries(q_idx, w, cu_seqlens, bstart)
+    sample_start, first = sample_start.long(), first.long()
     with torch.no_grad():
         host_a = sample_start.tolist()
-        host_end = bs[1:].tolist()
+        host_end = first.tolist()
         for c0 in range(0, nb, chunk):
             c1 = min(nb, c0 + chunk)
             lo, hi = min(host_a[c0:c1]), max(host_end[c0:c1])
+            if hi <= lo or topk == 0:
+                continue
             s = torch.einsum("bjd,sd->bjs", qb[c0:c1].float(), k_idx[lo:hi].float()) * d_i**-0.5
             scores = (wb[c0:c1, :, None] * torch.relu(s)).sum(1)  # [C, window]
             keys = torch.arange(lo, hi, device=dev)
-            vis = (keys[None, :] >= sample_start[c0:c1, None]) & (keys[None, :] < bs[c0 + 1 : c1 + 1, None])
+            vis = (keys[None, :] >= sample_start[c0:c1, None]) & (keys[None, :] < first[c0:c1, None])
             scores = scores.masked_fill(~vis, float("-inf"))
             kk = min(topk, hi - lo)
             vals, cols = topk_lowest_index_ties(scores, kk)  # ascending; ReLU ties to the smaller row
             big = torch.iinfo(torch.int64).max
             cols = torch.where(torch.isfinite(vals), cols + lo, big).sort(dim=1).values
             out[c0:c1, :kk] = torch.where(cols == big, -1, cols).to(torch.int32)
-    return out, bstart
+    return torch.cat([out, own_block_rows(bstart.to(dev), block)], 1), bstart
 
 
 def expand_block_indices(bidx: Tensor, bstart: Tensor, t_total: int) -> Tensor:
@@ -175,6 +188,8 @@ __all__ = [
     "block_sparse_attention_reference",
     "block_topk",
     "expand_block_indices",
+    "own_block_rows",
+    "pooled_queries",
     "union_of_selections",
     "union_token_indices",
 ]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from keye.kernels.block_selection import block_layout, pooled_queries
+from keye.kernels.block_selection import block_layout, own_block_rows, pooled_queries
 from keye.kernels.indexer_topk import _index_scores_tile, _radix_topk_row
 
 
@@ -65,10 +65,11 @@ def _block_select_kernel(
     e = tl.load(BE + b)
     base = SLAB + r.to(tl.int64) * stride_s - col0
     need = tl.minimum(e - a, TOPK)
-    _radix_topk_row(
-        base, base, a, e, 0, need, SCR + r.to(tl.int64) * CAP, OUT_IDX, OUT_SCORE, b.to(tl.int64),
-        TOPK, KP, BLOCK, False, CAP, SAMPLE, False,
-    )  # fmt: skip
+    if need > 0:  # a sample's first block scores nothing (its rows stay -1)
+        _radix_topk_row(
+            base, base, a, e, 0, need, SCR + r.to(tl.int64) * CAP, OUT_IDX, OUT_SCORE, b.to(tl.int64),
+            TOPK, KP, BLOCK, False, CAP, SAMPLE, False,
+        )  # fmt: skip
 
 
 def block_topk_triton(
@@ -83,8 +84,8 @@ def block_topk_triton(
     select_block: int = 2048,
     sample: int = 1024,
 ) -> tuple[Tensor, Tensor]:
-    """(bidx int32 [NB, topk], bstart int32 [NB+1]) as `block_selection.block_topk`; fp32 score slabs of at most
-    `slab_bytes` per launch (rows x their key span), then one selection program per block."""
+    """(bidx int32 [NB, topk + block], bstart int32 [NB+1]) as `block_selection.block_topk`; fp32 score slabs of
+    at most `slab_bytes` per launch (rows x their key span), then one selection program per block."""
     t_total, h_i, d_i = q_idx.shape
     if d_i & (d_i - 1) or d_i < 16:
         raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
@@ -93,8 +94,9 @@ def block_topk_triton(
     dev = q_idx.device
     out = torch.full((nb, topk), -1, dtype=torch.int32, device=dev)
     scores = torch.full((nb, topk), float("-inf"), dtype=torch.float32, device=dev)
+    own = own_block_rows(bstart.to(dev), block)
     if nb == 0 or topk == 0:
-        return out, bstart
+        return torch.cat([out, own], 1), bstart
     qb, wb, ba, be = pooled_queries(q_idx, w, cu_seqlens, bstart)
     k_idx = k_idx.to(qb.dtype).contiguous()
     kp = triton.next_power_of_2(topk)
@@ -109,6 +111,9 @@ def block_topk_triton(
             col0 = min(col0, host_a[r1])
             r1 += 1
         n_rows, n_cols = r1 - r0, max(host_e[r0:r1]) - col0
+        if n_cols <= 0:  # only first blocks of samples: nothing earlier to score
+            r0 = r1
+            continue
         slab = torch.empty((n_rows, n_cols), device=dev, dtype=torch.float32)
         _block_scores_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
             qb, k_idx, wb, ba, be, slab, r0, n_rows, col0, n_cols, t_total, d_i**-0.5,
@@ -122,7 +127,7 @@ def block_topk_triton(
             TOPK=topk, KP=kp, BLOCK=select_block, CAP=cap, SAMPLE=sample, num_warps=8,
         )  # fmt: skip
         r0 = r1
-    return out, bstart
+    return torch.cat([out, own], 1), bstart
 
 
 __all__ = ["block_topk_triton"]
