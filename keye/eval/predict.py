@@ -143,6 +143,11 @@ def keye_predict_fn(
         """Answer chats (OpenAI-style messages; a content part `{"type": "video", "video": path}` brings frames)."""
         if not conversations:
             return []
+        if system_prompt:  # as in training samples, unless the chat brings its own
+            conversations = [
+                m if m and m[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *m]
+                for m in conversations
+            ]
         results = generate(
             model,
             [chat_prompt(m) for m in conversations],
