@@ -345,7 +345,8 @@ def best_version(tracker: Tracker, name: str, alias: str = "best") -> dict[str, 
 
 def stage_curves(tracker: Tracker, prefix: str = "train") -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per nested run of the parent whose stage tag starts with `prefix`: {run name: {metric: [(step, value)]}}
-    for every metric logged at more than one step (the training curves the report draws)."""
+    for every metric logged at more than one step (the training curves the report draws); a cached stage's
+    curves come from the run that did the work."""
     client = tracker.client
     parent = client.get_run(tracker.run_id).data.tags.get(PARENT_TAG, tracker.run_id)
     runs = client.search_runs(
@@ -357,15 +358,18 @@ def stage_curves(tracker: Tracker, prefix: str = "train") -> dict[str, dict[str,
     for run in runs:
         if not run.data.tags.get(STAGE_TAG, "").startswith(prefix):
             continue
+        source = run
+        if run.data.tags.get(CACHED_TAG) == "true" and run.data.tags.get("keye.cached_from"):
+            source = client.get_run(run.data.tags["keye.cached_from"])  # the run that trained it
         curves = {}
-        for key in sorted(run.data.metrics):
+        for key in sorted(source.data.metrics):
             if key.startswith("system/"):
                 continue
-            history = client.get_metric_history(run.info.run_id, key)
+            history = client.get_metric_history(source.info.run_id, key)
             if len(history) > 1:
                 curves[key] = [
                     (m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))
                 ]
         if curves:
-            out[run.info.run_name] = curves
+            out[run.info.run_name.removesuffix(" (cached)")] = curves
     return out
