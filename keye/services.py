@@ -375,6 +375,7 @@ def up(
 
     try:
         env = service_env(workspace)
+        env["PREFECT_SERVER_UI_API_URL"] = api_url  # else the UI calls :4200 whatever port the server has
         prefect = record(
             start_process(
                 "prefect",

@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--prefect-port", type=int, default=4300)
     ap.add_argument("--mlflow-port", type=int, default=5300)
     ap.add_argument("--keep", action="store_true", help="leave the servers running")
+    ap.add_argument("--reuse", action="store_true", help="photograph the runs already in --workspace")
     args = ap.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -145,17 +146,24 @@ def main() -> None:
     try:
         api, mlflow = urls["prefect_api"], urls["mlflow"]
         env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(ws / "prefect")}
-        subprocess.run(
-            [services.console_script("prefect"), "--no-prompt", "deploy", "--all"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        config = tiny_config(ws.parent / "tiny.yaml", ws)
-        params = {"config_path": str(config), "workspace": str(ws)}
-        trigger(api, params)
-        flow_run = trigger(api, {**params, "overrides": {"eval.max_new_tokens": "6"}})
+        if not args.reuse:
+            subprocess.run(
+                [services.console_script("prefect"), "--no-prompt", "deploy", "--all"],
+                cwd=REPO,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+        if args.reuse:
+            flow_run = httpx.post(
+                f"{api}/flow_runs/filter",
+                json={"flows": {"name": {"any_": ["pipeline"]}}, "sort": "START_TIME_DESC", "limit": 1},
+            ).json()[0]["id"]
+        else:
+            config = tiny_config(ws.parent / "tiny.yaml", ws)
+            params = {"config_path": str(config), "workspace": str(ws)}
+            trigger(api, params)
+            flow_run = trigger(api, {**params, "overrides": {"eval.max_new_tokens": "6"}})
 
         exp = httpx.get(
             f"{mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "keye"}
@@ -183,7 +191,7 @@ def main() -> None:
             args.out / "prefect-flow-run-logs.png",
             (1400, 900),
         )
-        shoot(chromium, f"{mlflow}/#/experiments/{exp_id}/runs", args.out / "mlflow-runs.png", (1500, 800))
+        shoot(chromium, f"{mlflow}/#/experiments/{exp_id}/runs", args.out / "mlflow-runs.png", (2200, 700))
         compare = f"{mlflow}/#/compare-runs?runs={json.dumps(parents)}&experiments={json.dumps([exp_id])}"
         shoot(chromium, compare.replace(" ", ""), args.out / "mlflow-compare.png", (1500, 1100))
         shoot(chromium, report.as_uri(), args.out / "report.png", (1200, 2200), budget_ms=3000)
