@@ -98,6 +98,10 @@ def trigger(api: str, parameters: dict, timeout_s: float = 900) -> str:
     raise SystemExit(f"flow run {run['id']} did not finish in {timeout_s} s")
 
 
+def _flow_name(api: str, flow_run: dict) -> str:
+    return httpx.get(f"{api}/flows/{flow_run['flow_id']}", timeout=30).json()["name"]
+
+
 def shoot(chromium: str, url: str, out: Path, size: tuple[int, int], budget_ms: int = 20000) -> None:
     """One page as PNG; the JavaScript apps get `budget_ms` of virtual time to fetch and render."""
     with tempfile.TemporaryDirectory() as profile:
@@ -179,19 +183,44 @@ def main() -> None:
             report = max((ws / "reports").rglob("report.html"), key=lambda p: p.stat().st_mtime)
 
         prefect = urls["prefect"]
+        # Prefect's V2 UI (/v2) honours ?tab= in a flow run's address; V1 always opens on Logs
+        ui = f"{prefect}/v2"
+        arts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [flow_run]}}}).json()
+        summary = next(a["id"] for a in arts if a["key"] == "pipeline-summary")
+        children = httpx.post(
+            f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run]}}}
+        ).json()
+        ingest = next(c["id"] for c in children if _flow_name(api, c) == "ingest")
         shoot(
             chromium,
-            f"{prefect}/runs/flow-run/{flow_run}?tab=Artifacts",
+            f"{ui}/runs/flow-run/{flow_run}?tab=Artifacts",
             args.out / "prefect-flow-run.png",
-            (1400, 900),
+            (1400, 800),
+        )
+        shoot(chromium, f"{ui}/artifacts/artifact/{summary}", args.out / "prefect-summary.png", (1400, 900))
+        shoot(
+            chromium,
+            f"{ui}/runs/flow-run/{ingest}?tab=Artifacts",
+            args.out / "prefect-ingest-run.png",
+            (1400, 800),
         )
         shoot(
             chromium,
-            f"{prefect}/runs/flow-run/{flow_run}?tab=Logs",
-            args.out / "prefect-flow-run-logs.png",
-            (1400, 900),
+            f"{ui}/runs/flow-run/{ingest}?tab=Logs",
+            args.out / "prefect-ingest-logs.png",
+            (1400, 800),
         )
-        shoot(chromium, f"{mlflow}/#/experiments/{exp_id}/runs", args.out / "mlflow-runs.png", (2200, 700))
+        shoot(chromium, f"{mlflow}/#/experiments/{exp_id}/runs", args.out / "mlflow-runs.png", (1600, 420))
+        train = httpx.post(
+            f"{mlflow}/api/2.0/mlflow/runs/search",
+            json={
+                "experiment_ids": [exp_id],
+                "filter": "attributes.run_name = 'train:sft' and tags.cached = 'false'",
+                "order_by": ["attributes.start_time DESC"],
+            },
+        ).json()["runs"][0]["info"]["run_id"]
+        run_page = f"{mlflow}/#/experiments/{exp_id}/runs/{train}"
+        shoot(chromium, run_page, args.out / "mlflow-train-run.png", (1600, 1100), budget_ms=40000)
         compare = f"{mlflow}/#/compare-runs?runs={json.dumps(parents)}&experiments={json.dumps([exp_id])}"
         shoot(chromium, compare.replace(" ", ""), args.out / "mlflow-compare.png", (1500, 1100))
         shoot(chromium, report.as_uri(), args.out / "report.png", (1200, 2200), budget_ms=3000)
