@@ -101,7 +101,8 @@ def publish_stage(ctx: StageContext) -> None:
 
 def publish_pipeline(ctx: PipelineContext, summary: dict[str, Any]) -> None:
     """The pipeline's headline metrics on its MLflow parent run; its summary as the parent flow run's artifact."""
-    ctx.tracker.log_metrics(headline_metrics(summary))
+    metrics = headline_metrics(summary)
+    ctx.tracker.log_metrics(metrics)
     text = render(summary)
     _log(text.splitlines())
     link = mlflow_link(ctx.tracker)
@@ -110,7 +111,6 @@ def publish_pipeline(ctx: PipelineContext, summary: dict[str, Any]) -> None:
         key="pipeline-summary",
         description=f"run summary; {link}",
     )
-    metrics = headline_metrics(summary)
     if metrics:
         create_table_artifact(
             [{"metric": k, "value": _round(v)} for k, v in metrics.items()],
