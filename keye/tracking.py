@@ -228,6 +228,8 @@ class KeyeChatModel(mlflow.pyfunc.PythonModel):
     turn) -> the model's answer. Predictions go through keye.eval.predict, the path the benchmarks use; loading
     needs only the installed keye package (the checkpoint, tokenizer and policy travel as the model's artifact)."""
 
+    _skip_type_hint_validation = True  # the signature is the schema (MLflow would warn about missing hints)
+
     def load_context(self, context: Any) -> None:
         from keye.eval.predict import keye_chat_fn
 
