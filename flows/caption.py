@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.runners import batched
 from keye.cache_keys import code_hash, settings_hash
 from keye.config import PipelineConfig
@@ -52,4 +53,5 @@ def caption(config: PipelineConfig, videoset_id: str | None = None, parent: Pare
                     bar.advance(len(rows))
             ctx.lineage.complete_artifact(cs_id, members=sorted(ids.values()))
         ctx.summary.update(captioning.summary(ctx.lineage, cs_id))
+        publish_stage(ctx)
         return cs_id

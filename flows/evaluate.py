@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.cache_keys import code_hash, settings_hash
 from keye.checkpoint_hash import hash_checkpoint_dir
 from keye.config import PipelineConfig
@@ -23,7 +24,7 @@ from keye.eval.stage import (
 )
 from keye.lineage import make_id
 from keye.orchestration import ParentRun, open_stage
-from keye.tracking import register_checkpoint
+from keye.tracking import best_version, register_checkpoint, stage_curves
 
 
 @flow(name="eval")
@@ -68,6 +69,9 @@ def evaluate(
                 previous=previous,
                 predictions={k: v["_predictions"] for k, v in results.items()},
                 notes=notes,
+                curves=stage_curves(ctx.tracker),
+                control=control if s.blank_control else None,
+                best=best_version(ctx.tracker, s.registered_model, s.alias),
             )
             ctx.lineage.record_evals(eval_id, ckpt_id, results, str(out))
             done = ctx.lineage.evals_of(eval_id)
@@ -89,4 +93,5 @@ def evaluate(
             report=str(out / "report.html"),
             **{f"{k}_{m['primary']}": m[m["primary"]] for k, m in metrics.items()},
         )
+        publish_stage(ctx)
         return eval_id

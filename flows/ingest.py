@@ -7,6 +7,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.runners import batched
 from keye.cache_keys import code_hash, settings_hash
 from keye.config import IngestSettings, PipelineConfig
@@ -52,4 +53,5 @@ def ingest(config: PipelineConfig, parent: ParentRun | None = None) -> str:
             ctx.lineage.complete_artifact(vs_id)
         ctx.summary.update(ctx.lineage.videoset_summary(vs_id))
         ctx.summary["duplicate_paths"] = len(extra)
+        publish_stage(ctx)
         return vs_id

@@ -7,6 +7,7 @@ import json
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.cache_keys import code_hash, settings_hash
 from keye.config import PipelineConfig
 from keye.data import pack_stage
@@ -75,4 +76,5 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
             ctx.tracker.log_dict(result.stats, "pack_stats.json")
         meta = json.loads(ctx.lineage.artifact(ps_id)["meta"])
         ctx.summary.update({k: v for k, v in meta.items() if isinstance(v, int | float)})
+        publish_stage(ctx)
         return ps_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_pipeline
 from flows.caption import caption
 from flows.evaluate import evaluate
 from flows.ingest import ingest
@@ -52,4 +53,5 @@ def pipeline(
             out["eval"] = evaluate(config, checkpoint, out.get("videoset"), parent)
         summary = pipeline_summary(ctx.lineage, out)
         ctx.tracker.log_dict(summary, "pipeline_summary.json")
+        publish_pipeline(ctx, summary)
         return summary

@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.runners import batched
 from keye.cache_keys import code_hash, settings_hash
 from keye.config import PipelineConfig
@@ -81,4 +82,5 @@ def shard(config: PipelineConfig, captionset_id: str | None = None, parent: Pare
             shard_samples=sum(r["n_samples"] for r in rows),
             shard_bytes=sum(r["bytes"] for r in rows),
         )
+        publish_stage(ctx)
         return ss_id

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.cache_keys import code_hash, settings_hash
 from keye.checkpoint_hash import hash_checkpoint_dir
 from keye.config import PipelineConfig
@@ -91,5 +92,6 @@ def train(config: PipelineConfig, packset_id: str | None = None, parent: ParentR
             ctx.summary.update(
                 {k: v for k, v in json.loads(art["meta"]).items() if isinstance(v, int | float)}
             )
+            publish_stage(ctx)
             init, prev_id = str(out_dir / "final"), ckpt_id
     return init

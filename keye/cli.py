@@ -425,6 +425,10 @@ def up(
         _fail(str(e))
     for name, url in urls.items():
         typer.echo(f"{name:<12} {url}")
+    from keye.services import describe_worker
+
+    if line := describe_worker(workspace):
+        typer.echo(f"{'worker':<12} {line}")
     if "prefect_api" in urls:
         typer.echo(f"\nexport PREFECT_API_URL={urls['prefect_api']}")
     if "mlflow" in urls:

@@ -9,8 +9,9 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,7 +19,8 @@ from pydantic import BaseModel
 from keye.config import PipelineConfig
 from keye.crash_recovery import own_run, recover_after_crash
 from keye.lineage import Lineage
-from keye.tracking import Tracker, make_client, pipeline_run
+from keye.stage_datasets import stage_datasets
+from keye.tracking import CACHED_TAG, Tracker, make_client, pipeline_run
 from keye.workspace import Workspace, WorkspaceLock
 
 
@@ -38,6 +40,9 @@ def new_run_id(prefix: str) -> str:
     return f"{prefix}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
+SYSTEM_METRICS_STAGES = ("train", "eval")  # the stages whose CPU/GPU/memory use is worth a chart
+
+
 @dataclass
 class StageContext:
     config: PipelineConfig
@@ -49,11 +54,39 @@ class StageContext:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    started: datetime = field(default_factory=lambda: datetime.now().replace(microsecond=0))
+    _fresh: bool = False
 
     def cached(self, artifact_id: str) -> dict[str, Any] | None:
         """The artifact if a previous run completed it (then the stage has nothing to do)."""
         art = self.lineage.artifact(artifact_id)
         return art if art and art["status"] == "complete" else None
+
+    def reused(self) -> bool:
+        """True when every output of this stage was completed by an earlier run: the stage was skipped, so its
+        MLflow run is tagged cached and logs no metrics (they belong to the run that made the outputs)."""
+        if self._fresh or not self.outputs:
+            return False
+        ids = sorted(set(self.outputs))
+        rows = self.lineage.query(
+            """SELECT artifact_id AS id, status, completed_at AS ts FROM artifacts WHERE artifact_id IN (SELECT unnest(?))
+               UNION ALL SELECT eval_id, 'complete', max(created_at) FROM evals WHERE eval_id IN (SELECT unnest(?))
+               GROUP BY eval_id""",
+            [ids, ids],
+        )
+        if any(r["status"] != "complete" or r["ts"] is None or r["ts"] >= self.started for r in rows):
+            self._fresh = True  # made (or being made) by this run: stays fresh
+            return False
+        return {r["id"] for r in rows} >= set(ids)
+
+    def producer_run(self) -> str | None:
+        """The MLflow run of the stage run that produced this stage's first output (for a cached stage)."""
+        rows = self.lineage.query(
+            """SELECT r.mlflow_run_id FROM edges e JOIN runs r ON r.run_id = e.src_id
+               WHERE e.relation = 'produced' AND e.dst_id = ? AND r.run_id <> ? ORDER BY r.started_at LIMIT 1""",
+            [self.outputs[0], self.run_id],
+        )
+        return rows[0]["mlflow_run_id"] if rows else None
 
 
 class ParentRun(BaseModel):
@@ -83,6 +116,7 @@ def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Ite
         lineage = Lineage(ws)
         run_id = new_run_id("p")
         recover_after_crash(ws, lineage, run_id, config.tracking.uri, config.tracking.experiment)
+        run_name = f"{config.name}-{run_id.rsplit('-', 1)[-1]}-{time.strftime('%Y-%m-%d')}"
         tags = {
             "keye.prefect_flow_run_id": flow_run_id,
             "keye.lineage_run_id": run_id,
@@ -95,6 +129,7 @@ def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Ite
             tags=tags,
             uri=config.tracking.uri,
             experiment=config.tracking.experiment,
+            run_name=run_name,
         ) as tracker:
             own_run(run_id)
             lineage.start_run(
@@ -146,17 +181,31 @@ def open_stage(
             own_run(run_id)
             lineage.start_run(run_id, "stage", name, parent.run_id, flow_run_id, tracker.run_id, settings)
             ctx = StageContext(config, ws, lineage, tracker, run_id, name)
+            tracker.mute = ctx.reused  # a skipped stage logs no metrics
             try:
-                yield ctx
+                with ExitStack() as stack:
+                    if stage in SYSTEM_METRICS_STAGES:
+                        stack.enter_context(tracker.system_metrics())
+                    yield ctx
             except BaseException:
                 lineage.end_run(run_id, "failed", inputs=ctx.inputs)
                 raise
+            cached = ctx.reused()
             lineage.end_run(run_id, "completed", outputs=ctx.outputs, inputs=ctx.inputs)
             numeric = {
                 k: v for k, v in ctx.summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
             }
             tracker.log_metrics(numeric)
-            tracker.set_tags({"keye.lineage_ids": ",".join(ctx.outputs)[:5000]})
+            tracker.set_tags(
+                {
+                    "keye.lineage_ids": ",".join(ctx.outputs)[:5000],
+                    CACHED_TAG: str(cached).lower(),
+                    "keye.cached_from": ctx.producer_run() if cached else None,
+                }
+            )
+            if cached:
+                tracker.client.update_run(tracker.run_id, name=f"{name} (cached)")
+            tracker.log_datasets(stage_datasets(lineage, ws, stage, ctx.inputs, ctx.outputs))
             tracker.log_dict(ctx.summary, f"{stage}_summary.json")
 
 
