@@ -28,6 +28,7 @@ class ShardItem:
     start: float
     end: float
     record: dict[str, Any]
+    source_ref: str = ""  # what the sample JSON records: workspace-relative inside the workspace (issue 24)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ def encode_params(s: ShardSettings) -> EncodeParams:
     return EncodeParams(max_side=s.max_side, fps=s.fps, gop_seconds=s.gop_seconds)
 
 
+def portable_path(path: str, root: Path) -> str:
+    """`path` relative to the workspace root when it lies inside it, else as given: two workspaces built from
+    the same sources then write the same bytes."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
 def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
     """Clips with an 'ok' caption in the caption set, in key order."""
     rows = lineage.query(
@@ -68,6 +78,7 @@ def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
             video_id=r["video_id"],
             video_sha256=r["sha256"],
             source_path=r["path"],
+            source_ref=portable_path(r["path"], lineage.workspace.root),
             start=r["start_s"],
             end=r["end_s"],
             record=json.loads(r["record"]) if isinstance(r["record"], str) else (r["record"] or {}),
@@ -96,7 +107,7 @@ def sample_json(e: EncodedItem) -> dict[str, Any]:
         "clip_id": it.clip_id,
         "video_id": it.video_id,
         "video_sha256": it.video_sha256,
-        "source_path": it.source_path,
+        "source_path": it.source_ref or it.source_path,
         "clip_start": it.start,
         "clip_end": it.end,
         "duration": e.duration,

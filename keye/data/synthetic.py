@@ -33,7 +33,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 MAX_OBJECTS = 3  # shapes in a short video: 1-2 under 6 s, 2-3 otherwise, capped by a set's max_objects
-GENERATOR_VERSION = 2  # bump when the same spec renders differently (2: muted backgrounds, larger shapes)
+# bump when the same spec renders differently (2: muted backgrounds, larger shapes; 3: bit-exact containers)
+GENERATOR_VERSION = 3
 REGIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
 DIRECTIONS = ("left", "right", "up", "down")
 # (codec, container extension, pixel format, encoder options); weights below pick among them
@@ -389,7 +390,8 @@ def encode_video(spec: VideoSpec, path: Path) -> None:
         (spec.height, spec.width) if spec.rotation in (90, 270) else (spec.width, spec.height)
     )
     masks: dict = {}
-    with av.open(str(tmp), mode="w") as out:
+    # bitexact: no random Matroska segment UID nor library version in the file (mkv/webm differed run to run)
+    with av.open(str(tmp), mode="w", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(spec.codec, rate=spec.fps)
         stream.width, stream.height = stored_w, stored_h
         stream.pix_fmt = "yuv420p"

@@ -29,6 +29,7 @@ from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import load_tokenizer
+from keye.determinism import seed_everything, without_timings
 from keye.model import KeyeVL, build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
 from keye.model.lm import chunked_cross_entropy, shifted_targets
@@ -199,8 +200,7 @@ def train_stage(
         meta = ckpt.read_trainer_state(latest[1])
         return TrainResult(final_dir, latest[0], dict(meta.get("last_metrics", {})), latest[0])
 
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
+    seed_everything(settings.seed)
     model = _prepare_model(settings, init_checkpoint, model_preset, vocab_size, image_token_id)
     if latest is not None:
         _load_weights(model, latest[1] / "model")
@@ -460,7 +460,7 @@ def _save_step(
             "scheduler": scheduler.state_dict(),
             "loader": loader_state,
             "bad_steps": bad_steps,
-            "last_metrics": dict(last),
+            "last_metrics": without_timings(last),
             "settings": settings.model_dump(mode="json"),
         }
         meta = {"step": step, "stage": settings.name, "kind": settings.kind, "world_size": acc.num_processes}
