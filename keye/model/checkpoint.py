@@ -38,6 +38,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file with a canonical header, so the same tensors and metadata give the same bytes."""
+    save_file(tensors, str(path), metadata=metadata)
+    sort_header_metadata(Path(path))
+
+
 def sort_header_metadata(path: Path) -> None:
     """safetensors writes its __metadata__ map in Rust hash order (random per process): the same weights gave
     other bytes (issue 24). Rewrite the header with that map's keys sorted; tensor offsets are unchanged."""
@@ -85,8 +91,7 @@ class ShardWriter:
         if not self.pending:
             return
         fname = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.tmp / fname), metadata={"format": "pt", "keye_format": FORMAT})
-        sort_header_metadata(self.tmp / fname)
+        save_safetensors(self.pending, self.tmp / fname, metadata={"format": "pt", "keye_format": FORMAT})
         self.files.append((fname, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from keye.model.checkpoint import save_safetensors
 
 TREE_KEY = "keye_state_tree"
 FORMAT_KEY = "keye_state_format"
@@ -84,7 +85,7 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_state_file(obj: Any, path: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(obj, tensors)
-    save_file(tensors, str(path), metadata={FORMAT_KEY: FORMAT, TREE_KEY: json.dumps(tree)})
+    save_safetensors(tensors, path, metadata={FORMAT_KEY: FORMAT, TREE_KEY: json.dumps(tree)})
     return Path(path)
 
 
