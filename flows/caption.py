@@ -29,7 +29,7 @@ def caption(config: PipelineConfig, videoset_id: str | None = None, parent: Pare
         videoset_id = videoset_id or ctx.lineage.latest_artifact("videoset")  # run alone: the newest one
         backend = captioning.backend_config(config.caption)
         ident = captioning.captioner_identity(backend)
-        cs_id = make_id("cs", videoset_id, settings_hash(config.caption), code_hash("keye.data.captioning"))
+        cs_id = make_id("cs", videoset_id, settings_hash(config.caption), code_hash("flows.caption"))
         ctx.inputs.append(videoset_id)
         ctx.outputs.append(cs_id)
         if not ctx.cached(cs_id):

@@ -39,9 +39,7 @@ def evaluate(
         s = config.eval
         ckpt_sha = hash_checkpoint_dir(checkpoint_dir)
         ckpt_id = ctx.lineage.checkpoint_id_for(checkpoint_dir, ckpt_sha)
-        eval_id = make_id(
-            "e", ckpt_sha, videoset_id, settings_hash(s), code_hash("keye.eval.stage", "keye.eval.scoring")
-        )
+        eval_id = make_id("e", ckpt_sha, videoset_id, settings_hash(s), code_hash("flows.evaluate"))
         ctx.inputs += [ckpt_id, videoset_id]
         ctx.outputs.append(eval_id)
         out = ctx.workspace.reports / eval_id

@@ -36,7 +36,7 @@ def ingest(config: PipelineConfig, parent: ParentRun | None = None) -> str:
         hashed = [h for f in [hash_files.submit(b) for b in batched(files, 64)] for h in f.result()]
         unique, extra = ing.dedupe(hashed)
         video_ids = sorted(h.video_id for h in unique)
-        vs_id = make_id("vs", video_ids, settings_hash(s), code_hash("keye.data.ingest", "keye.data.scenes"))
+        vs_id = make_id("vs", video_ids, settings_hash(s), code_hash("flows.ingest"))
         ctx.outputs.append(vs_id)
         if not ctx.cached(vs_id):
             ctx.lineage.begin_artifact(vs_id, "videoset", "videos", settings_hash(s), [])

@@ -37,7 +37,7 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
             shardset_id,
             tok.content_hash(),
             key,
-            code_hash("keye.data.samples", "keye.data.prompts", "keye.data.packing", "keye.data.pack_stage"),
+            code_hash("flows.pack"),
         )
         ctx.inputs += [shardset_id, tok_id]
         ctx.outputs.append(ps_id)

@@ -36,9 +36,7 @@ def shard(config: PipelineConfig, captionset_id: str | None = None, parent: Pare
             "captionset"
         )  # run alone: the newest one
         s = config.shard
-        ss_id = make_id(
-            "ss", captionset_id, settings_hash(s), code_hash("keye.data.shards", "keye.data.sharding")
-        )
+        ss_id = make_id("ss", captionset_id, settings_hash(s), code_hash("flows.shard"))
         ctx.inputs.append(captionset_id)
         ctx.outputs.append(ss_id)
         out_dir = ctx.workspace.shards / ss_id

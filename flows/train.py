@@ -26,7 +26,7 @@ def train(config: PipelineConfig, packset_id: str | None = None, parent: ParentR
     t = config.train
     init = t.init_checkpoint
     prev_id = None
-    code = code_hash("keye.train.trainer", "keye.train.settings", "keye.model.lm", "keye.model.attention")
+    code = code_hash("flows.train")
     for recipe in t.stages:
         params = {"preset": t.preset, **recipe.model_dump(mode="json")}
         with open_stage(

@@ -2,14 +2,19 @@
 
 A re-run skips a stage whose key is already a complete artifact in lineage; change the inputs, the settings or
 the code and the key changes, so the stage runs again (DESIGN.md: "cache key = input artifact ids + stage config hash").
+The code part is computed, never listed: the source of every keye/ and flows/ module a stage's entry modules import,
+transitively (found with ast, so a lazy import inside a function or a "module:attr" plug-in string counts too).
+A hand-written list goes stale the day someone edits a module it forgot (the tokenizer, the model, a kernel).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
-import inspect
 import json
+import re
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,13 +33,84 @@ def settings_hash(settings: BaseModel | dict[str, Any], *extra: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def code_hash(*module_names: str) -> str:
-    """Hash of the source of the modules that compute a stage's output."""
+ROOT = Path(__file__).resolve().parents[1]
+"""The directory holding the keye/ and flows/ packages (the repository root of a checkout)."""
+
+_PACKAGES = ("keye", "flows")
+_MODULE_STRING = re.compile(r"^((?:keye|flows)(?:\.\w+)+)(?::\w+)?$")
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The source file of a keye/flows module under root, or None (not ours, or no such module)."""
+    parts = name.split(".")
+    if parts[0] not in _PACKAGES:
+        return None
+    base = root.joinpath(*parts)
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imported_names(module: str, path: Path) -> set[str]:
+    """Every module name an ast of the file mentions: imports anywhere (top level or inside functions), and
+    "keye.x.y" / "keye.x.y:attr" string constants (lazy imports through importlib, plug-in registries)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names.add(target)
+            names.update(f"{target}.{a.name}" for a in node.names)  # `from pkg import submodule`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            m = _MODULE_STRING.match(node.value)
+            if m:
+                names.add(m.group(1))
+    return names
+
+
+def module_closure(*entries: str, root: Path = ROOT) -> dict[str, Path]:
+    """The keye/flows modules that `entries` import, transitively (entries and parent packages included)."""
+    seen: dict[str, Path] = {}
+    todo = list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = module_file(name, root)
+        if path is None:
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
+        todo += sorted(_imported_names(name, path))
+    missing = [e for e in entries if e not in seen]
+    if missing:
+        raise ValueError(f"code_hash: no module {missing} under {root}")
+    return seen
+
+
+@lru_cache(maxsize=64)
+def _closure_hash(entries: tuple[str, ...], root: Path) -> str:
     h = hashlib.sha256()
-    for name in sorted(module_names):
-        mod = importlib.import_module(name)
-        try:
-            h.update(inspect.getsource(mod).encode())
-        except (OSError, TypeError):
-            h.update(name.encode())
+    for name, path in sorted(module_closure(*entries, root=root).items()):
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def code_hash(*entry_modules: str, root: Path = ROOT) -> str:
+    """Hash of the source of every module the entry modules import, transitively, in sorted order.
+
+    Computed once per process (the sources do not change under a running pipeline)."""
+    return _closure_hash(tuple(sorted(entry_modules)), root)

@@ -1,0 +1,86 @@
+"""Stage cache keys cannot go stale: the code part is the transitive import closure of the stage, computed.
+
+A temporary copy of the packages is edited and the keys are computed there in a fresh interpreter: an edit to the
+model (which the train stage reaches only through keye.train.trainer -> keye.model) changes the train key; an edit
+outside the code (a docs file) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keye.cache_keys import ROOT, module_closure
+
+STAGES = {
+    "ingest": "flows.ingest",
+    "caption": "flows.caption",
+    "shard": "flows.shard",
+    "pack": "flows.pack",
+    "train": "flows.train",
+    "eval": "flows.evaluate",
+}
+
+
+def _keys(root: Path) -> dict[str, str]:
+    code = (
+        "import json, sys; from keye.cache_keys import code_hash; "
+        f"print(json.dumps({{k: code_hash(m) for k, m in {STAGES!r}.items()}}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in ("keye", "flows", "docs"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=ignore)
+    return tmp_path
+
+
+def test_closure_reaches_the_code_that_changes_results():
+    train = module_closure("flows.train")
+    for mod in (
+        "keye.model.moe",
+        "keye.model.vit",
+        "keye.kernels.dispatch",
+        "keye.data.loader",
+        "keye.data.tokenizer",
+    ):
+        assert mod in train, mod
+    caption = module_closure("flows.caption")
+    for mod in ("keye.data.captioners.sidecar", "keye.data.captioners.openai_compat", "keye.data.video"):
+        assert mod in caption, mod  # backends are imported by "module:class" strings: found all the same
+    assert "keye.cli" not in train
+
+
+def test_model_edit_changes_train_key_and_docs_edit_does_not(copy: Path):
+    before = _keys(copy)
+    assert before == _keys(copy)  # stable across processes
+
+    doc = next((copy / "docs").glob("*.md"))
+    doc.write_text(doc.read_text() + "\nan unrelated edit\n")
+    assert _keys(copy) == before
+
+    moe = copy / "keye" / "model" / "moe.py"
+    moe.write_text(moe.read_text() + "\n# an edit that could change results\n")
+    after = _keys(copy)
+    assert after["train"] != before["train"]
+    assert after["eval"] != before["eval"]  # the eval stage runs the model too
+
+    cli = copy / "keye" / "cli.py"  # code that no stage imports
+    cli.write_text(cli.read_text() + "\n# an edit outside every stage\n")
+    assert _keys(copy) == after
