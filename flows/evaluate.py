@@ -9,9 +9,11 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from keye.cache_keys import code_hash, settings_hash
-from keye.checkpoint_hash import hash_checkpoint_dir
-from keye.config import PipelineConfig
+from keye.core.checkpoint_hash import hash_checkpoint_dir
+from keye.core.config import PipelineConfig
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import make_id
+from keye.core.tracking import register_checkpoint
 from keye.eval import flat_metrics, keye_predict_fn, write_report
 from keye.eval.stage import (
     blank_frame_control,
@@ -21,9 +23,7 @@ from keye.eval.stage import (
     run_benchmarks,
     vision_control_path,
 )
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
-from keye.tracking import register_checkpoint
+from keye.stages.artifact import ParentRun, open_stage
 
 
 @flow(name="eval")

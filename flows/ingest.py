@@ -8,13 +8,13 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows.runners import batched
-from keye.cache_keys import code_hash, settings_hash
-from keye.config import IngestSettings, PipelineConfig
+from keye.core.config import IngestSettings, PipelineConfig
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import make_id
+from keye.core.progress import progress
 from keye.data import ingest as ing
 from keye.data.sources import FileRef, list_sources
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
-from keye.progress import progress
+from keye.stages.artifact import ParentRun, open_stage
 
 
 @task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=1)

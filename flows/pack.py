@@ -7,13 +7,13 @@ import json
 from prefect import flow
 from prefect.runtime import flow_run
 
-from keye.cache_keys import code_hash, settings_hash
-from keye.config import PipelineConfig
+from keye.core.config import PipelineConfig
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import make_id
 from keye.data import pack_stage
 from keye.data.packing import read_pack_index
 from keye.data.samples import pack_shards
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
+from keye.stages.artifact import ParentRun, open_stage
 
 
 @flow(name="pack")

@@ -12,9 +12,9 @@ from flows.pack import pack
 from flows.runners import task_runner
 from flows.shard import shard
 from flows.train import train
-from keye.config import load_config
-from keye.orchestration import open_pipeline
-from keye.summary import pipeline_summary
+from keye.core.config import load_config
+from keye.stages.artifact import open_pipeline
+from keye.stages.summary import pipeline_summary
 
 
 @flow(name="pipeline")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from keye.config import RunnerSettings
+from keye.core.config import RunnerSettings
 
 
 def task_runner(settings: RunnerSettings):

@@ -7,13 +7,13 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows.runners import batched
-from keye.cache_keys import code_hash, settings_hash
-from keye.config import PipelineConfig
+from keye.core.config import PipelineConfig
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import make_id
+from keye.core.progress import progress
 from keye.data import sharding
 from keye.data.shards import EncodeParams, plan_shards, shard_name
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
-from keye.progress import progress
+from keye.stages.artifact import ParentRun, open_stage
 
 
 @task(retries=2, retry_delay_seconds=1)

@@ -9,13 +9,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from keye.cache_keys import code_hash, settings_hash
-from keye.checkpoint_hash import hash_checkpoint_dir
-from keye.config import PipelineConfig
+from keye.core.checkpoint_hash import hash_checkpoint_dir
+from keye.core.config import PipelineConfig
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import make_id
 from keye.data.pack_stage import shard_map, task_pack_index
 from keye.data.tokenizer import load_tokenizer
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
+from keye.stages.artifact import ParentRun, open_stage
 from keye.train import train_stage
 from keye.train.bundle import bundle_checkpoint
 

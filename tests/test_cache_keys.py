@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from keye.cache_keys import ROOT, module_closure
+from keye.core.hashing import ROOT, module_closure
 
 STAGES = {
     "ingest": "flows.ingest",
@@ -29,7 +29,7 @@ STAGES = {
 
 def _keys(root: Path) -> dict[str, str]:
     code = (
-        "import json, sys; from keye.cache_keys import code_hash; "
+        "import json, sys; from keye.core.hashing import code_hash; "
         f"print(json.dumps({{k: code_hash(m) for k, m in {STAGES!r}.items()}}))"
     )
     out = subprocess.run(

@@ -5,8 +5,8 @@ import json
 from typer.testing import CliRunner
 
 from keye.cli import app
+from keye.core.lineage import Lineage, clip_id_for, video_id_for
 from keye.data.shards import write_shard
-from keye.lineage import Lineage, clip_id_for, video_id_for
 
 runner = CliRunner()
 

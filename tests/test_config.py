@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from keye.config import ConfigError, PathSource, SyntheticSource, load_config
+from keye.core.config import ConfigError, PathSource, SyntheticSource, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,8 +58,8 @@ def test_missing_file_and_bad_override(tmp_path):
 
 def test_synthetic_set_folder_names_what_changes_its_files(tmp_path):
     """A synthetic set is generated once per folder name, so every setting that changes the files is in it."""
+    from keye.core.workspace import Workspace
     from keye.data.sources import synthetic_dir
-    from keye.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     default = synthetic_dir(SyntheticSource(), ws).name

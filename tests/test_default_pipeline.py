@@ -33,7 +33,7 @@ def default_run(tmp_path_factory):
 
 def test_all_stages_end_with_a_rescorable_report(default_run):
     from keye.cli import app
-    from keye.lineage import Lineage
+    from keye.core.lineage import Lineage
 
     summary, ws = default_run
     store = Lineage(ws, read_only=True)
@@ -73,8 +73,8 @@ def test_all_stages_end_with_a_rescorable_report(default_run):
 def test_default_pipeline_beats_chance_on_heldout_mcqs(default_run):
     """Issue 6's "must show": the default SFT model answers held-out MCQs clearly better than guessing, and
     better than itself with blank frames on the same questions (what it takes from the pixels)."""
+    from keye.core.lineage import Lineage
     from keye.eval.stage import pooled_mcq_significance
-    from keye.lineage import Lineage
 
     summary, ws = default_run
     store = Lineage(ws, read_only=True)

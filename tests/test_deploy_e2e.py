@@ -104,7 +104,7 @@ def test_deploy_trigger_and_track_end_to_end(tmp_path: Path) -> None:
             assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 2 * * *", False)]
             with pytest.raises(PrefectHTTPStatusError, match="409|422"):  # the schema rejects a wrong type
                 client.create_flow_run_from_deployment(deployment.id, parameters={"stages": "ingest"})
-            # stage deployments take a PipelineConfig: keye.config's own constraints guard the UI form
+            # stage deployments take a PipelineConfig: keye.core.config's own constraints guard the UI form
             ingest = client.read_deployment_by_name("ingest/ingest")
             for bad in (
                 {"ingest": {"batch_size": 0}},

@@ -4,8 +4,8 @@ import multiprocessing as mp
 
 import pytest
 
-from keye.lineage import Lineage, LineageError, clip_id_for, video_id_for
-from keye.workspace import Workspace, WorkspaceLock, WorkspaceLocked
+from keye.core.lineage import Lineage, LineageError, clip_id_for, video_id_for
+from keye.core.workspace import Workspace, WorkspaceLock, WorkspaceLocked
 
 
 def _video(path, sha, status="ok", reason=None, clips=((0.0, 2.0), (2.0, 4.0))):

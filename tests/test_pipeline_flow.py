@@ -67,7 +67,7 @@ def _config(tmp_path: Path, src: Path) -> Path:
 
 
 def _counts(ws: Path) -> dict[str, int]:
-    from keye.lineage import Lineage
+    from keye.core.lineage import Lineage
 
     store = Lineage(ws, read_only=True)
     return {
@@ -87,8 +87,8 @@ def _counts(ws: Path) -> dict[str, int]:
 
 def test_pipeline_end_to_end_rerun_and_kill(harness, sources, tmp_path):
     from flows.pipeline import pipeline
+    from keye.core.lineage import Lineage
     from keye.data.shards import read_shard
-    from keye.lineage import Lineage
     from keye.verify import verify_workspace
 
     src, videos, bad, dup = sources

@@ -286,7 +286,7 @@ def test_sigkill_mid_shard_leaves_nothing_final_and_rerun_matches(samples, tmp_p
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "train-000000.tar").exists()
     assert verify_shard(out / "train-000000.tar", ref.sha256) != []
-    from keye.atomic import remove_stale_temps
+    from keye.core.atomic import remove_stale_temps
 
     assert len(remove_stale_temps(out)) == 1
     sizes = {k: p.stat().st_size for k, p, _ in samples}

@@ -1,4 +1,4 @@
-"""keye.atomic: the final name only ever holds complete content."""
+"""keye.core.atomic: the final name only ever holds complete content."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keye.atomic import (
+from keye.core.atomic import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,

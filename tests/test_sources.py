@@ -5,9 +5,9 @@ import json
 import fsspec
 import pytest
 
-from keye.config import IngestSettings, PathSource
+from keye.core.config import IngestSettings, PathSource
+from keye.core.workspace import Workspace
 from keye.data.sources import SourceError, list_path_source, list_sources
-from keye.workspace import Workspace
 
 
 @pytest.fixture()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from keye.config import CaptionSettings
+from keye.core.config import CaptionSettings
+from keye.core.lineage import Lineage
 from keye.data.captioners import ClipRef, build_captioner
 from keye.data.captioners.base import CaptionRecord
-from keye.lineage import Lineage
 
 __all__ = [
     "ClipRef",

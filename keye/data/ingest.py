@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from keye.config import IngestSettings
+from keye.core.config import IngestSettings
+from keye.core.lineage import video_id_for
 from keye.data.sources import FileRef
-from keye.lineage import video_id_for
 
 
 @dataclass

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from keye.cache_keys import code_hash
-from keye.config import PackSettings, TokenizerSettings
+from keye.core.config import PackSettings, TokenizerSettings
+from keye.core.hashing import code_hash
+from keye.core.lineage import Lineage, make_id
 from keye.data.packing import PackBudget
 from keye.data.samples import corpus_texts, scan_shard
 from keye.data.tokenizer import KeyeTokenizer, load_tokenizer, train_bpe
-from keye.lineage import Lineage, make_id
 
 
 def shard_map(lineage: Lineage, shardset_id: str) -> dict[str, str]:

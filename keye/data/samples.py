@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keye.atomic import atomic_path
-from keye.cache_keys import stable_hash64
+from keye.core.atomic import atomic_path
+from keye.core.hashing import stable_hash64
 from keye.data.packing import PackBudget, pack, write_pack_index
 from keye.data.prompts import (
     CAPTION_PROMPT,

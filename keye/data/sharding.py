@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.atomic import remove_stale_temps
-from keye.config import ShardSettings
+from keye.core.atomic import remove_stale_temps
+from keye.core.config import ShardSettings
+from keye.core.lineage import Lineage, make_id
 from keye.data import shards
 from keye.data.shards import EncodeParams, ShardInfo, clip_key, ensure_clip
-from keye.lineage import Lineage, make_id
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from keye.atomic import atomic_path
-from keye.config import IngestSettings, PathSource, SyntheticSource
-from keye.workspace import Workspace
+from keye.core.atomic import atomic_path
+from keye.core.config import IngestSettings, PathSource, SyntheticSource
+from keye.core.workspace import Workspace
 
 MANIFEST_SUFFIXES = {".txt", ".jsonl", ".csv", ".lst"}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from keye.atomic import atomic_write_bytes, atomic_write_text
+from keye.core.atomic import atomic_write_bytes, atomic_write_text
 
 _NAMES = {
     "timelens": "TimeLens",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.atomic import atomic_write_json
+from keye.core.atomic import atomic_write_json
 from keye.eval.export import write_heldout_benchmarks
 from keye.eval.metrics import mcq_significance, paired_advantage
 from keye.eval.readers import read_benchmark

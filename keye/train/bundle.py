@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keye.atomic import atomic_write_text
+from keye.core.atomic import atomic_write_text
 from keye.data.sampling import SamplingPolicy
 
 POLICY_FILE = "sampling_policy.json"

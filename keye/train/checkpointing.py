@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from keye.atomic import _fsync_dir
+from keye.core.atomic import _fsync_dir
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"

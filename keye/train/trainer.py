@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from keye.cache_keys import stable_hash64
+from keye.core.hashing import stable_hash64
 from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
 from keye.data.sampling import SamplingPolicy

@@ -33,7 +33,7 @@ def settings_hash(settings: BaseModel | dict[str, Any], *extra: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the keye/ and flows/ packages (the repository root of a checkout)."""
 
 _PACKAGES = ("keye", "flows")

@@ -1,7 +1,7 @@
 """DuckDB lineage store: every artifact from source video to trained checkpoint, and the edges between them.
 
 The only module that imports duckdb. Only the orchestrating process writes (it holds the workspace lock, see
-keye.workspace); workers return records. Connections are short-lived so that read-only readers (`keye lineage`,
+keye.core.workspace); workers return records. Connections are short-lived so that read-only readers (`keye lineage`,
 `keye verify`) can open the file between writes. Every write is idempotent (ids are content- or input-derived and
 inserts ignore existing keys), so a re-run after a crash adds exactly what is missing.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import duckdb
 
-from keye.workspace import Workspace, WorkspaceLock, holds_lock
+from keye.core.workspace import Workspace, WorkspaceLock, holds_lock
 
 SCHEMA_VERSION = 1
 

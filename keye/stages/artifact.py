@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from keye.config import PipelineConfig
-from keye.lineage import Lineage
-from keye.tracking import Tracker, make_client, pipeline_run
-from keye.workspace import Workspace, WorkspaceLock
+from keye.core.config import PipelineConfig
+from keye.core.lineage import Lineage
+from keye.core.tracking import Tracker, make_client, pipeline_run
+from keye.core.workspace import Workspace, WorkspaceLock
 
 
 def configure_environment(workspace: Workspace) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keye.lineage import Lineage
+from keye.core.lineage import Lineage
 
 
 def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any]:
