@@ -15,7 +15,7 @@ from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import make_id
 from keye.core.tracking import register_checkpoint
 from keye.eval import flat_metrics, keye_predict_fn, write_report
-from keye.eval.stage import (
+from keye.eval.heldout import (
     blank_frame_control,
     control_metrics,
     describe_control,

@@ -12,9 +12,9 @@ from keye.core.config import IngestSettings, PipelineConfig
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import make_id
 from keye.core.progress import progress
-from keye.data import ingest as ing
-from keye.data.sources import FileRef, list_sources
+from keye.stages import ingest as ing
 from keye.stages.artifact import ParentRun, open_stage
+from keye.stages.sources import FileRef, list_sources
 
 
 @task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=1)

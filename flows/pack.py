@@ -10,9 +10,9 @@ from prefect.runtime import flow_run
 from keye.core.config import PipelineConfig
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import make_id
-from keye.data import pack_stage
 from keye.data.packing import read_pack_index
 from keye.data.samples import pack_shards
+from keye.stages import pack as pack_stage
 from keye.stages.artifact import ParentRun, open_stage
 
 

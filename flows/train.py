@@ -13,9 +13,9 @@ from keye.core.checkpoint_hash import hash_checkpoint_dir
 from keye.core.config import PipelineConfig
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import make_id
-from keye.data.pack_stage import shard_map, task_pack_index
 from keye.data.tokenizer import load_tokenizer
 from keye.stages.artifact import ParentRun, open_stage
+from keye.stages.pack import shard_map, task_pack_index
 from keye.train import train_stage
 from keye.train.bundle import bundle_checkpoint
 

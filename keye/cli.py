@@ -72,7 +72,7 @@ def _run_guarded(fn):
     from keye.core.config import ConfigError
     from keye.core.lineage import LineageError
     from keye.core.workspace import WorkspaceLocked
-    from keye.data.sources import SourceError
+    from keye.stages.sources import SourceError
 
     try:
         return fn()

@@ -59,7 +59,7 @@ def test_missing_file_and_bad_override(tmp_path):
 def test_synthetic_set_folder_names_what_changes_its_files(tmp_path):
     """A synthetic set is generated once per folder name, so every setting that changes the files is in it."""
     from keye.core.workspace import Workspace
-    from keye.data.sources import synthetic_dir
+    from keye.stages.sources import synthetic_dir
 
     ws = Workspace(tmp_path / "ws")
     default = synthetic_dir(SyntheticSource(), ws).name

@@ -74,7 +74,7 @@ def test_default_pipeline_beats_chance_on_heldout_mcqs(default_run):
     """Issue 6's "must show": the default SFT model answers held-out MCQs clearly better than guessing, and
     better than itself with blank frames on the same questions (what it takes from the pixels)."""
     from keye.core.lineage import Lineage
-    from keye.eval.stage import pooled_mcq_significance
+    from keye.eval.heldout import pooled_mcq_significance
 
     summary, ws = default_run
     store = Lineage(ws, read_only=True)

@@ -218,9 +218,9 @@ def test_export_names_missing_video(tmp_path):
 
 
 def test_blank_frame_control_pairs_real_and_blank_answers(tmp_path):
-    """keye.eval.stage.blank_frame_control asks the pooled MCQs again with blank frames and compares question by
+    """keye.eval.heldout.blank_frame_control asks the pooled MCQs again with blank frames and compares question by
     question; a scripted predict_fn that is right only when it sees the frames (and answers "A" blind)."""
-    from keye.eval.stage import BenchSet, blank_frame_control, pooled_mcq_significance, run_benchmarks
+    from keye.eval.heldout import BenchSet, blank_frame_control, pooled_mcq_significance, run_benchmarks
 
     vids = tmp_path / "videos"
     vids.mkdir()

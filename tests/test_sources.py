@@ -7,7 +7,7 @@ import pytest
 
 from keye.core.config import IngestSettings, PathSource
 from keye.core.workspace import Workspace
-from keye.data.sources import SourceError, list_path_source, list_sources
+from keye.stages.sources import SourceError, list_path_source, list_sources
 
 
 @pytest.fixture()

@@ -46,10 +46,10 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "n": m.get("n"),
             }
         s["report"] = str(lineage.workspace.reports / ev / "report.html")
-        from keye.eval.stage import vision_control_path
+        from keye.eval.heldout import vision_control_path
 
         control = vision_control_path(lineage.workspace.reports / ev)
-        if control.is_file():  # the eval's blank-frame control (keye.eval.stage.blank_frame_control)
+        if control.is_file():  # the eval's blank-frame control (keye.eval.heldout.blank_frame_control)
             c = json.loads(control.read_text(encoding="utf-8"))
             s["vision_control"] = str(control)
             s["vision"] = {

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from keye.core.config import IngestSettings
 from keye.core.lineage import video_id_for
-from keye.data.sources import FileRef
+from keye.stages.sources import FileRef
 
 
 @dataclass
