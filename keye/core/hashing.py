@@ -81,24 +81,33 @@ def _imported_names(module: str, path: Path) -> set[str]:
 
 
 def module_closure(*entries: str, root: Path = ROOT) -> dict[str, Path]:
-    """The keye/flows modules that `entries` import, transitively (entries and parent packages included)."""
-    seen: dict[str, Path] = {}
-    todo = list(entries)
+    """The keye/flows modules that `entries` import, transitively, with the packages above them.
+
+    A package that is only the parent of an imported module (`keye.model` for `from keye.model.config import X`)
+    adds its own file but not what it imports in turn: the code uses the submodule, not the package's other
+    modules. A package imported by name (`from keye.model import build_model`) is followed like any module.
+    """
+    deep: dict[str, Path] = {}
+    shallow: dict[str, Path] = {}
+    todo = [(e, True) for e in entries]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, follow = todo.pop()
+        if name in deep or (not follow and name in shallow):
             continue
         path = module_file(name, root)
         if path is None:
             continue
-        seen[name] = path
         parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
-        todo += sorted(_imported_names(name, path))
-    missing = [e for e in entries if e not in seen]
+        todo += [(".".join(parts[:i]), False) for i in range(1, len(parts))]  # importing a.b.c runs a, a.b
+        if follow:
+            deep[name] = path
+            todo += [(n, True) for n in sorted(_imported_names(name, path))]
+        else:
+            shallow[name] = path
+    missing = [e for e in entries if e not in deep]
     if missing:
         raise ValueError(f"code_hash: no module {missing} under {root}")
-    return seen
+    return {**shallow, **deep}
 
 
 @lru_cache(maxsize=64)

@@ -555,6 +555,61 @@ class Lineage:
         """Everything that used `ref` (e.g. the clips, shards, packs and checkpoints a video fed)."""
         return self._walk(self.resolve(ref)["id"], upstream=False)
 
+    # -- what the stages read and write (the SQL of the stages lives here, nowhere else) --------------------
+    def clip_rows(self, videoset_id: str) -> list[dict[str, Any]]:
+        """The 'ok' clips of a VideoSet with their video's path and format, in video and clip order."""
+        return self.query(
+            """SELECT c.clip_id, c.video_id, c.start_s, c.end_s, v.path, v.fps, v.width, v.height
+               FROM clips c JOIN videos v USING (video_id)
+               WHERE c.clip_id IN (SELECT member_id FROM set_members WHERE set_id = ?) AND c.status = 'ok'
+               ORDER BY c.video_id, c.idx""",
+            [videoset_id],
+        )
+
+    def paths_of_videos(self, video_ids: list[str]) -> dict[str, list[str]]:
+        """video_id -> every path its content was found at, sorted."""
+        rows = self.query(
+            """SELECT video_id, list(path ORDER BY path) AS paths FROM video_paths
+               WHERE video_id IN (SELECT unnest(?)) GROUP BY video_id""",
+            [sorted(set(video_ids))],
+        )
+        return {r["video_id"]: r["paths"] for r in rows}
+
+    def caption_counts(self, captionset_id: str) -> dict[str, int]:
+        """status -> number of captions in a CaptionSet."""
+        rows = self.query(
+            """SELECT status, count(*) AS n FROM captions
+               WHERE caption_id IN (SELECT member_id FROM set_members WHERE set_id = ?) GROUP BY status""",
+            [captionset_id],
+        )
+        return {r["status"]: r["n"] for r in rows}
+
+    def captioned_clip_rows(self, captionset_id: str) -> list[dict[str, Any]]:
+        """Clips with an 'ok' caption in a CaptionSet: caption record, clip span, source video."""
+        return self.query(
+            """SELECT k.caption_id, k.record, c.clip_id, c.start_s, c.end_s, v.video_id, v.sha256, v.path
+               FROM captions k JOIN clips c USING (clip_id) JOIN videos v ON v.video_id = c.video_id
+               WHERE k.caption_id IN (SELECT member_id FROM set_members WHERE set_id = ?) AND k.status = 'ok'""",
+            [captionset_id],
+        )
+
+    def record_packs(self, packset_id: str, packs: list[dict[str, Any]]) -> None:
+        """One row per pack (pack_id, n_samples, tokens, fill, shard_ids), its shards -> pack edges and the
+        pack -> PackSet edge."""
+        with self.transaction() as con:
+            for p in packs:
+                con.execute(
+                    "INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, ?, NULL)",
+                    [p["pack_id"], packset_id, p["n_samples"], p["tokens"], p["fill"]],
+                )
+                for shard_id in p["shard_ids"]:
+                    con.execute(
+                        "INSERT OR IGNORE INTO edges VALUES (?, ?, 'packed_into')", [shard_id, p["pack_id"]]
+                    )
+                con.execute(
+                    "INSERT OR IGNORE INTO edges VALUES (?, ?, 'part_of')", [p["pack_id"], packset_id]
+                )
+
 
 def video_id_for(sha256: str | None, path: str) -> str:
     """A video is its content: the same bytes under two paths are one video."""

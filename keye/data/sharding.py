@@ -1,4 +1,5 @@
-"""The shard stage around keye.data.shards: which clips go in, their sample JSON, and shard ids for lineage.
+"""Shard samples from captioned clips: encode each clip (cached), its sample JSON, one planned shard written
+(keye.stages.shard picks the clips and records the shards in lineage).
 
 Work is split so a crash loses little: clips are encoded into a cache (atomic, skipped when present), then shards
 are planned by actual size and each is written atomically and recorded in lineage as soon as it exists.
@@ -11,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from keye.core.atomic import remove_stale_temps
-from keye.core.config import ShardSettings
-from keye.core.lineage import Lineage, make_id
 from keye.data import shards
-from keye.data.shards import EncodeParams, ShardInfo, clip_key, ensure_clip
+from keye.data.shards import EncodeParams, ShardInfo, ensure_clip
 
 
 @dataclass(frozen=True)
@@ -44,37 +43,6 @@ class EncodedItem:
 def remove_partial_files(out_dir: str | Path, cache_dir: str | Path, params: EncodeParams) -> int:
     """Temp files of writers killed in an earlier run (the stage holds the workspace lock, so none is live)."""
     return len(remove_stale_temps(out_dir)) + len(remove_stale_temps(Path(cache_dir) / params.digest()))
-
-
-def encode_params(s: ShardSettings) -> EncodeParams:
-    return EncodeParams(max_side=s.max_side, fps=s.fps, gop_seconds=s.gop_seconds)
-
-
-def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
-    """Clips with an 'ok' caption in the caption set, in key order."""
-    rows = lineage.query(
-        """SELECT k.caption_id, k.record, c.clip_id, c.start_s, c.end_s, v.video_id, v.sha256, v.path
-           FROM captions k JOIN clips c USING (clip_id) JOIN videos v ON v.video_id = c.video_id
-           WHERE k.caption_id IN (SELECT member_id FROM set_members WHERE set_id = ?) AND k.status = 'ok'""",
-        [captionset_id],
-    )
-    import json
-
-    items = [
-        ShardItem(
-            key=clip_key(r["clip_id"]),
-            clip_id=r["clip_id"],
-            caption_id=r["caption_id"],
-            video_id=r["video_id"],
-            video_sha256=r["sha256"],
-            source_path=r["path"],
-            start=r["start_s"],
-            end=r["end_s"],
-            record=json.loads(r["record"]) if isinstance(r["record"], str) else (r["record"] or {}),
-        )
-        for r in rows
-    ]
-    return sorted(items, key=lambda i: i.key)
 
 
 def encode_items(items: list[ShardItem], cache_dir: str, params: EncodeParams) -> list[EncodedItem]:
@@ -114,23 +82,9 @@ def sample_json(e: EncodedItem) -> dict[str, Any]:
     }
 
 
-def shard_id_for(shardset_id: str, name: str) -> str:
-    return make_id("s", shardset_id, name)
-
-
 def ensure_shard(out_dir: str, name: str, group: list[EncodedItem]) -> ShardInfo:
     """Write one planned shard of encoded clips unless an identical one is already in place."""
     return shards.ensure_shard(out_dir, name, [(e.item.key, e.mp4, sample_json(e)) for e in group])
-
-
-def shard_row(shardset_id: str, name: str, info: ShardInfo) -> dict[str, Any]:
-    return {
-        "shard_id": shard_id_for(shardset_id, name),
-        "path": str(info.path),
-        "sha256": info.sha256,
-        "n_samples": info.n_samples,
-        "bytes": info.bytes,
-    }
 
 
 def member_rows(group: list[EncodedItem]) -> list[dict[str, Any]]:

@@ -1,10 +1,15 @@
-"""What every stage does around its work: lock the workspace, open lineage and the MLflow run, skip when cached.
+"""The stage protocol: what every stage does around its work.
 
-Kept out of flows/ so it is plain Python that tests can call; flows only add Prefect tasks around keye calls.
+Lock the workspace, open the lineage run and the nested MLflow run (`open_stage`), name the output by a cache key
+(input ids + settings + the code the stage imports, computed: `StageRun.key`), skip it when a previous run completed
+it or begin / resume it (`StageRun.produce`), and record inputs, outputs and the summary when the stage ends.
+A stage run alone takes the newest complete input of the kind it needs (`StageRun.input`), in this one place.
+Kept out of flows/ so it is plain Python that tests can call; flows only add Prefect tasks around stage calls.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -16,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from keye.core.config import PipelineConfig
-from keye.core.lineage import Lineage
+from keye.core.hashing import code_hash, settings_hash
+from keye.core.lineage import Lineage, make_id
 from keye.core.tracking import Tracker, make_client, pipeline_run
 from keye.core.workspace import Workspace, WorkspaceLock
 
@@ -37,8 +43,25 @@ def new_run_id(prefix: str) -> str:
     return f"{prefix}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
+STAGES = ("ingest", "caption", "shard", "pack", "train", "eval")
+_FLOW_FILE = {"eval": "evaluate"}  # flows/<file>.py of a stage, where the name differs
+
+
+def stage_modules(stage: str) -> tuple[str, str]:
+    """The modules whose transitive imports make a stage's code hash: keye/stages/<stage>.py and its flow."""
+    stage = stage.partition(":")[0]  # "train:sft" -> "train"
+    return f"keye.stages.{stage}", f"flows.{_FLOW_FILE.get(stage, stage)}"
+
+
+def stage_code_hash(stage: str) -> str:
+    """Hash of every keye/flows module the stage imports, transitively (keye.core.hashing.code_hash)."""
+    return code_hash(*stage_modules(stage))
+
+
 @dataclass
-class StageContext:
+class StageRun:
+    """One run of one stage: its lineage run id, the artifacts it read and wrote, and a summary for MLflow."""
+
     config: PipelineConfig
     workspace: Workspace
     lineage: Lineage
@@ -49,10 +72,47 @@ class StageContext:
     outputs: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def input(self, kind: str, given: str | None) -> str:
+        """The given input artifact, or (a stage run on its own) the newest complete one of that kind."""
+        return given or self.lineage.latest_artifact(kind)
+
+    def key(self, prefix: str, *parts: Any) -> str:
+        """An output's id: its inputs and settings (parts) plus the stage's code hash, so it cannot go stale."""
+        return make_id(prefix, *parts, stage_code_hash(self.stage))
+
     def cached(self, artifact_id: str) -> dict[str, Any] | None:
         """The artifact if a previous run completed it (then the stage has nothing to do)."""
         art = self.lineage.artifact(artifact_id)
         return art if art and art["status"] == "complete" else None
+
+    def produce(
+        self,
+        artifact_id: str,
+        kind: str,
+        name: str,
+        settings: Any,
+        inputs: list[str],
+        path: str | None = None,
+        output: bool = True,
+    ) -> bool:
+        """Declare an artifact this run makes; True when it still has to be made (begun, or resumed after a
+        crash: `begin_artifact` is idempotent), False when a previous run completed it."""
+        if output:
+            self.inputs += [i for i in inputs if i not in self.inputs]
+            self.outputs.append(artifact_id)
+        if self.cached(artifact_id):
+            return False
+        key = settings if isinstance(settings, str) else settings_hash(settings)
+        self.lineage.begin_artifact(artifact_id, kind, name, key, inputs, path=path)
+        return True
+
+    def meta(self, artifact_id: str) -> dict[str, Any]:
+        """The JSON meta a completed artifact carries (counts, paths)."""
+        return json.loads(self.lineage.artifact(artifact_id)["meta"] or "{}")
+
+    def numbers(self, values: dict[str, Any]) -> None:
+        """Add the numeric values to the summary (what MLflow gets as the stage's metrics)."""
+        self.summary.update({k: v for k, v in values.items() if isinstance(v, int | float)})
 
 
 class ParentRun(BaseModel):
@@ -73,6 +133,14 @@ class PipelineContext:
     @property
     def ref(self) -> ParentRun:
         return ParentRun(run_id=self.run_id, mlflow_run_id=self.tracker.run_id)
+
+    def finish(self, outputs: dict[str, str]) -> dict[str, Any]:
+        """The end-of-run summary of the artifacts the stages made (also logged to the parent MLflow run)."""
+        from keye.stages.summary import pipeline_summary
+
+        summary = pipeline_summary(self.lineage, outputs)
+        self.tracker.log_dict(summary, "pipeline_summary.json")
+        return summary
 
 
 @contextmanager
@@ -119,7 +187,7 @@ def open_stage(
     flow_run_id: str | None = None,
     name: str | None = None,
     params: dict[str, Any] | None = None,
-) -> Iterator[StageContext]:
+) -> Iterator[StageRun]:
     """A stage run: nested under the pipeline's MLflow run (or a standalone parent when run alone).
 
     `name`/`params` default to the stage and its settings; training names each recipe (`train:sft`).
@@ -141,7 +209,7 @@ def open_stage(
         tags = {"keye.prefect_flow_run_id": flow_run_id, "keye.lineage_run_id": run_id}
         with parent_tracker.stage(name, params=settings, tags=tags) as tracker:
             lineage.start_run(run_id, "stage", name, parent.run_id, flow_run_id, tracker.run_id, settings)
-            ctx = StageContext(config, ws, lineage, tracker, run_id, name)
+            ctx = StageRun(config, ws, lineage, tracker, run_id, name)
             try:
                 yield ctx
             except BaseException:

@@ -1,7 +1,7 @@
-"""Ingest: hash, probe and split videos into clips; every unreadable input becomes a rejection with a reason.
+"""The ingest stage: hash, probe and split videos into clips; every unreadable input becomes a rejection with a reason.
 
 Workers run `hash_files` and `ingest_videos` and return plain records; the orchestrator dedupes by content and
-writes lineage. Nothing here raises for a bad video: one broken file must never stop a run over thousands.
+writes lineage (`plan` / `record` / `finish`). Nothing here raises for a bad video: one broken file must never stop a run over thousands.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import os
 from dataclasses import dataclass, field
 
 from keye.core.config import IngestSettings
+from keye.core.hashing import settings_hash
 from keye.core.lineage import video_id_for
-from keye.stages.sources import FileRef
+from keye.stages.artifact import StageRun
+from keye.stages.sources import FileRef, list_sources
 
 
 @dataclass
@@ -127,3 +129,38 @@ def dedupe(hashed: list[HashedFile]) -> tuple[list[HashedFile], list[HashedFile]
         else:
             first.setdefault(h.video_id, h)
     return list(first.values()), extra
+
+
+# -- the stage: plan (dedupe, the VideoSet id, what is left to probe), record, finish ------------------------------
+@dataclass
+class IngestPlan:
+    videoset_id: str
+    build: bool  # False: a previous run completed this VideoSet
+    todo: list[HashedFile]  # unique contents not yet recorded (a crashed run resumes here)
+    extra: list[HashedFile]  # further paths of contents already seen
+
+
+def list_files(run: StageRun) -> list[FileRef]:
+    return list_sources(run.config.sources, run.config.ingest, run.workspace)
+
+
+def plan(run: StageRun, hashed: list[HashedFile]) -> IngestPlan:
+    s = run.config.ingest
+    unique, extra = dedupe(hashed)
+    vs_id = run.key("vs", sorted(h.video_id for h in unique), settings_hash(s))
+    build = run.produce(vs_id, "videoset", "videos", s, [])
+    done = set(run.lineage.members(vs_id)) if build else set()
+    return IngestPlan(vs_id, build, [h for h in unique if h.video_id not in done] if build else [], extra)
+
+
+def record(run: StageRun, plan: IngestPlan, records: list[VideoRecord]) -> None:
+    run.lineage.record_videos(records, members_of=plan.videoset_id)
+
+
+def finish(run: StageRun, plan: IngestPlan) -> str:
+    if plan.build:
+        run.lineage.add_video_paths([(h.video_id, h.path) for h in plan.extra])
+        run.lineage.complete_artifact(plan.videoset_id)
+    run.summary.update(run.lineage.videoset_summary(plan.videoset_id))
+    run.summary["duplicate_paths"] = len(plan.extra)
+    return plan.videoset_id

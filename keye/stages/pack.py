@@ -1,4 +1,4 @@
-"""The pack stage around keye.data.samples/packing: the tokenizer artifact, which shards go in, lineage rows.
+"""The pack stage: the tokenizer artifact, which shards go in, the PackSet id, packing, lineage rows.
 
 The tokenizer is trained once per ShardSet and settings (or loaded from a local directory) and kept under
 <workspace>/tokenizers/<id>; packs reference it by content hash, so a checkpoint can always be traced to the exact
@@ -8,15 +8,18 @@ tokenizer its data was packed with.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from keye.core.config import PackSettings, TokenizerSettings
-from keye.core.hashing import code_hash
+from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import Lineage, make_id
-from keye.data.packing import PackBudget
-from keye.data.samples import corpus_texts, scan_shard
+from keye.data.packing import PackBudget, read_pack_index
+from keye.data.samples import PackSetResult, corpus_texts, pack_shards, scan_shard
+from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import KeyeTokenizer, load_tokenizer, train_bpe
+from keye.stages.artifact import StageRun
 
 
 def shard_map(lineage: Lineage, shardset_id: str) -> dict[str, str]:
@@ -46,7 +49,7 @@ def tokenizer_id(shardset_id: str, settings: TokenizerSettings) -> str:
     """A trained BPE depends on the corpus, so also on the prompts' wording (keye.data.prompts)."""
     if settings.path is not None:
         return make_id("t", settings.path, settings.model_dump(mode="json"))
-    corpus_code = code_hash("keye.data.samples", "keye.data.prompts")
+    corpus_code = code_hash("keye.data.samples", "keye.data.prompts", "keye.data.tokenizer", __name__)
     return make_id("t", shardset_id, settings.model_dump(mode="json"), corpus_code)
 
 
@@ -60,31 +63,26 @@ def budget(settings: PackSettings) -> PackBudget:
     )
 
 
-def record_packs(
-    lineage: Lineage, packset_id: str, shardset_id: str, shards: dict[str, str], index: Any, max_tokens: int
-) -> list[str]:
-    """packs -> shards edges and one row per pack; returns the pack ids."""
-    rows = index.to_pylist()
+def pack_rows(
+    packset_id: str, shard_ids: dict[str, str], index: Any, max_tokens: int
+) -> list[dict[str, Any]]:
+    """One lineage row per pack of a pack index (keye.core.lineage.Lineage.record_packs), in pack order."""
     by_pack: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
+    for r in index.to_pylist():
         by_pack.setdefault(r["pack_id"], []).append(r)
-    shard_ids = {Path(s["path"]).stem: s["shard_id"] for s in lineage.shards(shardset_id)}
-    pack_ids = []
-    with lineage.transaction() as con:
-        for pid, members in sorted(by_pack.items()):
-            pack_id = make_id("p", packset_id, pid)
-            pack_ids.append(pack_id)
-            tokens = sum(int(m["tokens"]) for m in members)
-            con.execute(
-                "INSERT OR REPLACE INTO packs VALUES (?, ?, ?, ?, ?, NULL)",
-                [pack_id, packset_id, len(members), tokens, tokens / max_tokens],
-            )
-            for shard in sorted({m["shard"] for m in members}):
-                con.execute(
-                    "INSERT OR IGNORE INTO edges VALUES (?, ?, 'packed_into')", [shard_ids[shard], pack_id]
-                )
-            con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'part_of')", [pack_id, packset_id])
-    return pack_ids
+    rows = []
+    for pid, members in sorted(by_pack.items()):
+        tokens = sum(int(m["tokens"]) for m in members)
+        rows.append(
+            {
+                "pack_id": make_id("p", packset_id, pid),
+                "n_samples": len(members),
+                "tokens": tokens,
+                "fill": tokens / max_tokens,
+                "shard_ids": [shard_ids[s] for s in sorted({m["shard"] for m in members})],
+            }
+        )
+    return rows
 
 
 def task_pack_index(
@@ -97,8 +95,6 @@ def task_pack_index(
 ) -> Path:
     """The pack index of a training stage: the PackSet's own, or (a stage that trains only some tasks) the same
     shards re-packed with just those tasks, so no step is spent on packs that carry no loss. Cached beside it."""
-    from keye.data.samples import pack_shards
-
     if not tasks or set(tasks) >= set(settings.tasks):
         return packset_dir / "packs.parquet"
     sub = packset_dir / ("tasks-" + "-".join(sorted(tasks)))
@@ -117,3 +113,70 @@ def task_pack_index(
             mcq_turns=settings.mcq_turns,
         )
     return sub / "packs.parquet"
+
+
+# -- the stage: plan (tokenizer, PackSet id), pack, record, finish --------------------------------------------------
+@dataclass
+class PackPlan:
+    packset_id: str
+    build: bool  # False: a previous run completed this PackSet
+    shardset_id: str
+    shards: dict[str, str]
+    tokenizer: KeyeTokenizer
+    tokenizer_dir: Path
+    out_dir: Path
+    settings: PackSettings
+    policy: SamplingPolicy
+
+
+def plan(run: StageRun, shardset_id: str | None) -> PackPlan:
+    s = run.config.pack
+    shardset_id = run.input("shardset", shardset_id)
+    shards = shard_map(run.lineage, shardset_id)
+    tok_id = tokenizer_id(shardset_id, s.tokenizer)
+    tok_dir = run.workspace.root / "tokenizers" / tok_id
+    tok = ensure_tokenizer(s.tokenizer, shards, tok_dir)
+    if run.produce(tok_id, "tokenizer", tok.source, s.tokenizer, [shardset_id], str(tok_dir), output=False):
+        run.lineage.complete_artifact(tok_id, sha256=tok.content_hash(), meta={"vocab_size": len(tok)})
+    key = settings_hash(s, run.config.sampling.model_dump(mode="json"))
+    ps_id = run.key("ps", shardset_id, tok.content_hash(), key)
+    out_dir = run.workspace.packs / ps_id
+    build = run.produce(ps_id, "packset", "packs", key, [shardset_id, tok_id], path=str(out_dir))
+    return PackPlan(ps_id, build, shardset_id, shards, tok, tok_dir, out_dir, s, run.config.sampling)
+
+
+def pack(plan: PackPlan) -> PackSetResult:
+    """Task samples of every shard, packed best-fit to the budget; the index is <out_dir>/packs.parquet."""
+    s = plan.settings
+    return pack_shards(
+        plan.shards,
+        plan.tokenizer,
+        plan.policy,
+        budget(s),
+        plan.out_dir,
+        tasks=s.tasks,
+        seed=s.seed,
+        split="train",
+        mcq_orders=s.mcq_orders,
+        mcq_answer=s.mcq_answer,
+        mcq_turns=s.mcq_turns,
+    )
+
+
+def record(run: StageRun, plan: PackPlan, result: PackSetResult) -> None:
+    shard_ids = {Path(r["path"]).stem: r["shard_id"] for r in run.lineage.shards(plan.shardset_id)}
+    rows = pack_rows(plan.packset_id, shard_ids, read_pack_index(result.index_path), plan.settings.max_tokens)
+    run.lineage.record_packs(plan.packset_id, rows)
+    stats = {k: v for k, v in result.stats.items() if not isinstance(v, dict | list)}
+    meta = {
+        **stats,
+        "tokenizer_dir": str(plan.tokenizer_dir),
+        "bad_records": [list(b) for b in result.bad_records],
+    }
+    run.lineage.complete_artifact(plan.packset_id, members=[r["pack_id"] for r in rows], meta=meta)
+    run.tracker.log_dict(result.stats, "pack_stats.json")
+
+
+def finish(run: StageRun, plan: PackPlan) -> str:
+    run.numbers(run.meta(plan.packset_id))
+    return plan.packset_id

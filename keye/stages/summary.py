@@ -12,9 +12,8 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
     if vs := outputs.get("videoset"):
         s.update(lineage.videoset_summary(vs))
     if cs := outputs.get("captionset"):
-        from keye.data.captioning import summary
-
-        s.update(summary(lineage, cs))
+        counts = lineage.caption_counts(cs)
+        s.update(captions_ok=counts.get("ok", 0), captions_failed=counts.get("failed", 0))
     if ss := outputs.get("shardset"):
         rows = lineage.shards(ss)
         s.update(
