@@ -13,7 +13,6 @@ from keye.data.tokenizer import load_tokenizer
 from keye.stages.artifact import StageRun
 from keye.stages.pack import shard_map, task_pack_index
 from keye.train import StageSettings, train_stage
-from keye.train.bundle import bundle_checkpoint
 
 
 @dataclass
@@ -44,7 +43,7 @@ def plan(
 
 
 def train(run: StageRun, plan: TrainPlan) -> None:
-    """Train the recipe (resuming from its step checkpoints), bundle the tokenizer and policy, record it."""
+    """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
     t, lineage = run.config.train, run.lineage
     tok_dir = Path(run.meta(plan.packset_id)["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
@@ -67,7 +66,6 @@ def train(run: StageRun, plan: TrainPlan) -> None:
         log_metrics=run.tracker.log_metrics,
         device=t.device,
     )
-    bundle_checkpoint(result.checkpoint_dir, tok_dir, run.config.sampling)
     sha = hash_checkpoint_dir(result.checkpoint_dir)
     path = str(result.checkpoint_dir.resolve())
     cid = plan.checkpoint_id

@@ -8,13 +8,18 @@ from pathlib import Path
 
 from keye.core.atomic import atomic_write_text
 from keye.data.sampling import SamplingPolicy
+from keye.data.tokenizer import KeyeTokenizer
 
 POLICY_FILE = "sampling_policy.json"
 
 
-def bundle_checkpoint(checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy) -> None:
-    """Copy the tokenizer files and write the policy beside the weights (idempotent)."""
+def bundle_checkpoint(
+    checkpoint_dir: Path, tok: KeyeTokenizer, tokenizer_dir: Path, policy: SamplingPolicy
+) -> None:
+    """Save the tokenizer (and any other file of its directory) and write the policy beside the weights.
+    The trainer calls it once, on final/ before it is renamed into place."""
     checkpoint_dir = Path(checkpoint_dir)
+    tok.save(checkpoint_dir)
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and not (checkpoint_dir / f.name).exists():
             tmp = checkpoint_dir / f".{f.name}.partial"
