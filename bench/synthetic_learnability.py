@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keye.data.loader import collate_pack, patchify
+from keye.data.loader import collate_pack
 from keye.data.samples import MCQ_ANSWER_STRIDE, build_sample, corpus_texts, frame_plan, usable_mcqs
 from keye.data.sampling import SamplingPolicy
 from keye.data.synthetic import annotations, dataset_specs, expected_frames, make_spec
@@ -33,6 +33,7 @@ from keye.data.tokenizer import train_bpe
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
 from keye.model.generate import Prompt, generate
+from keye.model.patches import frame_patches as patchify
 
 # the default pipeline's frame plan (pipelines.yaml `sampling`)
 POLICY = SamplingPolicy(

@@ -15,7 +15,7 @@ from keye.stages.artifact import ParentRun, open_stage
 def train(config: PipelineConfig, packset_id: str | None = None, parent: ParentRun | None = None) -> str:
     """Returns the final checkpoint directory of the last recipe."""
     init, previous = config.train.init_checkpoint, None
-    for recipe in config.train.stages:
+    for recipe in stage.recipes(config):
         params = stage.params(config, recipe)
         with open_stage(config, "train", parent, flow_run.id, f"train:{recipe.name}", params) as run:
             plan = stage.plan(run, recipe, packset_id, init, previous)

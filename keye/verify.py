@@ -30,7 +30,7 @@ def verify_workspace(workspace: str | Path) -> VerifyReport:
             for p in verify_shard(row["path"], row["sha256"], expected_keys=sorted(members))
         ]
     for row in store.query("SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE sha256 IS NOT NULL"):
-        from keye.core.checkpoint_hash import hash_checkpoint_dir
+        from keye.core.hashing import hash_checkpoint_dir
 
         report.checked += 1
         p = Path(row["path"])

@@ -69,3 +69,23 @@ def test_synthetic_set_folder_names_what_changes_its_files(tmp_path):
         for kw in ({}, {"max_objects": 1}, {"color_changes": False}, {"heldout_fraction": 0.3}, {"seed": 2})
     }
     assert len(names) == 5
+
+
+def test_pipelines_yaml_states_no_default_twice():
+    """Defaults are stated once: every value pipelines.yaml sets differs from the code default of its field."""
+    import yaml
+
+    from keye.core.config import PipelineConfig
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "pipelines.yaml").read_text())
+    repeats = []
+    for section, value in doc.items():
+        field = PipelineConfig.model_fields[section]
+        default = field.default_factory() if field.default_factory else field.default
+        default = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+        if isinstance(value, dict):
+            repeats += [f"{section}.{k}" for k, v in value.items() if default.get(k) == v]
+        elif value == default and section not in ("name", "workspace"):
+            repeats.append(section)
+    assert repeats == []

@@ -17,7 +17,6 @@ from keye.data.loader import (
     PackStream,
     index_shard,
     open_loader,
-    patchify,
     rank_packs,
     resolve_shards,
     scan_shard,
@@ -26,6 +25,7 @@ from keye.data.packing import PackBudget, pack, read_pack_index, write_pack_inde
 from keye.data.samples import build_sample, corpus_texts, recounter, sample_table
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import train_bpe
+from keye.model.patches import frame_patches as patchify
 
 POLICY = SamplingPolicy(
     fps=2.0,
@@ -142,7 +142,7 @@ def test_scan_reports_missing_json(corpus: dict) -> None:
 
 
 def test_patchify_matches_model_layout() -> None:
-    from keye.model.vit import patchify as model_patchify
+    from keye.model.patches import patchify as model_patchify
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (2, 28, 56, 3), dtype=np.uint8)

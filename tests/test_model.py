@@ -11,9 +11,9 @@ from keye.model import ModelConfig, build_model, count_lm_params, load_checkpoin
 from keye.model.config import VisionConfig, preset
 from keye.model.convert import convert_hf
 from keye.model.generate import Prompt, generate
+from keye.model.patches import patchify
 from keye.model.rope import mrope_positions
 from keye.model.vision_tokens import frame_tokens
-from keye.model.vit import patchify
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,6 +6,7 @@ import torch
 
 from keye.model import build_model
 from keye.model.config import preset
+from keye.model.patches import patchify
 from keye.model.projector import Projector, merge_order
 from keye.model.rope import (
     apply_rope,
@@ -16,7 +17,6 @@ from keye.model.rope import (
     vision_rope_cos_sin,
 )
 from keye.model.vision_tokens import frame_tokens
-from keye.model.vit import patchify
 
 
 def test_mrope_on_text_is_plain_rope():

@@ -109,7 +109,7 @@ def test_positions_equal_model_rope_rule(tok) -> None:
 
 def test_visual_token_count_equals_real_encoder_output(tok) -> None:
     from keye.model import build_model
-    from keye.model.vit import patchify
+    from keye.model.patches import patchify
 
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=len(tok), image_token_id=tok.image_id)

@@ -31,7 +31,7 @@ def _config(tmp_path: Path) -> Path:
               stages:
                 - {{name: align, kind: align, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
                 - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
-            eval: {{limit: 2, max_new_tokens: 4, batch_size: 2}}
+            eval: {{limit: 2, max_new_tokens: 4, batch_size: 2, blank_control: false}}
             runner: {{kind: thread, max_workers: 2}}
             """
         )

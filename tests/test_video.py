@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from keye.core.hashing import sha256_file
 from keye.data.synthetic import (
     ObjectTrack,
     VideoSpec,
@@ -17,7 +18,7 @@ from keye.data.synthetic import (
     encode_video,
     expected_frames,
 )
-from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe, sha256_file
+from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe
 
 CASES = {
     # name: (codec, ext, options, gop, rotation, fps, seconds, size)

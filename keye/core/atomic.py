@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees either the old file, the complete new file, or nothing.
 
-Every artifact of the pipeline (shards, clips, checkpoints, reports, JSON indexes) goes through here, so a crash
+Every artifact of the pipeline (shards, clips, checkpoints, reports, JSON indexes, whole directories: `atomic_dir`)
+goes through here, so a crash
 or SIGKILL at any moment never leaves a half-written file under its final name and a re-run can trust what exists.
 Recipe: write to a unique temp name in the same directory (same filesystem, so the rename is atomic), flush and
 fsync the file, ``os.replace`` onto the final name, then fsync the directory so the rename itself is durable.
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,36 @@ def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(final.parent)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and directory under root (before a rename makes it visible)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_file(Path(dirpath) / f)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty hidden directory beside ``final_dir`` to fill; on success it is fsynced and renamed onto
+    ``final_dir`` (replacing an old one), on exception removed, ``final_dir`` untouched. The temp name is fixed
+    (``.<name>.build``), so the leftover of a killed run is cleared by the next one."""
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.build"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

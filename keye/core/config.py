@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keye.data.sampling import SamplingPolicy
-from keye.train.settings import TINY_RECIPES, StageSettings
+from keye.train.settings import StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
 STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "eval")
@@ -144,7 +144,9 @@ class TrainSettings(_Strict):
     init_checkpoint: str | None = Field(
         None, description="start from this checkpoint (e.g. `keye convert hf` output)"
     )
-    stages: list[StageSettings] = Field(default_factory=lambda: [r.model_copy() for r in TINY_RECIPES])
+    stages: list[StageSettings] = Field(
+        default_factory=list, description="the recipes in order (pipelines.yaml holds the default tiny ones)"
+    )
 
     @field_validator("stages")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,28 @@ def stable_hash64(text: str) -> int:
     """A 64-bit hash of text that is the same in every process and run (Python's hash() is salted per process):
     for deterministic per-sample choices that must survive a restart."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Content hash of a file, streamed in chunks so large videos and shards never sit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_checkpoint_dir(path: str | Path) -> str:
+    """One content hash for a checkpoint directory (every file's name and bytes): lineage and `keye verify`."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def settings_hash(settings: BaseModel | dict[str, Any], *extra: Any) -> str:

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from keye.core.atomic import atomic_path
+from keye.core.hashing import sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 TAR_MTIME = 0  # fixed member mtime: byte-identical tars for identical inputs
@@ -367,14 +368,6 @@ def shard_sha256(samples: Sequence[Sample]) -> str:
     sink = _HashingWriter()
     _stream_tar(samples, sink)
     return sink.h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(out_dir: str | os.PathLike[str], shard_name: str, samples: Sequence[Sample]) -> ShardInfo:

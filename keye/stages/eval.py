@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from keye.core.checkpoint_hash import hash_checkpoint_dir
-from keye.core.hashing import settings_hash
+from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.core.tracking import register_checkpoint
 from keye.eval import flat_metrics, keye_predict_fn, write_report
 from keye.eval.heldout import (

@@ -50,7 +50,7 @@ class VideoRecord:
 
 
 def hash_files(files: list[FileRef]) -> list[HashedFile]:
-    from keye.data.video import sha256_file
+    from keye.core.hashing import sha256_file
 
     out = []
     for f in files:

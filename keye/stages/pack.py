@@ -7,11 +7,11 @@ tokenizer its data was packed with.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keye.core.atomic import atomic_dir
 from keye.core.config import PackSettings, TokenizerSettings
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import Lineage, make_id
@@ -38,10 +38,8 @@ def ensure_tokenizer(settings: TokenizerSettings, shards: dict[str, str], out_di
         tok = train_bpe(
             corpus_texts(records), vocab_size=settings.vocab_size, min_frequency=settings.min_frequency
         )
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    tmp.replace(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tok.save(tmp)
     return tok
 
 

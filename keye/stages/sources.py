@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from keye.core.atomic import atomic_path
+from keye.core.atomic import atomic_dir, atomic_path
 from keye.core.config import IngestSettings, PathSource, SyntheticSource
 from keye.core.workspace import Workspace
 
@@ -166,13 +166,10 @@ def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     final = synthetic_dir(src, ws)
     if final.is_dir():
         return final
-    tmp = final.with_name(final.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    generate_dataset(
-        tmp, **src.model_dump(exclude={"kind"})
-    )  # every field of the source is a generator setting
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        generate_dataset(
+            tmp, **src.model_dump(exclude={"kind"})
+        )  # every field of the source is a generator setting
     return final
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.core.checkpoint_hash import hash_checkpoint_dir
-from keye.core.hashing import settings_hash
+from keye.core.config import ConfigError, PipelineConfig
+from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.data.tokenizer import load_tokenizer
 from keye.stages.artifact import StageRun
 from keye.stages.pack import shard_map, task_pack_index
@@ -23,6 +23,15 @@ class TrainPlan:
     packset_id: str
     init: str | None  # the weights it starts from (the previous recipe's final/, or train.init_checkpoint)
     out_dir: Path
+
+
+def recipes(config: PipelineConfig) -> list[StageSettings]:
+    """The recipes to train in order; none is a config error (the stage would have nothing to do)."""
+    if not config.train.stages:
+        raise ConfigError(
+            "train.stages is empty: list the recipes to train (pipelines.yaml has the default ones)"
+        )
+    return config.train.stages
 
 
 def params(run_config: Any, recipe: StageSettings) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from keye.core.atomic import atomic_dir
 from keye.core.hashing import stable_hash64
 from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
@@ -457,14 +458,9 @@ class Trainer:
     def export(self) -> None:
         """final/: weights + tokenizer + frame policy, what keye.eval.keye_predict_fn loads (written once, here)."""
         if self.acc.is_main_process:
-            build = self.out_dir / ".final.build"
-            shutil.rmtree(build, ignore_errors=True)
-            save_checkpoint(self.acc.unwrap_model(self.wrapped), build)
-            bundle_checkpoint(build, self.tok, self.tokenizer_dir, self.policy)
-            ckpt._fsync_tree(build)
-            if self.final_dir.exists():
-                shutil.rmtree(self.final_dir)
-            os.replace(build, self.final_dir)
+            with atomic_dir(self.final_dir) as build:
+                save_checkpoint(self.acc.unwrap_model(self.wrapped), build)
+                bundle_checkpoint(build, self.tok, self.tokenizer_dir, self.policy)
         self.acc.wait_for_everyone()
 
 
