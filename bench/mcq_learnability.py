@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from keye.data.prompts import SYSTEM_PROMPT, mcq_answer, mcq_prompt
-from keye.data.synthetic import COLORS, SHAPES, shape_mask
 from keye.data.tokenizer import encode_chat, train_bpe
+from keye.datasets.synthetic import COLORS, SHAPES, shape_mask
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
 from keye.model.generate import Prompt, generate

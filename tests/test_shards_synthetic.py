@@ -12,8 +12,8 @@ import pytest
 
 from keye.data.captioners import ClipRef, build_captioner
 from keye.data.shards import EncodeParams, clip_key, ensure_clip, read_shard, verify_shard, write_shards
-from keye.data.synthetic import annotations, encode_video, make_spec
 from keye.data.video import probe
+from keye.datasets.synthetic import annotations, encode_video, make_spec
 
 # make_spec(i, seed=0) of index i: (codec, container, rotation) -> short video index, found by scanning make_spec
 SPECS = {"h264-mp4": 2, "h264-mkv": 35, "mpeg4-mp4": 51, "vp9-webm": 24, "h264-mp4-rot90": 18}

@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from keye.data.synthetic import (
+from keye.data.video import decode_frames, probe
+from keye.datasets.synthetic import (
     COLORS,
     SCHEMA,
     SHAPES,
@@ -20,7 +21,6 @@ from keye.data.synthetic import (
     main,
     make_spec,
 )
-from keye.data.video import decode_frames, probe
 
 
 def _small(n: int) -> dict:

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from keye.core.hashing import sha256_file
-from keye.data.synthetic import (
+from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe
+from keye.datasets.synthetic import (
     ObjectTrack,
     VideoSpec,
     corrupt_examples,
     encode_video,
     expected_frames,
 )
-from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe
 
 CASES = {
     # name: (codec, ext, options, gop, rotation, fps, seconds, size)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from keye.data.scenes import detect_clips, detect_cuts, split_scenes
-from keye.data.synthetic import ObjectTrack, VideoSpec, encode_video, make_spec
+from keye.datasets.synthetic import ObjectTrack, VideoSpec, encode_video, make_spec
 
 
 def _spec(

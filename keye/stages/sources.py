@@ -146,7 +146,7 @@ def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -
 
 def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:
     """The set's folder, named by everything that changes its files (a set is generated once per name)."""
-    from keye.data.synthetic import GENERATOR_VERSION
+    from keye.datasets.synthetic import GENERATOR_VERSION
 
     name = f"synthetic-v{GENERATOR_VERSION}-seed{src.seed}-n{src.n_videos}-long{src.n_long}"
     defaults = SyntheticSource.model_fields
@@ -161,7 +161,7 @@ def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:
 
 def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     """Generate the synthetic set once; a crash mid-generation leaves only a temp dir that is discarded."""
-    from keye.data.synthetic import generate_dataset
+    from keye.datasets.synthetic import generate_dataset
 
     final = synthetic_dir(src, ws)
     if final.is_dir():

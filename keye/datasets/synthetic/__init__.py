@@ -891,7 +891,9 @@ def corrupt_examples(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m keye.data.synthetic", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m keye.datasets.synthetic", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("out_dir")
     ap.add_argument("--n", type=int, default=40, help="short videos")
     ap.add_argument("--long", type=int, default=1, help="long (10 min) videos")
