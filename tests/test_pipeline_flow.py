@@ -36,7 +36,9 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from keye.datasets.synthetic import corrupt_examples, generate_dataset
+    from fixtures.corrupt_videos import corrupt_examples
+
+    from keye.datasets.synthetic import generate_dataset
 
     src = tmp_path_factory.mktemp("videos")
     paths = generate_dataset(src / "synthetic", n_videos=4, n_long=0, seed=3)

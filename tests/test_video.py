@@ -9,13 +9,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from fixtures.corrupt_videos import corrupt_examples
 
 from keye.core.hashing import sha256_file
 from keye.data.video import DecodeStats, VideoRejected, decode_frames, probe
 from keye.datasets.synthetic import (
     ObjectTrack,
     VideoSpec,
-    corrupt_examples,
     encode_video,
     expected_frames,
 )
