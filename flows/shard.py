@@ -9,20 +9,20 @@ from prefect.runtime import flow_run
 
 from flows.submit import run_batches, run_each
 from keye.core.config import PipelineConfig
-from keye.data import sharding
+from keye.data import shard_samples
 from keye.data.shards import EncodeParams
 from keye.stages import shard as stage
 from keye.stages.artifact import ParentRun, open_stage
 
 
 @task(retries=2, retry_delay_seconds=1)
-def encode_clips(items: list[sharding.ShardItem], cache_dir: str, params: EncodeParams) -> list:
-    return sharding.encode_items(items, cache_dir, params)
+def encode_clips(items: list[shard_samples.ShardItem], cache_dir: str, params: EncodeParams) -> list:
+    return shard_samples.encode_items(items, cache_dir, params)
 
 
 @task(retries=2, retry_delay_seconds=1)
-def write_shard(out_dir: str, name: str, group: list[sharding.EncodedItem]):
-    return sharding.ensure_shard(out_dir, name, group)
+def write_shard(out_dir: str, name: str, group: list[shard_samples.EncodedItem]):
+    return shard_samples.ensure_shard(out_dir, name, group)
 
 
 @flow(name="shard")

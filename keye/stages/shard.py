@@ -12,7 +12,7 @@ from typing import Any
 
 from keye.core.hashing import settings_hash
 from keye.core.lineage import Lineage, make_id
-from keye.data.sharding import EncodedItem, ShardItem, member_rows, remove_partial_files
+from keye.data.shard_samples import EncodedItem, ShardItem, member_rows, remove_partial_files
 from keye.data.shards import EncodeParams, ShardInfo, clip_key, plan_shards, shard_name
 from keye.stages.artifact import StageRun
 
