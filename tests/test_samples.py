@@ -143,3 +143,12 @@ def test_sample_table_counts_and_split(tok) -> None:
     s = build_sample(tok, recs[0][1], row["task"], row["item"], POLICY)
     assert (row["tokens"], row["visual_tokens"], row["frames"]) == (s.tokens, s.visual_tokens, s.frames)
     assert sample_table(recs, tok, POLICY, split=None).num_rows == 12
+
+
+def test_mcq_item_is_a_typed_record_over_the_stored_integer():
+    from keye.data.samples import MCQ_ANSWER_STRIDE, MCQ_ORDER_STRIDE, MCQ_TURNS_STRIDE, McqItem
+
+    item = McqItem(question=3, order=2, answer=1, turns=4)
+    stored = 3 * MCQ_TURNS_STRIDE + MCQ_ANSWER_STRIDE + 2 * MCQ_ORDER_STRIDE + 3  # the pack index's layout
+    assert item.encode() == stored and McqItem.decode(stored) == item
+    assert McqItem.decode(7) == McqItem(question=7)  # a plain single-turn letter-answered question

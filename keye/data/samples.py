@@ -178,6 +178,32 @@ MCQ_TURNS_STRIDE = 10 * MCQ_ANSWER_STRIDE
 MAX_MCQ_TURNS = 16
 
 
+@dataclass(frozen=True)
+class McqItem:
+    """An MCQ sample's identity: its first question, the option order, how it is answered, how many turns.
+    Stored as one integer (the `item` of the pack index, layout above), read and written only here."""
+
+    question: int  # index into the record's mcq list
+    order: int = 0  # 0: the annotated option order; k > 0: permutation k (mcq_options)
+    answer: int = 0  # index into MCQ_ANSWERS (0: the letter, 1: the option's text)
+    turns: int = 1  # questions of the clip asked in this sample, one per user turn
+
+    def encode(self) -> int:
+        return (
+            (self.turns - 1) * MCQ_TURNS_STRIDE
+            + self.answer * MCQ_ANSWER_STRIDE
+            + self.order * MCQ_ORDER_STRIDE
+            + self.question
+        )
+
+    @classmethod
+    def decode(cls, item: int) -> McqItem:
+        turns_less_one, rest = divmod(item, MCQ_TURNS_STRIDE)
+        answer, asked = divmod(rest, MCQ_ANSWER_STRIDE)
+        order, question = divmod(asked, MCQ_ORDER_STRIDE)
+        return cls(question, order, answer, turns_less_one + 1)
+
+
 def mcq_options(
     key: str, question: int, order: int, options: Sequence[str], answer: int
 ) -> tuple[list[str], int]:
@@ -242,7 +268,7 @@ def sample_items(
         raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
     if not 1 <= mcq_turns <= MAX_MCQ_TURNS:
         raise ValueError(f"mcq_turns must be in 1..{MAX_MCQ_TURNS}, got {mcq_turns}")
-    kind = (mcq_turns - 1) * MCQ_TURNS_STRIDE + MCQ_ANSWERS.index(mcq_answer) * MCQ_ANSWER_STRIDE
+    answer = MCQ_ANSWERS.index(mcq_answer)
     out: list[tuple[str, int]] = []
     for task in tasks:
         if task not in TASKS:
@@ -255,7 +281,8 @@ def sample_items(
             out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
         elif task == "mcq":
             firsts = usable_mcqs(record)[::mcq_turns]
-            out.extend((task, kind + k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in firsts)
+            items = [McqItem(i, k, answer, mcq_turns) for k in range(mcq_orders) for i in firsts]
+            out.extend((task, it.encode()) for it in items)
         elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
             out.append(("text", 0))
     return out
@@ -306,21 +333,20 @@ def _mcq_messages(record: dict[str, Any], item: int, video: list[dict[str, Any]]
     a clip's questions in one conversation sees the frames once, so a step carries several times the answers (the
     first turn is exactly the single-question sample, and each question keeps its own wording and option order)."""
     key = str(record.get("key", ""))
-    turns_less_one, rest = divmod(item, MCQ_TURNS_STRIDE)
-    kind, asked = divmod(rest, MCQ_ANSWER_STRIDE)
-    order, first = divmod(asked, MCQ_ORDER_STRIDE)
+    it = McqItem.decode(item)
+    first = it.question
     usable = usable_mcqs(record)
     if first not in usable:
         raise ValueError(f"MCQ {first} of record {key!r} cannot be asked (needs 2..8 options)")
     at = usable.index(first)
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for n, question in enumerate(usable[at : at + turns_less_one + 1]):
+    for n, question in enumerate(usable[at : at + it.turns]):
         m = record["mcq"][question]
-        options, answer = mcq_options(key, question, order, m["options"], m["answer"])
-        style = pick_style(sample_id(key, "mcq", order * MCQ_ORDER_STRIDE + question))
+        options, answer = mcq_options(key, question, it.order, m["options"], m["answer"])
+        style = pick_style(sample_id(key, "mcq", McqItem(question, it.order).encode()))
         text = {"type": "text", "text": mcq_prompt(style, m["question"], options)}
         messages.append({"role": "user", "content": [*video, text] if n == 0 else [text]})
-        messages.append({"role": "assistant", "content": mcq_answer(options, answer, MCQ_ANSWERS[kind])})
+        messages.append({"role": "assistant", "content": mcq_answer(options, answer, MCQ_ANSWERS[it.answer])})
     return messages
 
 
