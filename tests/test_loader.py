@@ -288,7 +288,7 @@ def test_tiny_model_takes_a_loaded_pack(corpus: dict) -> None:
 
 
 def test_pack_shards_stage_end_to_end(corpus: dict, tmp_path: Path) -> None:
-    from keye.data.samples import pack_shards
+    from keye.data.packset import pack_shards
 
     tok = corpus["tok"]
     shards = {p.name: p for p in sorted(corpus["dir"].glob("*.tar"))}
@@ -337,7 +337,7 @@ def test_skip_empty_false_keeps_one_item_per_pack(corpus: dict) -> None:
 def test_option_answer_packs_load_as_counted(corpus: dict, tmp_path: Path, turns: int) -> None:
     """pack.mcq_answer=option (and mcq_turns): the loader rebuilds from the index's item exactly the samples the
     pack stage counted, and the MCQ answers are option texts, not letters."""
-    from keye.data.samples import pack_shards
+    from keye.data.packset import pack_shards
 
     tok = corpus["tok"]
     shards = {p.name: p for p in sorted(corpus["dir"].glob("*.tar"))}

@@ -8,7 +8,8 @@ import tarfile
 from pathlib import Path
 
 from keye.data.packing import PackBudget
-from keye.data.samples import corpus_texts, pack_shards
+from keye.data.packset import pack_shards
+from keye.data.samples import corpus_texts
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import train_bpe
 

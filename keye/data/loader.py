@@ -35,8 +35,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from keye.data.packing import read_pack_index
-from keye.data.samples import BuiltSample, ShardIndex, build_sample, index_shard, scan_shard
+from keye.data.samples import BuiltSample, build_sample
 from keye.data.sampling import SamplingPolicy
+from keye.data.shard_index import ShardIndex, index_shard, scan_shard
 from keye.data.tokenizer import KeyeTokenizer
 from keye.data.video import decode_frames
 from keye.model.patches import frame_patches

@@ -16,8 +16,10 @@ from keye.core.config import PackSettings, TokenizerSettings
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import Lineage, make_id
 from keye.data.packing import PackBudget, read_pack_index
-from keye.data.samples import PackSetResult, corpus_texts, pack_shards, scan_shard
+from keye.data.packset import PackSetResult, pack_shards
+from keye.data.samples import corpus_texts
 from keye.data.sampling import SamplingPolicy
+from keye.data.shard_index import scan_shard
 from keye.data.tokenizer import KeyeTokenizer, load_tokenizer, train_bpe
 from keye.stages.artifact import StageRun
 
