@@ -7,7 +7,7 @@ top level or inside a function), so a rule broken by a new import fails here ins
 3. keye/model and keye/kernels import only torch, triton, numpy, safetensors, the standard library and each other
    (they must run on a bare GPU box).
 4. One owner per engine: duckdb only in keye/core/lineage.py, mlflow only in keye/core/tracking.py (and the local
-   server commands), prefect only in flows/ (the CLI reaches flows lazily).
+   server commands), prefect only in flows/; keye/ never imports flows/ (only the CLI, lazily).
 """
 
 from __future__ import annotations
@@ -97,3 +97,8 @@ def test_model_and_kernels_need_only_torch_triton_numpy_safetensors():
 def test_one_owner_per_engine(engine: str, owners: tuple[str, ...]):
     users = [_rel(f) for f in _files("keye", "flows") if any(_under(m, (engine,)) for m in _imports(f))]
     assert [u for u in users if not u.startswith(owners)] == []
+
+
+def test_keye_never_imports_flows_except_the_cli_lazily():
+    users = [_rel(f) for f in _files("keye") if any(_under(m, ("flows",)) for m in _imports(f))]
+    assert users == ["keye/cli.py"]
