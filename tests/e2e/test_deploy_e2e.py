@@ -15,7 +15,7 @@ import yaml
 
 from keye import services
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ["ingest", "caption", "shard"]
 
 

@@ -1,4 +1,4 @@
-"""Tiny packed corpus for the training tests (built once per session from tests/test_loader.py's helpers), and
+"""Tiny packed corpus for the training tests (built once per session from tests/unit/data/test_loader.py's helpers), and
 a check that it is what the trainer expects."""
 
 from __future__ import annotations

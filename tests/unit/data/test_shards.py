@@ -33,7 +33,7 @@ from keye.data.shards import (
     write_shards,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def make_video(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARIES = ("data", "datasets", "model", "kernels", "train", "eval", "rl", "serve")
 STAGE_LAYER = ("keye.core.lineage", "keye.core.config", "keye.core.tracking", "keye.stages", "flows")
 

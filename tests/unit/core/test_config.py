@@ -6,7 +6,7 @@ import pytest
 
 from keye.core.config import ConfigError, PathSource, SyntheticSource, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_repo_default_pipeline_validates():
@@ -77,7 +77,7 @@ def test_pipelines_yaml_states_no_default_twice():
 
     from keye.core.config import PipelineConfig
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     doc = yaml.safe_load((root / "pipelines.yaml").read_text())
     repeats = []
     for section, value in doc.items():

@@ -19,7 +19,7 @@ from test_train_data import write_train_spec
 from keye.model.checkpoint import read_state
 from keye.train.checkpointing import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 STEPS = 8
 
 

@@ -17,7 +17,7 @@ from keye.data.packing import read_pack_index
 from keye.model.checkpoint import read_state
 from keye.train.checkpointing import read_trainer_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 STEPS = 3
 
 
