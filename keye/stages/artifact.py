@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from keye.core.config import PipelineConfig
+from keye.core.config import STAGE_ORDER, PipelineConfig
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import Lineage, make_id
 from keye.core.tracking import Tracker, make_client, pipeline_run
@@ -43,7 +43,7 @@ def new_run_id(prefix: str) -> str:
     return f"{prefix}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-STAGES = ("ingest", "caption", "shard", "pack", "train", "eval")
+STAGES = STAGE_ORDER  # the pipeline stages, in order (keye.core.config)
 _FLOW_FILE = {"eval": "evaluate"}  # flows/<file>.py of a stage, where the name differs
 
 
