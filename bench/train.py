@@ -5,6 +5,8 @@ attention counted as sparse, recomputation not counted) and the bf16 matmul rate
 
   python bench/train.py --out OUT_DIR                 # both runs on CUDA
   python bench/train.py --out OUT_DIR --cpu-smoke     # tiny shapes on CPU (checks the script, no timing value)
+  python bench/train.py --out OUT_DIR --long 65536,131072,262144 [--long-modes dense,dsa,dsa-block] [--steps N]
+      # the small preset at each context length, dense (SDPA) vs DSA token vs DSA block-shared, in one run
 
 Dense attention: keye.kernels.dispatch has no Triton dense-attention kernel (its reference materialises
 query-block x L score slabs); `--sdpa` (default on CUDA) routes dense attention through torch SDPA (FlashAttention-2
@@ -88,8 +90,10 @@ def run_case(
     vocab: int,
     ckpt: bool,
     matmul: float | None,
+    selection: str = "token",
 ) -> None:
     cfg = preset(cfg_name, vocab_size=vocab)
+    cfg.lm.dsa.selection = selection
     if layers is not None:
         cfg.lm.num_layers = layers
     cfg.vision.num_layers = 1  # text-only packs: the ViT is not run
@@ -130,6 +134,7 @@ def run_case(
         "preset": cfg_name,
         "layers": cfg.lm.num_layers,
         "attention": mode,
+        "dsa_selection": selection if mode != "dense" else None,
         "seq_lengths": lengths,
         "tokens": t,
         "dtype": str(dtype),
@@ -142,7 +147,7 @@ def run_case(
         "loss_last": round(float(out.loss.detach()), 4),
         "kernels": {
             n: dispatch.backend_name(n, ids.float())
-            for n in ("indexer_topk", "sparse_attention", "indexer_kl", "moe_experts")
+            for n in ("indexer_topk", "sparse_attention", "indexer_kl", "moe_experts", "block_topk")
         },
         "dense_attention": "sdpa" if dispatch.dense_attention is sdpa_dense_attention else "dispatch",
     }
@@ -166,6 +171,12 @@ def main() -> None:
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--slice-layers", type=int, default=4)
     ap.add_argument("--small-lengths", default="65536,65536,65536,65536")
+    ap.add_argument(
+        "--long",
+        default="",
+        help="comma list of context lengths (one sequence each): the small preset's step in every --long-modes mode",
+    )
+    ap.add_argument("--long-modes", default="dense,dsa,dsa-block")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     OUT_FILE.append(os.path.join(args.out, "train_bench.json"))
@@ -173,6 +184,20 @@ def main() -> None:
         os.environ.setdefault("KEYE_KERNELS", "reference")
         dispatch.dense_attention = sdpa_dense_attention
         run_case("small_dsa_smoke", "tiny", [300, 200], 2, "cpu", torch.float32, "dsa", 2, 512, True, None)
+        run_case(
+            "small_dsa_block_smoke",
+            "tiny",
+            [300, 200],
+            2,
+            "cpu",
+            torch.float32,
+            "dsa",
+            2,
+            512,
+            True,
+            None,
+            "block",
+        )
         run_case("slice_smoke", "tiny", [256], 2, "cpu", torch.float32, "dense", 2, 512, False, None)
     else:
         if not args.no_sdpa:
@@ -184,6 +209,17 @@ def main() -> None:
             torch=torch.__version__,
             bf16_matmul_8192_tflop_s=round(rate / 1e12, 1),
         )
+        for length in [int(x) for x in args.long.split(",") if x]:
+            for m in args.long_modes.split(","):
+                name = f"small_{length // 1024}k_{m}"
+                try:
+                    run_case(name, "small", [length], args.steps, "cuda", torch.bfloat16, m.split("-")[0], None,
+                             151936, True, rate, "block" if m == "dsa-block" else "token")  # fmt: skip
+                except Exception as e:  # record and go on to the next case
+                    log(case=name, error=f"{type(e).__name__}: {e}")
+                    torch.cuda.empty_cache()
+        if args.long:
+            return
         if args.only in (None, "slice30b"):
             try:
                 run_case(

@@ -7,6 +7,7 @@ from functools import partial
 from prefect import flow, task
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.submit import run_batches
 from keye.core.config import PipelineConfig
 from keye.data import captioning
@@ -29,4 +30,4 @@ def caption(config: PipelineConfig, videoset_id: str | None = None, parent: Pare
         label, record = f"caption ({plan.backend_name})", partial(stage.record, run)
         args = (plan.backend, plan.alternatives)
         run_batches(caption_clips, plan.todo, config.caption.batch_size, label, *args, on_result=record)
-        return stage.finish(run, plan)
+        return publish_stage(run, stage.finish(run, plan))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.core.config import PipelineConfig
 from keye.stages import eval as stage
 from keye.stages.artifact import ParentRun, open_stage
@@ -23,4 +24,4 @@ def evaluate(
         plan = stage.plan(run, checkpoint_dir, videoset_id)
         if plan.build:
             stage.evaluate(run, plan)
-        return stage.finish(run, plan)
+        return publish_stage(run, stage.finish(run, plan))

@@ -8,6 +8,7 @@ from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.submit import run_batches
 from keye.core.config import IngestSettings, PipelineConfig
 from keye.stages import ingest as stage
@@ -34,4 +35,4 @@ def ingest(config: PipelineConfig, parent: ParentRun | None = None) -> str:
         record = partial(stage.record, run, plan)
         s = config.ingest
         run_batches(ingest_videos, plan.todo, s.batch_size, "ingest: probing videos", s, on_result=record)
-        return stage.finish(run, plan)
+        return publish_stage(run, stage.finish(run, plan))

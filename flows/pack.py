@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.core.config import PipelineConfig
 from keye.stages import pack as stage
 from keye.stages.artifact import ParentRun, open_stage
@@ -23,4 +24,4 @@ def pack(config: PipelineConfig, shardset_id: str | None = None, parent: ParentR
         plan = stage.plan(run, shardset_id)
         if plan.build:
             stage.record(run, plan, pack_samples(plan))
-        return stage.finish(run, plan)
+        return publish_stage(run, stage.finish(run, plan))

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import caption, evaluate, ingest, pack, shard, train
+from flows.artifacts import publish_pipeline
 from flows.runners import task_runner
 from keye.core.config import load_config
 from keye.stages.artifact import open_pipeline
@@ -27,13 +28,12 @@ def pipeline(
     stages: list[str] | None = None,
     overrides: dict[str, str] | None = None,
 ) -> dict:
-    """Finished stages are skipped (cache key = inputs + settings + code); a stage left out: the next one takes
-    the newest complete input of its kind (keye.stages.artifact.StageRun.input)."""
+    """Finished stages are skipped (key: inputs + settings + code); a left-out stage's output: the newest one."""
     stage_list = {"stages": list(stages)} if stages else {}
     config = load_config(config_path, overrides={**(overrides or {}), **stage_list}, workspace=workspace)
-    with open_pipeline(config, flow_run.id) as ctx:
+    with open_pipeline(config, flow_run.id, origin=str(config_path)) as ctx:
         out: dict[str, str] = {}
         for _, stage_flow, output, reads in (s for s in STEPS if s[0] in config.stages):
             run = stage_flow.with_options(task_runner=task_runner(config.runner))
             out[output] = run(config, *[out.get(r) for r in reads], ctx.ref)
-        return ctx.finish(out)
+        return publish_pipeline(ctx, ctx.finish(out))

@@ -7,6 +7,7 @@ from functools import partial
 from prefect import flow, task
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from flows.submit import run_batches, run_each
 from keye.core.config import PipelineConfig
 from keye.data import shard_samples
@@ -34,4 +35,4 @@ def shard(config: PipelineConfig, captionset_id: str | None = None, parent: Pare
         encoded = run_batches(encode_clips, p.items, config.shard.batch_size, "shard: encoding clips", *args)
         calls = [(p.out_dir, name, group) for name, group in stage.group(run, p, encoded)]
         run_each(write_shard, calls, "shard: writing shards", on_result=partial(stage.record, run, p))
-        return stage.finish(run, p)
+        return publish_stage(run, stage.finish(run, p))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_stage
 from keye.core.config import PipelineConfig
 from keye.stages import train as stage
 from keye.stages.artifact import ParentRun, open_stage
@@ -21,5 +22,5 @@ def train(config: PipelineConfig, packset_id: str | None = None, parent: ParentR
             plan = stage.plan(run, recipe, packset_id, init, previous)
             if plan.build:
                 stage.train(run, plan)
-            init, previous, packset_id = stage.finish(run, plan)
+            init, previous, packset_id = publish_stage(run, stage.finish(run, plan))
     return init

@@ -72,13 +72,15 @@ def _run_guarded(fn):
     from keye.core.config import ConfigError
     from keye.core.lineage import LineageError
     from keye.core.workspace import WorkspaceLocked
+    from keye.model.integrity import CheckpointIntegrityError
     from keye.stages.sources import SourceError
+    from keye.train.state_io import StateFormatError
 
     try:
         return fn()
     except WorkspaceLocked as e:
         _fail(str(e), 3)
-    except (ConfigError, SourceError, LineageError) as e:
+    except (ConfigError, SourceError, LineageError, CheckpointIntegrityError, StateFormatError) as e:
         _fail(str(e), 2)
 
 
@@ -99,6 +101,7 @@ def run(
     overrides = list(set_ or [])
     stage_list = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
     cfg = _load(pipeline, overrides + ([f"stages=[{stages}]"] if stages else []), workspace)
+    _check_paths(cfg, None, str(pipeline))
     _prepare(cfg.workspace)
     from flows.pipeline import pipeline as pipeline_flow
     from keye.stages.summary import render
@@ -122,7 +125,20 @@ def _as_dict(overrides: list[str]) -> dict[str, str]:
     return out
 
 
-def _stage_config(source: str | None, workspace: Path, config: Path | None, set_: list[str] | None):
+def _check_paths(cfg, stages: list[str] | None, origin: str) -> None:
+    """Every path the stages will read, checked before the workspace is created (one line per problem)."""
+    from keye.core.config import ConfigError
+    from keye.core.config_paths import check_paths
+
+    try:
+        check_paths(cfg, stages, origin)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _stage_config(
+    source: str | None, workspace: Path, config: Path | None, set_: list[str] | None, stage: str
+):
     """A stage run alone uses the same settings as `keye run` would: ./pipelines.yaml when it exists."""
     if config is None and Path("pipelines.yaml").is_file():
         config = Path("pipelines.yaml")
@@ -133,6 +149,7 @@ def _stage_config(source: str | None, workspace: Path, config: Path | None, set_
 
         src = SyntheticSource() if source == "synthetic" else PathSource(path=source)
         cfg = cfg.model_copy(update={"sources": [src]})
+    _check_paths(cfg, [stage], str(config or "(built-in default)"))
     _prepare(cfg.workspace)
     return cfg
 
@@ -145,7 +162,7 @@ def ingest(
     set_: SetOpt = None,
 ) -> None:
     """Scan, hash, probe and clip the videos of SOURCE."""
-    cfg = _stage_config(source, workspace, config, set_)
+    cfg = _stage_config(source, workspace, config, set_, "ingest")
     from flows.ingest import ingest as ingest_flow
 
     vs = _run_guarded(lambda: ingest_flow(cfg))
@@ -167,7 +184,7 @@ def caption(
     videoset: Annotated[str | None, typer.Option(help="VideoSet id (default: the latest)")] = None,
 ) -> None:
     """Caption the clips of a VideoSet with the configured backend."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "caption")
     from flows.caption import caption as caption_flow
 
     cs = _run_guarded(lambda: caption_flow(cfg, videoset))
@@ -182,7 +199,7 @@ def shard(
     captionset: Annotated[str | None, typer.Option(help="CaptionSet id (default: the latest)")] = None,
 ) -> None:
     """Write WebDataset shards of the captioned clips."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "shard")
     from flows.shard import shard as shard_flow
 
     ss = _run_guarded(lambda: shard_flow(cfg, captionset))
@@ -197,7 +214,7 @@ def pack(
     shardset: Annotated[str | None, typer.Option(help="ShardSet id (default: the latest)")] = None,
 ) -> None:
     """Tokenizer + task samples + best-fit packing of a ShardSet."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "pack")
     from flows.pack import pack as pack_flow
 
     ps = _run_guarded(lambda: pack_flow(cfg, shardset))
@@ -212,7 +229,7 @@ def train(
     packset: Annotated[str | None, typer.Option(help="PackSet id (default: the latest)")] = None,
 ) -> None:
     """Run the training recipes (train.stages) in order; a re-run resumes from the last step checkpoint."""
-    cfg = _stage_config(None, workspace, config, set_)
+    cfg = _stage_config(None, workspace, config, set_, "train")
     from flows.train import train as train_flow
 
     final = _run_guarded(lambda: train_flow(cfg, packset))
@@ -244,8 +261,9 @@ def lineage(
 
     def walk():
         store = Lineage(workspace, read_only=True)
-        node = store.resolve(artifact)
-        return node, store.upstream(node["id"]), store.downstream(node["id"])
+        with store.pinned():  # one snapshot for the node and both walks
+            node = store.resolve(artifact)
+            return node, store.upstream(node["id"]), store.downstream(node["id"])
 
     node, up, down = _run_guarded(walk)
     if as_json:
@@ -256,6 +274,35 @@ def lineage(
         typer.echo(f"\n{title}: {len(rows)}")
         for r in rows:
             typer.echo(f"  {'  ' * (r['depth'] - 1)}{r['kind']:<10} {r['id']}  {r['label'] or ''}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint dir (weights + tokenizer.json beside them)")],
+    host: Annotated[
+        str, typer.Option(help="address to bind (keep 127.0.0.1 unless you mean to expose it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="torch device of the model")] = "cpu",
+    media_root: Annotated[Path | None, typer.Option(help="only serve video files under this folder")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="model id clients send (default: the folder name)")
+    ] = None,
+) -> None:
+    """OpenAI-compatible /v1/chat/completions and /v1/models over one checkpoint (keye.serve)."""
+    from keye.serve.app import serve as _serve
+
+    try:
+        _serve(
+            str(checkpoint),
+            host,
+            port,
+            device=device,
+            media_root=str(media_root) if media_root else None,
+            model_name=model_name,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
 @convert_app.command("hf")
@@ -326,12 +373,25 @@ def eval_score(
     limit: Annotated[
         int | None, typer.Option(help="the first N questions only (as the run that made them)")
     ] = None,
+    lenient: Annotated[
+        bool,
+        typer.Option(
+            help="skip malformed lines and unknown or duplicate ids (warned, counted in the metrics)"
+        ),
+    ] = False,
 ) -> None:
     """Re-score saved predictions; prints the metrics as JSON."""
     from keye.eval import BenchmarkFormatError, score
 
     try:
-        metrics = score(bench, predictions, kind=kind, limit=limit)
+        metrics = score(
+            bench,
+            predictions,
+            kind=kind,
+            limit=limit,
+            lenient=lenient,
+            warn=lambda m: typer.echo(m, err=True),
+        )
     except (BenchmarkFormatError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(metrics, indent=2, default=str))
@@ -365,6 +425,10 @@ def up(
         _fail(str(e))
     for name, url in urls.items():
         typer.echo(f"{name:<12} {url}")
+    from keye.services import describe_worker
+
+    if line := describe_worker(workspace):
+        typer.echo(f"{'worker':<12} {line}")
     if "prefect_api" in urls:
         typer.echo(f"\nexport PREFECT_API_URL={urls['prefect_api']}")
     if "mlflow" in urls:

@@ -305,6 +305,15 @@ def service_env(workspace: Path, prefect_api_url: str | None = None, mlflow_url:
     return env
 
 
+def describe_worker(workspace: Path) -> str | None:
+    """One line for `keye up`: the worker's pid, the pool it polls and the log that holds its flow runs' output."""
+    state = read_state(workspace)
+    for rec in _records(state):
+        if rec.name == "worker":
+            return f"pid {rec.pid}, polls work pool {state.get('pool')!r}; log {rec.log}"
+    return None
+
+
 def urls(workspace: Path) -> dict[str, str]:
     """Names -> URLs of the services recorded for this workspace (empty when none are running)."""
     state = read_state(workspace)
@@ -366,6 +375,7 @@ def up(
 
     try:
         env = service_env(workspace)
+        env["PREFECT_SERVER_UI_API_URL"] = api_url  # else the UI calls :4200 whatever port the server has
         prefect = record(
             start_process(
                 "prefect",

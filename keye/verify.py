@@ -29,15 +29,15 @@ def verify_workspace(workspace: str | Path) -> VerifyReport:
             f"shard {row['shard_id']}: {p}"
             for p in verify_shard(row["path"], row["sha256"], expected_keys=sorted(members))
         ]
-    for row in store.query("SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE sha256 IS NOT NULL"):
-        from keye.core.hashing import hash_checkpoint_dir
+    from keye.checkpoint_audit import checkpoint_problems, step_checkpoint_dirs
 
+    finals = store.query("SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE sha256 IS NOT NULL")
+    for row in finals:
         report.checked += 1
-        p = Path(row["path"])
-        if not p.exists():
-            report.problems.append(f"checkpoint {row['checkpoint_id']}: {p} is missing")
-        elif hash_checkpoint_dir(p) != row["sha256"]:
-            report.problems.append(
-                f"checkpoint {row['checkpoint_id']}: {p} does not match its recorded sha256"
-            )
+        report.problems += [
+            f"checkpoint {row['checkpoint_id']}: {p}" for p in checkpoint_problems(row["path"], row["sha256"])
+        ]
+    for step in step_checkpoint_dirs(store.workspace.checkpoints, [r["path"] for r in finals]):
+        report.checked += 1
+        report.problems += [f"step checkpoint {step.name}: {p}" for p in checkpoint_problems(step)]
     return report

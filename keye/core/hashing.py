@@ -60,6 +60,9 @@ ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the keye/ and flows/ packages (the repository root of a checkout)."""
 
 _PACKAGES = ("keye", "flows")
+# Modules that only record a run: their own source counts, what they import does not (keye.core.tracking imports
+# keye.eval.predict for the registered chat model; following it would tie every stage's key to the model code).
+RECORD_ONLY = ("keye.core.tracking",)
 _MODULE_STRING = re.compile(r"^((?:keye|flows)(?:\.\w+)+)(?::\w+)?$")
 
 
@@ -122,12 +125,12 @@ def module_closure(*entries: str, root: Path = ROOT) -> dict[str, Path]:
             continue
         parts = name.split(".")
         todo += [(".".join(parts[:i]), False) for i in range(1, len(parts))]  # importing a.b.c runs a, a.b
-        if follow:
+        if follow and name not in RECORD_ONLY:
             deep[name] = path
             todo += [(n, True) for n in sorted(_imported_names(name, path))]
         else:
             shallow[name] = path
-    missing = [e for e in entries if e not in deep]
+    missing = [e for e in entries if e not in deep and e not in shallow]
     if missing:
         raise ValueError(f"code_hash: no module {missing} under {root}")
     return {**shallow, **deep}

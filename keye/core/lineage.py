@@ -19,6 +19,7 @@ from typing import Any
 
 import duckdb
 
+from keye.core import lineage_snapshot as snapshot
 from keye.core.workspace import Workspace, WorkspaceLock, holds_lock
 
 SCHEMA_VERSION = 1
@@ -103,6 +104,7 @@ class Lineage:
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
         self.path = self.workspace.lineage_db
         self.read_only = read_only
+        self._pinned: duckdb.DuckDBPyConnection | None = None
         if read_only:
             if not self.path.exists():
                 raise LineageError(
@@ -111,40 +113,61 @@ class Lineage:
                 )
         else:
             self.workspace.root.mkdir(parents=True, exist_ok=True)
-            with self._con() as con:
+            with self._con(publish=True) as con:
                 con.execute(_SCHEMA)
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     @contextmanager
-    def _con(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _con(self, publish: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection. Readers get the published snapshot (keye.core.lineage_snapshot); a writer's
+        connection with `publish` checkpoints and re-publishes the snapshot after it closes, under the lock."""
+        if self.read_only and self._pinned is not None:
+            yield self._pinned
+            return
         if not self.read_only and not holds_lock(self.workspace):
             # Standalone use (tests, library calls): take the lock for the duration of the write.
             with WorkspaceLock(self.workspace):
-                con = duckdb.connect(str(self.path))
-                try:
+                with self._open(publish) as con:
                     yield con
-                finally:
-                    con.close()
             return
+        with self._open(publish) as con:
+            yield con
+
+    @contextmanager
+    def _open(self, publish: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         try:
-            con = duckdb.connect(str(self.path), read_only=self.read_only)
-        except duckdb.IOException as e:
-            raise LineageError(
-                f"cannot open {self.path}{' read-only' if self.read_only else ''}: {e}. If a pipeline is writing "
-                "right now, retry in a moment."
-            ) from e
+            con = snapshot.open_reader(self.path) if self.read_only else snapshot.open_writer(self.path)
+        except (duckdb.IOException, snapshot.LineageBusy) as e:
+            raise LineageError(f"cannot open {self.path}{' read-only' if self.read_only else ''}: {e}") from e
         try:
             yield con
+            if publish:
+                con.execute("CHECKPOINT")
         finally:
             con.close()
+        if publish:
+            snapshot.publish(self.path)
+
+    @contextmanager
+    def pinned(self) -> Iterator[Lineage]:
+        """Readers: every query inside sees one and the same snapshot (e.g. a node and its up/downstream)."""
+        if not self.read_only or self._pinned is not None:
+            yield self
+            return
+        with self._open(False) as con:
+            self._pinned = con
+            try:
+                yield self
+            finally:
+                self._pinned = None
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One atomic write: all rows of a batch land together or not at all."""
+        """One atomic write: all rows of a batch land together or not at all (and readers see them together)."""
         if self.read_only:
             raise LineageError("this Lineage was opened read-only")
-        with self._con() as con:
+        with self._con(publish=True) as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -592,6 +615,24 @@ class Lineage:
                WHERE k.caption_id IN (SELECT member_id FROM set_members WHERE set_id = ?) AND k.status = 'ok'""",
             [captionset_id],
         )
+
+    def completion_of(self, ids: list[str]) -> list[dict[str, Any]]:
+        """(id, status, ts) of artifacts and evals among ids: when (and whether) each was completed."""
+        return self.query(
+            """SELECT artifact_id AS id, status, completed_at AS ts FROM artifacts WHERE artifact_id IN (SELECT unnest(?))
+               UNION ALL SELECT eval_id, 'complete', max(created_at) FROM evals WHERE eval_id IN (SELECT unnest(?))
+               GROUP BY eval_id""",
+            [ids, ids],
+        )
+
+    def producer_mlflow_run(self, artifact_id: str, other_than: str) -> str | None:
+        """The MLflow run of the (first) stage run, other than `other_than`, that produced the artifact."""
+        rows = self.query(
+            """SELECT r.mlflow_run_id FROM edges e JOIN runs r ON r.run_id = e.src_id
+               WHERE e.relation = 'produced' AND e.dst_id = ? AND r.run_id <> ? ORDER BY r.started_at LIMIT 1""",
+            [artifact_id, other_than],
+        )
+        return rows[0]["mlflow_run_id"] if rows else None
 
     def record_packs(self, packset_id: str, packs: list[dict[str, Any]]) -> None:
         """One row per pack (pack_id, n_samples, tokens, fill, shard_ids), its shards -> pack edges and the

@@ -164,8 +164,8 @@ def describe_control(control: dict[str, Any]) -> str:
     """One line for the report."""
     real, blank, paired = control["real"], control["blank"], control["real_vs_blank"]
     return (
-        f"{real['n']} pooled MCQs: {real['accuracy']}% with the frames (chance {real['chance']}%, "
-        f"p {real['p_value']:.2g}), {blank['accuracy']}% with blank frames; right only with the frames "
+        f"{real['n']} pooled MCQs: {real['accuracy']:.1f}% with the frames (chance {real['chance']:.1f}%, "
+        f"p {real['p_value']:.2g}), {blank['accuracy']:.1f}% with blank frames; right only with the frames "
         f"{paired['right_only_here']}, only blank {paired['right_only_in_control']} (sign test p "
         f"{paired['p_value']:.2g})"
     )

@@ -66,28 +66,55 @@ def keye_predict_fn(
     patch = model.config.vision.patch_size
     eos = [tok.eos_id, tok.pad_id]
 
-    def prompt_for(q: Question, blank_frames: bool) -> Any:
-        info = probe(q.video, min_duration=0.0)
+    def video_part(video: str | Path, blank_frames: bool) -> tuple[dict, Any, Any]:
+        info = probe(video, min_duration=0.0)
         plan = plan_frames(info.duration, info.width, info.height, policy, video_fps=info.fps or None)
-        frames = decode_frames(q.video, plan.timestamps, size=(plan.height, plan.width))
+        frames = decode_frames(video, plan.timestamps, size=(plan.height, plan.width))
         if blank_frames:  # same sizes, times and tokens; no content (mid-grey is 0 after normalisation)
             frames = np.full_like(frames, 128)
         patches, grids = frames_to_patches(frames, patch)
-        video = {
+        part = {
             "type": "video",
             "frames": [{"time": t, "tokens": plan.tokens_per_frame} for t in plan.timestamps],
         }
+        return part, patches, grids
+
+    def prompt_for(q: Question, blank_frames: bool) -> Any:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append(
             {
                 "role": "user",
-                "content": [video, {"type": "text", "text": build_prompt(q, with_subtitles)}],
+                "content": [
+                    {"type": "video", "video": q.video},
+                    {"type": "text", "text": build_prompt(q, with_subtitles)},
+                ],
             }
         )
-        enc = encode_chat(tok, messages, add_generation_prompt=True)
+        return chat_prompt(messages, blank_frames)
+
+    def chat_prompt(messages: list[dict], blank_frames: bool = False) -> Any:
+        """Messages whose content parts may be `{"type": "video", "video": path}`: the frames are sampled by the
+        checkpoint's policy and the part becomes the frame placeholders (at most one video per chat)."""
+        patches = grids = None
+        rendered = []
+        for msg in messages:
+            content = msg["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") == "video" and "video" in part:
+                        if patches is not None:
+                            raise ValueError("a chat may carry one video (its frames go to one visual run)")
+                        part, patches, grids = video_part(part["video"], blank_frames)
+                    parts.append(part)
+                content = parts
+            rendered.append({"role": msg["role"], "content": content})
+        enc = encode_chat(tok, rendered, add_generation_prompt=True)
         ids = torch.from_numpy(enc.ids.copy())
         for start, length in enc.visual_runs:  # the model fills its own placeholder id with visual tokens
             ids[start : start + length] = image_id
+        if patches is None:
+            return Prompt(input_ids=ids)
         return Prompt(input_ids=ids, pixel_patches=patches.to(model.dtype), patch_grids=grids)
 
     def predict(questions: list[Question], blank_frames: bool = False) -> list[str]:
@@ -112,4 +139,29 @@ def keye_predict_fn(
                 answers[i] = tok.decode([t for t in r.token_ids if t not in eos])
         return answers
 
+    def chat(conversations: list[list[dict]]) -> list[str]:
+        """Answer chats (OpenAI-style messages; a content part `{"type": "video", "video": path}` brings frames)."""
+        if not conversations:
+            return []
+        if system_prompt:  # as in training samples, unless the chat brings its own
+            conversations = [
+                m if m and m[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *m]
+                for m in conversations
+            ]
+        results = generate(
+            model,
+            [chat_prompt(m) for m in conversations],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            eos_token_ids=eos,
+        )
+        return [tok.decode([t for t in r.token_ids if t not in eos]) for r in results]
+
+    predict.chat = chat  # type: ignore[attr-defined]  # same model and prompt code, for keye_chat_fn
     return predict
+
+
+def keye_chat_fn(checkpoint_dir: str | Path, **kwargs: Any) -> Any:
+    """`chat(list of message lists) -> list of answers` for a bundled checkpoint (tokenizer and sampling policy
+    beside the weights): what the MLflow pyfunc model and other callers outside the benchmarks use."""
+    return keye_predict_fn(checkpoint_dir, **kwargs).chat

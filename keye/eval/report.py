@@ -38,11 +38,26 @@ def _chance(metrics: Mapping[str, Any], name: str) -> float | None:
     return None
 
 
+class Flagged(float):
+    """A score below its chance level: shown with a red mark so a reader cannot miss it."""
+
+
+def _flag(score: Any, chance: Any) -> Any:
+    below = (
+        isinstance(score, int | float) and isinstance(chance, int | float) and float(score) < float(chance)
+    )
+    return Flagged(score) if below else score
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
+    if isinstance(value, Flagged):
+        return f"<span class='below'>{float(value):.2f} ▼ below chance</span>"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
     return html.escape(str(value))
 
 
@@ -115,9 +130,77 @@ def _read_records(path: Path | None) -> list[dict]:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """A table; no header row when every header cell is empty (a key/value list)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+
+def _curves_figure(run: str, curves: Mapping[str, list[tuple[int, float]]]) -> Figure | None:
+    """Loss curves (left) and the learning rate (right) of one training stage run."""
+    losses = {k: v for k, v in curves.items() if "loss" in k}
+    lr = curves.get("lr")
+    if not losses and not lr:
+        return None
+    fig = Figure(figsize=(9.0, 3.0))
+    ax = fig.add_subplot(1, 2, 1)
+    for k, pts in sorted(losses.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{run}: loss")
+    if losses:
+        ax.legend(fontsize=7, loc="upper right")
+    ax2 = fig.add_subplot(1, 2, 2)
+    if lr:
+        ax2.plot([p[0] for p in lr], [p[1] for p in lr], color="#c0392b", linewidth=1.2)
+    ax2.set_xlabel("step")
+    ax2.set_title(f"{run}: learning rate")
+    fig.tight_layout()
+    return fig
+
+
+def _control_figure(control: Mapping[str, Any]) -> Figure:
+    """Pooled held-out MCQ accuracy with the real frames vs blank frames, against chance."""
+    real, blank = control["real"], control["blank"]
+    fig = Figure(figsize=(5.0, 3.2))
+    ax = fig.add_subplot()
+    values = [float(real["accuracy"]), float(blank["accuracy"])]
+    bars = ax.bar(["real frames", "blank frames"], values, color=["#3b6ea8", "#b9c7d8"], width=0.55)
+    for b, v in zip(bars, values, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.1f}%", ha="center", fontsize=9)
+    ax.axhline(float(real["chance"]), color="#c0392b", linestyle="--", label=f"chance {real['chance']:.1f}%")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    p = control["real_vs_blank"]["p_value"]
+    ax.set_title(f"{real['n']} pooled MCQs: real vs blank frames (sign test p {p:.2g})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def _comparison_rows(
+    metrics_by_bench: Mapping[str, Mapping[str, Any]],
+    best: Mapping[str, Any],
+    control: Mapping[str, Any] | None,
+) -> list[list[Any]]:
+    """This eval's primary scores vs the run that holds the registry's `best` alias (`<bench>/<metric>`)."""
+    theirs = best.get("metrics") or {}
+    rows = []
+    for name, m in metrics_by_bench.items():
+        p = m["primary"]
+        prev = theirs.get(f"{name}/{p}")
+        delta = float(m[p]) - float(prev) if isinstance(prev, int | float) else None
+        rows.append([_NAMES.get(m["kind"], name), p, m[p], prev, delta])
+    if control:
+        for key, mine in (
+            ("vision/mcq_accuracy", control["real"]["accuracy"]),
+            ("vision/mcq_blank_accuracy", control["blank"]["accuracy"]),
+        ):
+            prev = theirs.get(key)
+            delta = float(mine) - float(prev) if isinstance(prev, int | float) else None
+            rows.append(["pooled MCQs", key.removeprefix("vision/"), mine, prev, delta])
+    return rows
 
 
 def write_report(
@@ -129,10 +212,16 @@ def write_report(
     title: str = "Keye evaluation",
     embed: bool = True,
     max_examples: int = 12,
+    curves: Mapping[str, Mapping[str, list[tuple[int, float]]]] | None = None,
+    control: Mapping[str, Any] | None = None,
+    best: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/report.html` (+ PNG plots beside it) for one or more benchmarks' metrics (as returned by
     evaluate/score, keyed by a name such as the kind); `previous` holds an earlier checkpoint's metrics under
-    the same names. Returns the page's path."""
+    the same names. Optional, all plain values: `curves` {training run: {metric: [(step, value)]}}, the
+    blank-frame `control` (keye.eval.heldout.blank_frame_control), and `best` {version, metrics: {"<bench>/<metric>":
+    value}} of the registered model the checkpoint is compared with (keye.core.tracking.best_version).
+    Returns the page's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = previous or {}
@@ -141,13 +230,29 @@ def write_report(
     if notes:
         parts.append(_table(["", ""], [[k, v] for k, v in notes.items()]))
 
+    def figure(stem: str, fig: Figure) -> None:
+        data = _png(fig)
+        png = out_dir / f"{stem}.png"
+        atomic_write_bytes(png, data)
+        src = f"data:image/png;base64,{base64.b64encode(data).decode()}" if embed else png.name
+        parts.append(f"<figure><img alt='{html.escape(stem)}' src='{src}'></figure>")
+
     summary = []
     for name, m in metrics_by_bench.items():
         p = m["primary"]
         prev = (previous.get(name) or {}).get(p)
         delta = float(m[p]) - float(prev) if isinstance(prev, (int, float)) else None
         summary.append(
-            [_NAMES.get(m["kind"], name), p, m[p], _chance(m, p), prev, delta, m["n"], m["n_unparsable"]]
+            [
+                _NAMES.get(m["kind"], name),
+                p,
+                _flag(m[p], _chance(m, p)),
+                _chance(m, p),
+                prev,
+                delta,
+                m["n"],
+                m["n_unparsable"],
+            ]
         )
     parts.append("<h2>Results</h2>")
     parts.append(
@@ -155,6 +260,25 @@ def write_report(
             ["benchmark", "metric", "score", "chance", "previous", "Δ", "questions", "unparsable"], summary
         )
     )
+    if control:
+        parts.append("<h2>What the frames add: blank-frame control</h2>")
+        figure("vision_control", _control_figure(control))
+    if best is not None:
+        parts.append(
+            f"<h2>Against the registered best (version {html.escape(str(best.get('version')))})</h2>"
+        )
+        parts.append(
+            _table(
+                ["benchmark", "metric", "this checkpoint", "best", "Δ"],
+                _comparison_rows(metrics_by_bench, best, control),
+            )
+        )
+    for run, run_curves in (curves or {}).items():
+        fig = _curves_figure(run, run_curves)
+        if fig is not None:
+            if not any(x.startswith("<h2>Training curves") for x in parts):
+                parts.append("<h2>Training curves</h2>")
+            figure("curves_" + "".join(c if c.isalnum() else "_" for c in run), fig)
 
     for name, m in metrics_by_bench.items():
         kind = m["kind"]
@@ -162,7 +286,11 @@ def write_report(
         parts.append(
             f"<h2>{html.escape(_NAMES.get(kind, name))}</h2><p class='path'>{html.escape(str(m.get('bench', '')))}</p>"
         )
-        rows = [[s, m.get(s), _chance(m, s), (prev or {}).get(s)] for s in _SCALARS.get(kind, ()) if s in m]
+        rows = [
+            [s, _flag(m.get(s), _chance(m, s)), _chance(m, s), (prev or {}).get(s)]
+            for s in _SCALARS.get(kind, ())
+            if s in m
+        ]
         parts.append(_table(["metric", "score", "chance", "previous"], rows))
         records = _read_records(Path(predictions[name]) if name in predictions else None)
         figures = [
@@ -172,13 +300,8 @@ def write_report(
             (f"{name}_iou_hist", _iou_hist(kind, records) if kind == "timelens" else None),
         ]
         for stem, fig in figures:
-            if fig is None:
-                continue
-            data = _png(fig)
-            png = out_dir / f"{stem}.png"
-            atomic_write_bytes(png, data)
-            src = f"data:image/png;base64,{base64.b64encode(data).decode()}" if embed else png.name
-            parts.append(f"<figure><img alt='{html.escape(stem)}' src='{src}'></figure>")
+            if fig is not None:
+                figure(stem, fig)
         for breakdown in ("by_task", "by_duration", "by_level", "by_third_head"):
             groups = m.get(breakdown) or {}
             if groups:
@@ -187,7 +310,7 @@ def write_report(
                     [
                         g,
                         v.get("n"),
-                        v.get(p),
+                        _flag(v.get(p), v.get("chance")),
                         v.get("chance"),
                         ((prev or {}).get(breakdown) or {}).get(g, {}).get(p),
                     ]
@@ -214,7 +337,7 @@ def write_report(
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f0f3f7}.path{color:#666}"
-        "img{max-width:100%}"
+        "img{max-width:100%}.below{color:#c0392b;font-weight:600}"
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

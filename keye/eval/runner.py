@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from keye.core.atomic import atomic_write_json, atomic_write_text
+from keye.eval.predictions import read_predictions_checked
 from keye.eval.readers import Question, read_benchmark
 from keye.eval.scoring import score_answers
 
@@ -26,19 +27,8 @@ class EvalResult:
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
-    """{question id: raw answer} from a predictions.jsonl ({"id", "answer", ...} per line)."""
-    path = Path(path)
-    answers: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "id" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'answer'")
-        if row.get("missing"):
-            continue  # written for a question that got no answer: stays missing when re-scored
-        answers[str(row["id"])] = "" if row["answer"] is None else str(row["answer"])
-    return answers
+    """{question id: raw answer} from a predictions.jsonl ({"id", "answer", ...} per line); any bad line is an error."""
+    return read_predictions_checked(path).answers
 
 
 def evaluate(
@@ -100,14 +90,22 @@ def score(
     kind: str | None = None,
     subtitles_dir: str | Path | None = None,
     limit: int | None = None,
+    lenient: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Re-score saved predictions against the benchmark file (no videos needed). With the same `limit` as the
-    run, the result equals the run's metrics.json."""
+    run, the result equals the run's metrics.json. Bad prediction lines are errors; with `lenient` each is passed
+    to `warn` and counted under metrics["prediction_problems"]."""
     bench = read_benchmark(bench_path, None, kind=kind, subtitles_dir=subtitles_dir)
+    read = read_predictions_checked(predictions_path, {q.id for q in bench.questions}, lenient=lenient)
     if limit is not None:
         n = -(-limit // 4) * 4 if bench.kind == "videomme_v2" else limit
         bench.questions = bench.questions[:n]
-    metrics, _ = score_answers(bench, read_predictions(predictions_path))
+    metrics, _ = score_answers(bench, read.answers)
     if limit is not None:
         metrics["limit"] = limit
+    if lenient:
+        for line in read.warnings:
+            (warn or print)(line)
+        metrics["prediction_problems"] = read.counts
     return metrics

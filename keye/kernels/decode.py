@@ -55,9 +55,10 @@ def _index_query(
 
 @triton.jit
 def _decode_sample_kernel(
-    QI, KI, W, LENS, SAMP, scale,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb,
+    QI, KI, W, LENS, SAMP, KS, scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_ksb,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, CAP: tl.constexpr,
+    HAS_KS: tl.constexpr = False,
 ):  # fmt: skip
     """SAMP[b, i] = score of cache row i * n / S, for the BS sample slots of this program (sequences of at most
     CAP rows need no threshold and are skipped). Many small programs: one per sequence was the step's longest
@@ -70,6 +71,8 @@ def _decode_sample_kernel(
         q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
         kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + tl.arange(0, DI)[:, None])
         sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
+        if HAS_KS:  # FP8 indexer key cache: per-row scale
+            sc = sc * tl.load(KS + b * stride_ksb + rows)
         tl.store(SAMP + b * S + i, sc)
 
 
@@ -96,9 +99,10 @@ def _decode_tau_kernel(SAMP, LENS, TAU, target, S: tl.constexpr, CAP: tl.constex
 
 @triton.jit
 def _decode_scores_compact_kernel(
-    QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, scale,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_sb, n_seg,
+    QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, KS, scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_ksb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
+    HAS_KS: tl.constexpr = False,
 ):  # fmt: skip
     """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above TAU[b], compacted
     in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT[b * n_seg + sg]."""
@@ -119,6 +123,8 @@ def _decode_scores_compact_kernel(
             other=0.0,
         )
         sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
+        if HAS_KS:
+            sc = sc * tl.load(KS + b * stride_ksb + cols, mask=cm, other=0.0)
         tl.store(SCORES + b * stride_sb + cols, sc, mask=cm)
         take = cm & (sc >= tau)
         take_i = take.to(tl.int32)
@@ -256,6 +262,7 @@ def decode_topk(
     compact_block: int = 128,
     cap: int = 0,
     tau_warps: int = 8,
+    k_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
@@ -263,7 +270,9 @@ def decode_topk(
     compaction program (a power of two); sample: rows scored for the threshold proposal (a power of two); cap:
     candidate slots of the exact select (a power of two >= 2 * next_pow2(topk), the default; fewer slots make the
     select cheaper but need a larger sample to keep threshold misses rare); tau_warps: warps of the threshold
-    kernel; select_warps / compact_block: the select kernel's warps and the compaction's rows per step."""
+    kernel; select_warps / compact_block: the select kernel's warps and the compaction's rows per step.
+    k_scale: f32 [B, L] per-row scales of an FP8 indexer key cache (keye/kernels/indexer_fp8.py; q_idx and w then
+    come from `quantize_indexer_query`)."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -280,11 +289,13 @@ def decode_topk(
     n_seg = max(1, triton.cdiv(lmax, seg_len))
     nseg_p = max(2, triton.next_power_of_2(n_seg))
     strides = (q_idx.stride(0), q_idx.stride(1), k_idx_cache.stride(0), k_idx_cache.stride(1), w.stride(0))
+    ks = w if k_scale is None else k_scale.float().contiguous()
+    strides = (*strides, ks.stride(0))
     samp = torch.empty((bsz, sample), device=dev, dtype=torch.float32)
     bs = min(128, sample)
     _decode_sample_kernel[(bsz, sample // bs)](
-        q_idx, k_idx_cache, w, lens, samp, d_i**-0.5, *strides,
-        HI=h_i, HIP=hip, DI=d_i, S=sample, BS=bs, CAP=cap, num_warps=4,
+        q_idx, k_idx_cache, w, lens, samp, ks, d_i**-0.5, *strides,
+        HI=h_i, HIP=hip, DI=d_i, S=sample, BS=bs, CAP=cap, HAS_KS=k_scale is not None, num_warps=4,
     )  # fmt: skip
     scores = torch.empty((bsz, max(lmax, 1)), device=dev, dtype=torch.float32)
     cand_s = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.float32)
@@ -293,8 +304,9 @@ def decode_topk(
     tau = torch.empty(bsz, device=dev, dtype=torch.float32)
     _decode_tau_kernel[(bsz,)](samp, lens, tau, target, S=sample, CAP=cap, num_warps=tau_warps)
     _decode_scores_compact_kernel[(bsz, n_seg)](
-        q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, d_i**-0.5, *strides, scores.stride(0),
-        n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len), num_warps=4,
+        q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, ks, d_i**-0.5, *strides,
+        scores.stride(0), n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len),
+        HAS_KS=k_scale is not None, num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)

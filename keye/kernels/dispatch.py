@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
-from keye.kernels import dsa_reference, moe_reference
+from keye.kernels import block_selection, dsa_reference, moe_reference
 
 KERNEL_NAMES = (
     "indexer_topk",
@@ -27,6 +27,8 @@ KERNEL_NAMES = (
     "moe_experts",
     "dsa_decode",
     "decode_attention",
+    "block_sparse_attention",
+    "block_topk",
 )
 
 _REFERENCE: dict[str, Callable[..., object]] = {
@@ -37,7 +39,14 @@ _REFERENCE: dict[str, Callable[..., object]] = {
     "moe_experts": moe_reference.experts_reference,
     "dsa_decode": dsa_reference.dsa_decode_reference,
     "decode_attention": dsa_reference.decode_attention_reference,
+    "block_sparse_attention": block_selection.block_sparse_attention_reference,
+    "block_topk": block_selection.block_topk,
 }
+
+# Token selections whose neighbouring sets overlap at least this much (mean adjacent Jaccard, sampled) run as the
+# union of each query block's sets through the block-sparse kernel (bench/RESULTS.md `## dsa`, per overlap level).
+UNION_MIN_OVERLAP = 0.9
+UNION_BLOCK = 16
 
 
 @lru_cache(maxsize=1)
@@ -45,6 +54,8 @@ def _triton_table() -> dict[str, Callable[..., object]]:
     """Triton implementations by kernel name. PLUG-IN POINT for the Triton kernels: import them here and return
     e.g. {"sparse_attention": triton_sparse_attention}. Missing names fall back to the reference."""
     try:  # imported lazily: triton may be absent on a bare CPU box
+        from keye.kernels.block_sparse_attention import block_sparse_attention as triton_block_sparse
+        from keye.kernels.block_topk import block_topk_triton
         from keye.kernels.decode import dsa_decode as triton_dsa_decode
         from keye.kernels.indexer_kl import indexer_kl as triton_indexer_kl
         from keye.kernels.indexer_topk import indexer_topk as triton_indexer_topk
@@ -58,6 +69,8 @@ def _triton_table() -> dict[str, Callable[..., object]]:
         "indexer_kl": triton_indexer_kl,
         "moe_experts": triton_moe_experts,
         "dsa_decode": triton_dsa_decode,
+        "block_sparse_attention": triton_block_sparse,
+        "block_topk": block_topk_triton,
     }
 
 
@@ -114,6 +127,33 @@ def indexer_topk(
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return pick("sparse_attention", q)(q, k, v, indices, scale)
+
+
+def token_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float, cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sparse attention over per-token selections, by the path their measured overlap favours: on the Triton
+    path, sets whose sampled adjacent Jaccard is >= UNION_MIN_OVERLAP go through the union of each UNION_BLOCK
+    tokens' sets (block-sparse kernel, membership bits); others through the per-token kernel."""
+    fn = pick("block_sparse_attention", q)
+    if fn is not _REFERENCE["block_sparse_attention"] and q.shape[0] > UNION_BLOCK:
+        if block_selection.adjacent_overlap(indices, cu_seqlens) >= UNION_MIN_OVERLAP:
+            bstart = block_selection.block_layout(cu_seqlens, UNION_BLOCK)
+            uidx, bits = block_selection.union_of_selections(indices, bstart)
+            return fn(q, k, v, uidx, bstart, scale, bits)
+    return sparse_attention(q, k, v, indices, scale)
+
+
+def block_topk(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int
+) -> tuple[Tensor, Tensor]:
+    return pick("block_topk", q_idx)(q_idx, k_idx, w, cu_seqlens, topk, block)
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, bidx: Tensor, bstart: Tensor, scale: float, bits: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    return pick("block_sparse_attention", q)(q, k, v, bidx, bstart, scale, bits)
 
 
 def dense_attention(

@@ -39,10 +39,10 @@ def _index_scores_tile(
 
 @triton.jit
 def _indexer_scores_kernel(
-    QI, KI, W, ROW_START, OUT,
+    QI, KI, W, ROW_START, OUT, KS,
     row0, n_rows, col0, n_cols, n_keys, scale, cstride,
     stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
-    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_KS: tl.constexpr = False,
 ):  # fmt: skip
     """OUT[r, c] = I[row0 + r, col0 + c * cstride] for the tiles that touch some row's causal window (others
     untouched); cstride > 1 scores a strided sample of the keys (threshold proposals of the fused path)."""
@@ -65,6 +65,8 @@ def _indexer_scores_kernel(
         acc = _index_scores_tile(
             QI, W, rows, rmask, kt, scale, stride_qt, stride_qh, stride_wt, H, DI, BM, BN
         )
+        if HAS_KS:  # FP8 keys: per-key scale (> 0, so it commutes with the relu)
+            acc = acc * tl.load(KS + cols, mask=kmask, other=0.0)[None, :]
         dst = OUT + r_loc[:, None].to(tl.int64) * stride_o + c_loc[None, :]
         tl.store(dst, acc, mask=rmask[:, None] & kmask[None, :])
 
@@ -297,10 +299,11 @@ def _sample_threshold_kernel(
 
 @triton.jit
 def _scores_compact_kernel(
-    QI, KI, W, ROW_START, TAU, SCR_S, SCR_I, CNT,
+    QI, KI, W, ROW_START, TAU, SCR_S, SCR_I, CNT, KS,
     row0, n_rows, n_keys, scale,
     stride_qt, stride_qh, stride_kt, stride_wt,
     H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
+    HAS_KS: tl.constexpr = False,
 ):  # fmt: skip
     """Scores of BM rows against their whole windows, tile by tile (flash-style, never stored); the keys at or
     above each row's threshold are compacted in index order into SCR_S / SCR_I[r, :CAP] (score, index), their
@@ -326,6 +329,8 @@ def _scores_compact_kernel(
         acc = _index_scores_tile(
             QI, W, rows, rmask, kt, scale, stride_qt, stride_qh, stride_wt, H, DI, BM, BN
         )
+        if HAS_KS:
+            acc = acc * tl.load(KS + cols, mask=cols < n_keys, other=0.0)[None, :]
         inwin = rmask[:, None] & (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
         take = inwin & (acc >= tau[:, None])
         take_i = take.to(tl.int32)
@@ -373,7 +378,7 @@ def row_starts(cu_seqlens: Tensor, n_rows: int) -> Tensor:
 def _slab_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
     indices: Tensor, scores: Tensor, topk: int, cap: int, slab_bytes: int, select_block: int, sample: int,
-    force_radix: bool, tile: tuple[int, int, int], select: bool,
+    force_radix: bool, tile: tuple[int, int, int], select: bool, k_scale: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Slab path for rows [row0, row_end): fp32 score slabs of bounded size, then one selection program per row."""
     t_total, h_i, d_i = q_idx.shape
@@ -395,10 +400,10 @@ def _slab_rows(
         slab = torch.empty((n_rows, n_cols), device=dev, dtype=torch.float32)
         grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))
         _indexer_scores_kernel[grid](
-            q_idx, k_idx, w, starts, slab,
+            q_idx, k_idx, w, starts, slab, w if k_scale is None else k_scale,
             row0, n_rows, col0, n_cols, t_total, d_i**-0.5, 1,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), slab.stride(0),
-            H=h_i, DI=d_i, BM=bm, BN=bn, num_warps=warps,
+            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None, num_warps=warps,
         )  # fmt: skip
         if select:
             if scratch.shape[0] < n_rows:
@@ -414,7 +419,7 @@ def _slab_rows(
 def _fused_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
     indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int, sample_stride: int,
-    tile: tuple[int, int, int], fused_tile: tuple[int, int, int],
+    tile: tuple[int, int, int], fused_tile: tuple[int, int, int], k_scale: Tensor | None = None,
 ) -> list[tuple[int, int]]:  # fmt: skip
     """Fused path for rows [row0, row_end); returns the row ranges whose threshold missed (for the slab path)."""
     t_total, h_i, d_i = q_idx.shape
@@ -436,10 +441,10 @@ def _fused_rows(
         smax = max(16, triton.next_power_of_2(n_cols))
         samp = torch.empty((n_rows, smax), device=dev, dtype=torch.float32)
         _indexer_scores_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
-            q_idx, k_idx, w, starts, samp,
+            q_idx, k_idx, w, starts, samp, w if k_scale is None else k_scale,
             row0, n_rows, col0, n_cols, t_total, d_i**-0.5, cstride,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), samp.stride(0),
-            H=h_i, DI=d_i, BM=bm, BN=bn, num_warps=warps,
+            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None, num_warps=warps,
         )  # fmt: skip
         _sample_threshold_kernel[(n_rows,)](
             samp, starts, tau, row0, col0, cstride, n_cols, samp.stride(0),
@@ -450,10 +455,10 @@ def _fused_rows(
         scr_i = torch.empty((n_rows, cap), device=dev, dtype=torch.int32)
         cnt = torch.empty(n_rows, device=dev, dtype=torch.int32)
         _scores_compact_kernel[(triton.cdiv(n_rows, fbm),)](
-            q_idx, k_idx, w, starts, tau, scr_s, scr_i, cnt,
+            q_idx, k_idx, w, starts, tau, scr_s, scr_i, cnt, w if k_scale is None else k_scale,
             row0, n_rows, t_total, d_i**-0.5,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0),
-            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, num_warps=fwarps,
+            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, HAS_KS=k_scale is not None, num_warps=fwarps,
         )  # fmt: skip
         miss = torch.zeros(n_rows, device=dev, dtype=torch.int32)
         _select_candidates_kernel[(n_rows,)](
@@ -488,6 +493,7 @@ def indexer_topk(
     sample_max: int = 8192,
     sample_stride: int = 0,
     fused_tile: tuple[int, int, int] = (64, 128, 4),
+    k_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
 
@@ -497,6 +503,7 @@ def indexer_topk(
     (at most `cap` per row, in index order; the score matrix is never stored), then the exact top-k of those;
     rows whose threshold missed are redone on the slab path. method "slab": fp32 score slabs under `slab_bytes`,
     then one selection program per row (`_radix_topk_row`; `select_block`, `sample`, `force_radix` tune it).
+    k_scale: float32 [T] per-key scales of FP8 keys (keye/kernels/indexer_fp8.py): scores are multiplied by them.
     Every setting gives the same result. cap: a power of two >= 2 * next_pow2(topk) (default 4x). tile / fused_tile
     = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing).
     scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
@@ -509,6 +516,8 @@ def indexer_topk(
         raise ValueError(f"method must be 'fused' or 'slab', got {method!r}")
     dev = q_idx.device
     q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
+    if k_scale is not None:
+        k_scale = k_scale.float().contiguous()
     indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
     scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
     if t_total == 0 or topk == 0:
@@ -525,15 +534,18 @@ def indexer_topk(
     slab = (slab_bytes, select_block, sample, force_radix, tile)
     if method == "slab" or force_radix or not select:
         _slab_rows(
-            q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, *slab, select
-        )
+            q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, *slab, select,
+            k_scale,
+        )  # fmt: skip
         return indices, scores
     missed = _fused_rows(
         q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, scratch_bytes,
-        sample_max, sample_stride or max(1, cap // 128), tile, fused_tile,
+        sample_max, sample_stride or max(1, cap // 128), tile, fused_tile, k_scale,
     )  # fmt: skip
     for a, b in missed:
-        _slab_rows(q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True)
+        _slab_rows(
+            q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True, k_scale
+        )
     return indices, scores
 
 

@@ -3,7 +3,9 @@
   dense       causal per-sample attention (cu_seqlens)
   dsa_warmup  dense attention; the lightning indexer learns from KL to the head-summed attention distribution
   dsa         top-k keys per query token from the indexer (one set shared by all heads, each KV group attends
-              over it); indexer input detached, its KL restricted to the selected set
+              over it); indexer input detached, its KL restricted to the selected set. With dsa.selection=block,
+              one set per query block of dsa.selection_block tokens from the block's pooled indexer query
+              (keye/kernels/block_selection.py); each token attends to its block's keys at or before itself
 
 The heavy functions come from keye.kernels.dispatch (torch reference on CPU, Triton on CUDA when available).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from keye.kernels import dispatch
+from keye.kernels import block_selection, dispatch
 from keye.model.cache import KVCache
 from keye.model.config import LMConfig
 from keye.model.indexer import LightningIndexer
@@ -72,12 +74,21 @@ class Attention(nn.Module):
         want_kl = mode != "dense" and ((self.training and torch.is_grad_enabled()) or self.force_indexer_loss)
         # top-k covering every sample selects all visible keys: sparse == dense, so take the exact dense path
         covers = int(torch.diff(cu_seqlens).max()) <= self.cfg.dsa.topk if t else True
-        if mode == "dsa" and (not covers or want_kl):
+        by_block = self.cfg.dsa.selection == "block"
+        if mode == "dsa" and (not covers or want_kl) and by_block:
+            bidx, bstart = dispatch.block_topk(
+                q_idx.detach(), k_idx.detach(), w.detach(), cu_seqlens, self.cfg.dsa.topk,
+                self.cfg.dsa.selection_block,
+            )  # fmt: skip
+            indices = block_selection.expand_block_indices(bidx, bstart, t) if want_kl else None
+        elif mode == "dsa" and (not covers or want_kl):
             indices, _ = dispatch.indexer_topk(
                 q_idx.detach(), k_idx.detach(), w.detach(), cu_seqlens, self.cfg.dsa.topk, block
             )
-        if mode == "dsa" and not covers:
-            o, _ = dispatch.sparse_attention(q, k, v, indices, self.scale)
+        if mode == "dsa" and not covers and by_block:
+            o, _ = dispatch.block_sparse_attention(q, k, v, bidx, bstart, self.scale)
+        elif mode == "dsa" and not covers:
+            o, _ = dispatch.token_sparse_attention(q, k, v, indices, self.scale, cu_seqlens)
         else:
             o, _ = dispatch.dense_attention(q, k, v, cu_seqlens, self.scale, block)
         kl = None

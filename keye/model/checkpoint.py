@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from keye.model import integrity
 from keye.model.config import ModelConfig
 from keye.model.vlm import KeyeVL
 
@@ -84,6 +85,7 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total, "format": FORMAT}, "weight_map": weight_map}
             (self.tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             self.config.to_json(self.tmp / CONFIG)
+            integrity.write_checksums(self.tmp)
             for f in self.tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -148,11 +150,17 @@ def safetensors_files(ckpt_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_state(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory (any shard layout), by name."""
+def read_state(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True
+) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (any shard layout), by name; with `verify` (ours: always) every file
+    is checked against the sha256 recorded when it was written before it is parsed."""
     d = Path(ckpt_dir)
     state: dict[str, Tensor] = {}
-    for path in safetensors_files(d):
+    files = safetensors_files(d)
+    if verify:
+        integrity.verify(d, only=[str(p.relative_to(d)) for p in files])
+    for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 state[key] = f.get_tensor(key)
@@ -165,9 +173,16 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     strict: bool = True,
 ) -> KeyeVL:
-    """Build the model described by config.json and load its weights (eval mode)."""
+    """Build the model described by config.json and load its weights (eval mode). Every recorded file of the
+    directory is checked first: a corrupted checkpoint is refused with the file's name, never evaluated."""
+    d = Path(ckpt_dir)
+    recorded = integrity.recorded(d)
+    integrity.verify(d, only=sorted(set(recorded) | {CONFIG}))
+    unrecorded = [p for p in safetensors_files(d) if str(p.relative_to(d)) not in recorded]
+    if unrecorded:
+        integrity.verify(d, only=[str(unrecorded[0].relative_to(d))])  # raises, naming the file
     cfg = read_config(ckpt_dir)
-    state = read_state(ckpt_dir, device)
+    state = read_state(ckpt_dir, device, verify=False)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"):

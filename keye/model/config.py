@@ -45,6 +45,16 @@ class DSAConfig:
     index_dim: int = 64
     topk: int = 2048
     block: int = 1024  # query block of the chunked reference path (slab block x L)
+    # token: one top-k set per query token (DeepSeek-V3.2); block: one set per `selection_block` query tokens from
+    # their pooled indexer query (NSA / MoBA style; keye/kernels/block_selection.py), a compute-bound sparse kernel
+    selection: str = "token"
+    selection_block: int = 64
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("token", "block"):
+            raise ValueError(f"dsa.selection must be 'token' or 'block', got {self.selection!r}")
+        if self.selection_block < 1:
+            raise ValueError(f"dsa.selection_block must be >= 1, got {self.selection_block}")
 
 
 @dataclass

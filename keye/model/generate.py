@@ -22,12 +22,21 @@ from keye.model.vlm import KeyeVL
 
 @dataclass
 class Prompt:
-    """One prompt: token ids plus (optionally) its frames; position_ids default to the M-RoPE rule."""
+    """One prompt: token ids plus (optionally) its frames; position_ids default to the M-RoPE rule.
+
+    The sampling fields, when set, override the `generate` arguments for this prompt only, so requests with
+    different settings share one batch (the serving endpoint); a per-prompt `generator` makes its samples depend on
+    its own seed only, not on what else is in the batch."""
 
     input_ids: Tensor | list[int]
     pixel_patches: Tensor | None = None
     patch_grids: Tensor | None = None
     position_ids: Tensor | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop_strings: Sequence[str] | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -57,23 +66,41 @@ def _positions(model: KeyeVL, p: Prompt, ids: Tensor) -> Tensor:
 
 
 def sample_next(
-    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: Tensor,
+    temperature: float | Tensor,
+    top_p: float | Tensor,
+    generator: torch.Generator | None | Sequence[torch.Generator | None],
 ) -> tuple[Tensor, Tensor]:
-    """(token [B], logprob [B]): greedy at temperature 0; logprob from log_softmax(logits / temperature)."""
+    """(token [B], logprob [B]): greedy at temperature 0; logprob from log_softmax(logits / temperature).
+    temperature / top_p may be per row ([B] tensors), generator one per row (a list)."""
     logits = logits.float()
-    if temperature <= 0:
+    b = logits.shape[0]
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(b)
+    topp = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(b)
+    greedy = temp <= 0
+    if bool(greedy.all()):
         logp = torch.log_softmax(logits, dim=-1)
         tok = logits.argmax(dim=-1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temp)[:, None], dim=-1)
     probs = logp.exp()
-    if top_p < 1.0:
+    if bool((topp < 1.0).any()):
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < top_p  # the first token is always kept
+        keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < topp[:, None]  # the first token is always kept
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-    gen_device = generator.device if generator is not None else probs.device
-    tok = torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+    if isinstance(generator, list | tuple):
+        rows = []
+        for i, g in enumerate(generator):
+            dev = g.device if g is not None else probs.device
+            rows.append(torch.multinomial(probs[i : i + 1].to(dev), 1, generator=g)[:, 0].to(probs.device))
+        tok = torch.cat(rows)
+    else:
+        gen_device = generator.device if generator is not None else probs.device
+        tok = torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+    if bool(greedy.any()):
+        tok = torch.where(greedy, logits.argmax(dim=-1), tok)
+        logp = torch.where(greedy[:, None], torch.log_softmax(logits, dim=-1), logp)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
@@ -88,14 +115,25 @@ def generate(
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     generator: torch.Generator | None = None,
+    top_logprobs: int = 0,
 ) -> list[GenerationResult]:
-    """Generate up to `max_new_tokens` for every prompt; stop strings need `decode` (token ids -> text)."""
-    if stop_strings and decode is None:
+    """Generate up to `max_new_tokens` for every prompt; stop strings need `decode` (token ids -> text).
+    A Prompt's own sampling fields override these arguments for it. `top_logprobs` > 0 also records, per generated
+    token, the k most likely (token id, logprob) pairs in `extra["top_logprobs"]` (same distribution as logprobs)."""
+    items = [_as_prompt(p) for p in prompts]
+    stops = [list(p.stop_strings if p.stop_strings is not None else stop_strings) for p in items]
+    if any(stops) and decode is None:
         raise ValueError("stop_strings need a decode function")
+    limits = [p.max_new_tokens if p.max_new_tokens is not None else max_new_tokens for p in items]
+    temps = [p.temperature if p.temperature is not None else temperature for p in items]
+    top_ps = [p.top_p if p.top_p is not None else top_p for p in items]
+    per_row_gen = any(p.generator is not None for p in items)
+    gens = (
+        [p.generator if p.generator is not None else generator for p in items] if per_row_gen else generator
+    )
     was_training = model.training
     model.eval()
     device = model.device
-    items = [_as_prompt(p) for p in prompts]
     ids_list = [torch.as_tensor(p.input_ids, dtype=torch.int64).cpu() for p in items]
     pos_list = [_positions(model, p, ids) for p, ids in zip(items, ids_list, strict=True)]
     lens = torch.tensor([len(x) for x in ids_list])
@@ -105,7 +143,10 @@ def generate(
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]).to(torch.int32)
     patches = [p.pixel_patches for p in items if p.pixel_patches is not None]
     grids = [p.patch_grids for p in items if p.patch_grids is not None]
-    cache = KVCache.allocate(model.config.lm, b, int(lens.max()) + max_new_tokens, model.dtype, device)
+    max_new = max(limits)
+    if max_new < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    cache = KVCache.allocate(model.config.lm, b, int(lens.max()) + max_new, model.dtype, device)
     out = model(
         input_ids=torch.cat(ids_list).to(device),
         position_ids=torch.cat(pos_list, dim=1).to(device),
@@ -123,26 +164,38 @@ def generate(
     eos = set(int(e) for e in eos_token_ids)
     logits = out.logits
     step_cu = torch.arange(b + 1, dtype=torch.int32, device=device)
-    for step in range(max_new_tokens):
+    temp_t = torch.tensor(temps, dtype=torch.float32, device=device)
+    topp_t = torch.tensor(top_ps, dtype=torch.float32, device=device)
+    for step in range(max_new):
         logits = logits.float()
         logits[:, model.config.image_token_id] = float(
             "-inf"
         )  # placeholders are inputs only, never generated
-        tok, lp = sample_next(logits, temperature, top_p, generator)
+        tok, lp = sample_next(logits, temp_t, topp_t, gens)
+        if top_logprobs > 0:
+            dist = torch.log_softmax(logits / torch.where(temp_t > 0, temp_t, 1.0)[:, None], dim=-1)
+            top_v, top_i = dist.topk(min(top_logprobs, dist.shape[-1]), dim=-1)
+            top_rows = [
+                list(zip(ii, vv, strict=True)) for ii, vv in zip(top_i.tolist(), top_v.tolist(), strict=True)
+            ]
         for i, (t, logprob) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
             if done[i]:
                 continue
             r = results[i]
             r.token_ids.append(t)
             r.logprobs.append(logprob)
+            if top_logprobs > 0:
+                r.extra.setdefault("top_logprobs", []).append(top_rows[i])
             if t in eos:
                 r.finish_reason, done[i] = "eos", True
-            elif stop_strings:
+            elif stops[i]:
                 text = decode(r.token_ids)
-                hit = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                hit = min((text.find(s) for s in stops[i] if s in text), default=-1)
                 if hit >= 0:
                     r.finish_reason, done[i], r.text = "stop", True, text[:hit]
-        if all(done) or step == max_new_tokens - 1:
+            if not done[i] and len(r.token_ids) >= limits[i]:
+                done[i] = True  # finish_reason stays "length"
+        if all(done) or step == max_new - 1:
             break
         out = model(
             input_ids=tok.to(device),

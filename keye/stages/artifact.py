@@ -14,17 +14,21 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
 from keye.core.config import STAGE_ORDER, PipelineConfig
+from keye.core.config_paths import check_paths
 from keye.core.hashing import code_hash, settings_hash
 from keye.core.lineage import Lineage, make_id
-from keye.core.tracking import Tracker, make_client, pipeline_run
+from keye.core.tracking import CACHED_TAG, Tracker, make_client, pipeline_run
 from keye.core.workspace import Workspace, WorkspaceLock
+from keye.stages.crash_recovery import own_run, recover_after_crash
+from keye.stages.datasets import stage_datasets
 
 
 def configure_environment(workspace: Workspace) -> None:
@@ -58,6 +62,9 @@ def stage_code_hash(stage: str) -> str:
     return code_hash(*stage_modules(stage))
 
 
+SYSTEM_METRICS_STAGES = ("train", "eval")  # the stages whose CPU/GPU/memory use is worth a chart
+
+
 @dataclass
 class StageRun:
     """One run of one stage: its lineage run id, the artifacts it read and wrote, and a summary for MLflow."""
@@ -71,6 +78,8 @@ class StageRun:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    started: datetime = field(default_factory=lambda: datetime.now().replace(microsecond=0))
+    _fresh: bool = False
 
     def input(self, kind: str, given: str | None) -> str:
         """The given input artifact, or (a stage run on its own) the newest complete one of that kind."""
@@ -114,6 +123,22 @@ class StageRun:
         """Add the numeric values to the summary (what MLflow gets as the stage's metrics)."""
         self.summary.update({k: v for k, v in values.items() if isinstance(v, int | float)})
 
+    def reused(self) -> bool:
+        """True when every output of this stage was completed by an earlier run: the stage was skipped, so its
+        MLflow run is tagged cached and logs no metrics (they belong to the run that made the outputs)."""
+        if self._fresh or not self.outputs:
+            return False
+        ids = sorted(set(self.outputs))
+        rows = self.lineage.completion_of(ids)
+        if any(r["status"] != "complete" or r["ts"] is None or r["ts"] >= self.started for r in rows):
+            self._fresh = True  # made (or being made) by this run: stays fresh
+            return False
+        return {r["id"] for r in rows} >= set(ids)
+
+    def producer_run(self) -> str | None:
+        """The MLflow run of the stage run that produced this stage's first output (for a cached stage)."""
+        return self.lineage.producer_mlflow_run(self.outputs[0], other_than=self.run_id)
+
 
 class ParentRun(BaseModel):
     """What a stage flow needs to nest under its pipeline run (plain ids: Prefect stores flow parameters as JSON)."""
@@ -144,11 +169,19 @@ class PipelineContext:
 
 
 @contextmanager
-def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Iterator[PipelineContext]:
+def open_pipeline(
+    config: PipelineConfig, flow_run_id: str | None = None, origin: str | None = None
+) -> Iterator[PipelineContext]:
+    """The parent run of a pipeline. `origin` (the config file) asks for the config phase's path checks first,
+    before the workspace, MLflow or lineage are touched (keye.core.config_paths)."""
+    if origin is not None:
+        check_paths(config, origin=origin)
     ws = Workspace.at(config.workspace).ensure()
     with WorkspaceLock(ws):
         lineage = Lineage(ws)
         run_id = new_run_id("p")
+        recover_after_crash(ws, lineage, run_id, config.tracking.uri, config.tracking.experiment)
+        run_name = f"{config.name}-{run_id.rsplit('-', 1)[-1]}-{time.strftime('%Y-%m-%d')}"
         tags = {
             "keye.prefect_flow_run_id": flow_run_id,
             "keye.lineage_run_id": run_id,
@@ -161,7 +194,9 @@ def open_pipeline(config: PipelineConfig, flow_run_id: str | None = None) -> Ite
             tags=tags,
             uri=config.tracking.uri,
             experiment=config.tracking.experiment,
+            run_name=run_name,
         ) as tracker:
+            own_run(run_id)
             lineage.start_run(
                 run_id,
                 "pipeline",
@@ -208,19 +243,34 @@ def open_stage(
         run_id = new_run_id("r")
         tags = {"keye.prefect_flow_run_id": flow_run_id, "keye.lineage_run_id": run_id}
         with parent_tracker.stage(name, params=settings, tags=tags) as tracker:
+            own_run(run_id)
             lineage.start_run(run_id, "stage", name, parent.run_id, flow_run_id, tracker.run_id, settings)
             ctx = StageRun(config, ws, lineage, tracker, run_id, name)
+            tracker.mute = ctx.reused  # a skipped stage logs no metrics
             try:
-                yield ctx
+                with ExitStack() as stack:
+                    if stage in SYSTEM_METRICS_STAGES:
+                        stack.enter_context(tracker.system_metrics())
+                    yield ctx
             except BaseException:
                 lineage.end_run(run_id, "failed", inputs=ctx.inputs)
                 raise
+            cached = ctx.reused()
             lineage.end_run(run_id, "completed", outputs=ctx.outputs, inputs=ctx.inputs)
             numeric = {
                 k: v for k, v in ctx.summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
             }
             tracker.log_metrics(numeric)
-            tracker.set_tags({"keye.lineage_ids": ",".join(ctx.outputs)[:5000]})
+            tracker.set_tags(
+                {
+                    "keye.lineage_ids": ",".join(ctx.outputs)[:5000],
+                    CACHED_TAG: str(cached).lower(),
+                    "keye.cached_from": ctx.producer_run() if cached else None,
+                }
+            )
+            if cached:
+                tracker.client.update_run(tracker.run_id, name=f"{name} (cached)")
+            tracker.log_datasets(stage_datasets(lineage, ws, stage, ctx.inputs, ctx.outputs))
             tracker.log_dict(ctx.summary, f"{stage}_summary.json")
 
 

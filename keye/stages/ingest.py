@@ -54,6 +54,9 @@ def hash_files(files: list[FileRef]) -> list[HashedFile]:
 
     out = []
     for f in files:
+        if f.problem:
+            out.append(HashedFile(f.path, f.source, -1, None, f.problem))
+            continue
         if f.size < 0 or not os.path.exists(f.path):
             out.append(
                 HashedFile(f.path, f.source, -1, None, "file not found (listed in the source but missing)")

@@ -7,6 +7,7 @@ hashing always read a local file and a re-run does not download again.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import json
@@ -34,19 +35,85 @@ class FileRef:
     size: int
     mtime_ns: int
     source: str
+    problem: str | None = None  # why it cannot be read (a symlink loop, permission denied): ingest rejects it
 
 
 def _is_url(s: str) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
-def _stat(path: str, source: str) -> FileRef:
+def _ref(path: str, source: str) -> FileRef:
+    """A listed entry as a FileRef; one that cannot be read carries the reason instead of failing the listing."""
+    problem = entry_problem(path)
+    if problem is not None:
+        return FileRef(os.path.abspath(path), -1, 0, source, problem)
+    if not os.path.exists(path):  # listed in a manifest but missing: kept, ingest records it as rejected
+        return FileRef(str(Path(path).resolve()), -1, 0, source)
     st = os.stat(path)
     return FileRef(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, source)
 
 
 def _wanted(path: str, settings: IngestSettings) -> bool:
     return Path(path).suffix.lower() in {e.lower() for e in settings.extensions}
+
+
+def entry_problem(path: str) -> str | None:
+    """Why a listed path cannot be ingested (a reason for its rejection), or None when it is a readable file or a
+    plain missing file (ingest words that one itself). Never raises: one bad entry must not stop the others."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (the link points back to itself through other links)"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"permission denied: cannot reach the file ({e.strerror})"
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            return f"broken symlink: its target {os.readlink(path)!r} does not exist"
+        if isinstance(e, FileNotFoundError):
+            return None
+        return f"cannot stat the file: {e.strerror or e}"
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "permission denied: cannot list the folder"
+        return None
+    if not os.access(path, os.R_OK):
+        return "permission denied: cannot read the file"
+    return None
+
+
+def _loops(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def list_folder(root: Path, settings: IngestSettings, recursive: bool) -> list[str]:
+    """Video files under `root`, plus the entries that look like videos or folders but cannot be read (symlink
+    loops, broken links, unreadable folders), which are kept so that ingest records them as rejected."""
+    found: list[str] = []
+
+    def unreadable(e: OSError) -> None:
+        if e.filename and os.path.abspath(e.filename) != os.path.abspath(root):
+            found.append(e.filename)
+        elif e.filename:
+            raise SourceError(f"source {root}: cannot list the folder: {e.strerror or e}") from e
+
+    for dirpath, dirs, names in os.walk(root, onerror=unreadable):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            f = os.path.join(dirpath, name)
+            if os.path.isfile(f):
+                if _wanted(f, settings):
+                    found.append(f)
+            elif _wanted(f, settings) or _loops(f):
+                found.append(f)  # a link that loops or dangles: reported, not silently skipped
+        if not recursive:
+            for d in list(dirs):
+                if not os.access(os.path.join(dirpath, d), os.R_OK | os.X_OK):
+                    found.append(os.path.join(dirpath, d))
+            dirs.clear()
+    return found
 
 
 def _manifest_entries(path: Path) -> list[str]:
@@ -115,10 +182,9 @@ def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -
     else:
         p = Path(spec.removeprefix("file://")).expanduser()
         if any(ch in spec for ch in "*?["):
-            files = [f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f)]
+            files = [f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f) or _loops(f)]
         elif p.is_dir():
-            it = p.rglob("*") if src.recursive else p.glob("*")
-            files = [str(f) for f in it if f.is_file() and _wanted(str(f), settings)]
+            files = list_folder(p, settings, src.recursive)
         elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
             base = p.parent
             files = []
@@ -135,13 +201,7 @@ def list_path_source(src: PathSource, settings: IngestSettings, ws: Workspace) -
                 f"source {spec!r} does not exist: give an existing folder, a glob, an fsspec URL or a manifest "
                 f"file ({', '.join(sorted(MANIFEST_SUFFIXES))})"
             )
-    out = []
-    for f in sorted(set(files)):
-        if os.path.exists(f):
-            out.append(_stat(f, label))
-        else:  # listed in a manifest but missing: keep it, ingest records it as rejected
-            out.append(FileRef(str(Path(f).resolve()), -1, 0, label))
-    return out
+    return [_ref(f, label) for f in sorted(set(files))]
 
 
 def synthetic_dir(src: SyntheticSource, ws: Workspace) -> Path:

@@ -64,6 +64,38 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
     return s
 
 
+HEADLINE_COUNTS = (
+    "videos_ok",
+    "videos_rejected",
+    "clips",
+    "captions_ok",
+    "captions_failed",
+    "shards",
+    "shard_samples",
+    "shard_bytes",
+    "packs",
+    "pack_fill",
+    "pack_samples",
+    "pack_rejected",
+)
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers a parent run shows in the runs table and chart view: counts, each held-out score (and its
+    chance level), the blank-frame control."""
+    out = {k: float(summary[k]) for k in HEADLINE_COUNTS if isinstance(summary.get(k), int | float)}
+    for bench, e in (summary.get("eval") or {}).items():
+        out[f"{bench}/{e['metric']}"] = float(e["value"])
+        if isinstance(e.get("chance"), int | float):
+            out[f"{bench}/chance"] = float(e["chance"])
+    if v := summary.get("vision"):
+        out["vision/mcq_accuracy"] = float(v["accuracy"])
+        out["vision/mcq_chance"] = float(v["chance"])
+        out["vision/mcq_blank_accuracy"] = float(v["blank_accuracy"])
+        out["vision/mcq_p_real_vs_blank"] = float(v["p_real_vs_blank"])
+    return out
+
+
 def render(summary: dict[str, Any]) -> str:
     lines = ["Keye pipeline summary"]
     if "videos_ok" in summary:
@@ -103,3 +135,10 @@ def render(summary: dict[str, Any]) -> str:
     for kind, aid in summary.get("artifacts", {}).items():
         lines.append(f"  {kind:<11} {aid}")
     return "\n".join(lines)
+
+
+def eval_scores(run: Any) -> dict[str, Any]:
+    """{bench: {metric, value, chance, n}} of an eval stage run's output (the flow-run page's score table)."""
+    if not run.outputs:
+        return {}
+    return pipeline_summary(run.lineage, {"eval": run.outputs[0]}).get("eval") or {}

@@ -9,6 +9,7 @@ from pathlib import Path
 from keye.core.atomic import atomic_write_text
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import KeyeTokenizer
+from keye.model import integrity
 
 POLICY_FILE = "sampling_policy.json"
 
@@ -20,9 +21,12 @@ def bundle_checkpoint(
     The trainer calls it once, on final/ before it is renamed into place."""
     checkpoint_dir = Path(checkpoint_dir)
     tok.save(checkpoint_dir)
+    added = []
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and not (checkpoint_dir / f.name).exists():
             tmp = checkpoint_dir / f".{f.name}.partial"
             shutil.copyfile(f, tmp)
             tmp.replace(checkpoint_dir / f.name)
+            added.append(f.name)
     atomic_write_text(checkpoint_dir / POLICY_FILE, policy.model_dump_json(indent=2))
+    integrity.add_checksums(checkpoint_dir, [*added, POLICY_FILE])  # readers check these files too

@@ -1,9 +1,11 @@
 """Step checkpoints of a training stage: everything needed to continue bit for bit (model, optimizer, scheduler,
 RNG states, loader cursor, step), written as one atomic directory, the newest N kept.
 
-Layout of out_dir/step-000123/: model/ (keye.model checkpoint layout: config.json + safetensors), trainer.pt (rank
-0: scheduler, step, loader cursor per rank, extras), optim-rank{r}.pt and rng-rank{r}.pt (per rank: optimizer
-state may be sharded under FSDP2; RNG streams differ per rank), meta.json written last. The whole directory is
+Layout of out_dir/step-000123/: model/ (keye.model checkpoint layout: config.json + safetensors), trainer.safetensors
+(rank 0: scheduler, step, loader cursor per rank, extras), optim-rank{r}.safetensors and rng-rank{r}.safetensors
+(per rank: optimizer state may be sharded under FSDP2; RNG streams differ per rank), checksums.json (sha256 of every
+file, checked before each file is read), meta.json written last. The state files are safetensors + a JSON skeleton
+(keye.train.state_io): nothing in a checkpoint is unpickled, so reading one cannot run code. The whole directory is
 built under a hidden temp name, fsynced and renamed, as torchtitan/DCP checkpoints are committed; a directory
 without meta.json is never read.
 """
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 
 from keye.core.atomic import _fsync_dir, fsync_tree
+from keye.model import integrity
+from keye.train.state_io import load_state_file, save_state_file
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"
@@ -76,15 +80,16 @@ def temp_dir_for(out_dir: Path, step: int) -> Path:
 def write_rank_files(tmp: Path, rank: int, optimizer_state: dict[str, Any]) -> None:
     """Per-rank pieces: optimizer state and RNG streams."""
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer_state, tmp / f"optim-rank{rank}.pt")
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_state_file(optimizer_state, tmp / f"optim-rank{rank}.safetensors")
+    save_state_file(rng_state(), tmp / f"rng-rank{rank}.safetensors")
 
 
 def commit(
     tmp: Path, final: Path, trainer_state: dict[str, Any], meta: dict[str, Any], keep_last: int
 ) -> Path:
     """Rank 0, after every rank wrote its files: trainer state, meta last, fsync, rename, prune old steps."""
-    torch.save(trainer_state, tmp / "trainer.pt")
+    save_state_file(trainer_state, tmp / "trainer.safetensors")
+    integrity.write_checksums(tmp)  # every rank's files are in place: record them all, then mark complete
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     fsync_tree(tmp)
     if final.exists():  # a stale copy of the same step (re-run after a crash past the rename): replace it
@@ -107,12 +112,19 @@ def prune(out_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _read_checked(ckpt: Path, name: str) -> Any:
+    if not (ckpt / name).is_file():
+        return load_state_file(ckpt / name)  # raises: missing, or an old pickle layout (named, never loaded)
+    integrity.verify(ckpt, only=[name])
+    return load_state_file(ckpt / name)
+
+
 def read_rank_files(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(optimizer state, RNG state) of one rank."""
-    optim = torch.load(ckpt / f"optim-rank{rank}.pt", map_location="cpu", weights_only=False)
-    rng = torch.load(ckpt / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False)
+    """(optimizer state, RNG state) of one rank, each file checked against the recorded sha256 first."""
+    optim = _read_checked(ckpt, f"optim-rank{rank}.safetensors")
+    rng = _read_checked(ckpt, f"rng-rank{rank}.safetensors")
     return optim, rng
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    return _read_checked(ckpt, "trainer.safetensors")

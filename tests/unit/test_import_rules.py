@@ -72,7 +72,9 @@ def test_flows_hold_no_ids_sql_or_lineage_calls(flow: Path):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             words = node.value.upper().split()
             assert not {"SELECT", "INSERT", "UPDATE", "DELETE"} & set(words[:1]), f"{flow.name}: SQL"
-    assert len(flow.read_text(encoding="utf-8").splitlines()) < 40, f"{flow.name}: a flow is thin wiring"
+    text = flow.read_text(encoding="utf-8")
+    if "@flow" in text:  # a flow file (flows/artifacts.py, runners.py, submit.py are Prefect helpers)
+        assert len(text.splitlines()) < 40, f"{flow.name}: a flow is thin wiring"
 
 
 def test_model_and_kernels_need_only_torch_triton_numpy_safetensors():
@@ -89,7 +91,7 @@ def test_model_and_kernels_need_only_torch_triton_numpy_safetensors():
 @pytest.mark.parametrize(
     ("engine", "owners"),
     [
-        ("duckdb", ("keye/core/lineage.py",)),
+        ("duckdb", ("keye/core/lineage.py", "keye/core/lineage_snapshot.py")),
         ("mlflow", ("keye/core/tracking.py", "keye/services.py", "keye/doctor.py")),
         ("prefect", ("flows/",)),
     ],

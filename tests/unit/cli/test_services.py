@@ -69,6 +69,16 @@ def test_state_roundtrip_is_atomic(tmp_path: Path) -> None:
     assert services.read_state(tmp_path) is None
 
 
+def test_keye_up_names_the_worker_and_its_log(tmp_path: Path) -> None:
+    assert services.describe_worker(tmp_path) is None
+    worker = services.ServiceRecord(
+        "worker", 4242, 0.0, ["prefect"], str(tmp_path / "logs" / "prefect-worker.log")
+    )
+    services.write_state(tmp_path, {"pool": "keye-process", "urls": {}, "services": [asdict(worker)]})
+    line = services.describe_worker(tmp_path)
+    assert line == f"pid 4242, polls work pool 'keye-process'; log {tmp_path / 'logs' / 'prefect-worker.log'}"
+
+
 def test_busy_port_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     sock = _listen()
     port = sock.getsockname()[1]

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible HTTP API (FastAPI + uvicorn): `/v1/chat/completions` and `/v1/models` over one keye
+checkpoint, so the `openai` captioner, `keye eval`, RL rollouts and any OpenAI client can use our own models.
+
+Request fields: model, messages (see keye.serve.chat for the content parts), n, temperature, top_p, max_tokens
+(or max_completion_tokens), stop, seed, logprobs, top_logprobs, and vLLM's return_tokens_as_token_ids (then each
+logprobs token reads "token_id:<id>"). Every choice also carries `token_ids` (the generated ids, eos included),
+as vLLM's `return_token_ids` gives them; logprobs are those of the sampled distribution (after temperature,
+before top-p), what RL needs to correct for the sampler. A request that cannot be served as given is answered 400
+(404 for an unknown model) with an OpenAI-style {"error": {"message", "type", "param"}} body; streaming is not
+offered (400). Requests are batched by keye.serve.batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from keye.serve.batching import GenerationBatcher, seeded_generator
+from keye.serve.chat import ChatModel, ChatRequestError
+
+MAX_N = 64
+MAX_NEW_TOKENS = 4096
+
+
+class ChatCompletionRequest(BaseModel):
+    """The accepted subset of OpenAI's chat-completions body; unknown fields are ignored as OpenAI clients send
+    some we do not use (user, metadata, ...)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return stops
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": kind, "param": param, "code": status}},
+    )
+
+
+def create_app(
+    chat: ChatModel, *, window_s: float = 0.01, max_batch_prompts: int = 64, default_max_tokens: int = 256
+) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from keye.model.generate import Prompt
+
+    batcher = GenerationBatcher(
+        chat.model, chat.decode, chat.eos_ids, window_s=window_s, max_batch_prompts=max_batch_prompts
+    )
+    app = FastAPI(title="keye serve", version="1")
+    app.state.batcher, app.state.chat = batcher, chat
+    app.router.add_event_handler("shutdown", batcher.close)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Any:
+        errs = exc.errors()
+        parts = []
+        for e in errs[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        first = ".".join(str(x) for x in errs[0].get("loc", ()) if x != "body") if errs else None
+        return _error(400, "; ".join(parts) or "invalid request", first)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        return _error(
+            exc.status_code,
+            str(exc.detail),
+            kind="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": chat.name, "object": "model", "created": 0, "owned_by": "keye"}],
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness plus how the batcher has batched so far (generate calls, largest batch in prompts)."""
+        return {"status": "ok", "batches": batcher.batches, "largest_batch": batcher.max_seen}
+
+    def token_entry(tid: int, logprob: float, as_ids: bool) -> dict[str, Any]:
+        text = f"token_id:{tid}" if as_ids else chat.token_text(tid)
+        return {"token": text, "logprob": logprob, "bytes": list(chat.token_text(tid).encode("utf-8"))}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest) -> Any:
+        if req.stream:
+            return _error(400, "stream: streaming responses are not supported by keye serve", "stream")
+        if req.model and req.model != chat.name:
+            return _error(
+                404,
+                f"model {req.model!r} is not served here; GET /v1/models lists {chat.name!r}",
+                "model",
+                "not_found_error",
+            )
+        if req.top_logprobs and not req.logprobs:
+            return _error(400, "top_logprobs: requires logprobs=true", "top_logprobs")
+        try:
+            base = await run_in_threadpool(chat.build_prompt, req.messages)
+        except ChatRequestError as e:
+            return _error(400, str(e), "messages")
+        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        limit = chat.model.config.lm.max_position_embeddings
+        if len(base.input_ids) + max_new > limit:
+            return _error(
+                400,
+                f"the prompt ({len(base.input_ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
+                f"context of {limit} tokens",
+                "max_tokens",
+            )
+        prompts = []
+        for k in range(req.n):
+            gen = None if req.seed is None else seeded_generator(req.seed, k, chat.model.device)
+            prompts.append(
+                Prompt(
+                    input_ids=base.input_ids,
+                    pixel_patches=base.pixel_patches,
+                    patch_grids=base.patch_grids,
+                    max_new_tokens=max_new,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop_strings=req.stop,
+                    generator=gen,
+                )
+            )
+        top = req.top_logprobs or 0
+        results = await asyncio.wrap_future(batcher.submit(prompts, top_logprobs=top if req.logprobs else 0))
+        choices = []
+        for k, r in enumerate(results):
+            logprobs = None
+            if req.logprobs:
+                content = []
+                tops = r.extra.get("top_logprobs", [])
+                for i, (tid, lp) in enumerate(zip(r.token_ids, r.logprobs, strict=True)):
+                    entry = token_entry(tid, lp, req.return_tokens_as_token_ids)
+                    entry["top_logprobs"] = (
+                        [token_entry(t, v, req.return_tokens_as_token_ids) for t, v in tops[i][:top]]
+                        if top
+                        else []
+                    )
+                    content.append(entry)
+                logprobs = {"content": content}
+            choices.append(
+                {
+                    "index": k,
+                    "message": {
+                        "role": "assistant",
+                        "content": r.text if r.text is not None else chat.decode(r.token_ids),
+                    },
+                    "finish_reason": "length" if r.finish_reason == "length" else "stop",
+                    "logprobs": logprobs,
+                    "token_ids": list(r.token_ids),
+                }
+            )
+        n_prompt = len(base.input_ids)
+        n_out = sum(len(r.token_ids) for r in results)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": n_out,
+                "total_tokens": n_prompt + n_out,
+            },
+            "prompt_token_ids": [int(t) for t in base.input_ids.tolist()],
+        }
+
+    return app
+
+
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    device: str = "cpu",
+    media_root: str | None = None,
+    model_name: str | None = None,
+    window_ms: float = 10.0,
+    max_batch_prompts: int = 64,
+) -> None:
+    """Load the checkpoint and serve it until interrupted (uvicorn, one process, one model)."""
+    import uvicorn
+
+    chat = ChatModel.from_checkpoint(checkpoint, device=device, media_root=media_root, name=model_name)
+    app = create_app(chat, window_s=window_ms / 1000.0, max_batch_prompts=max_batch_prompts)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
