@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 CHECKS = {
     "shard members != n_samples": """SELECT count(*) FROM shards s LEFT JOIN

@@ -18,7 +18,7 @@ from keye.model import build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
 from keye.train import checkpointing as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _flip(path: Path, offset: int) -> None:

@@ -85,7 +85,7 @@ def test_unreadable_entries_are_rejected_with_a_reason():
         (root / "list.txt").write_text(f"{secret}\n{root / 'videos' / 'locked' / 'inner.mp4'}\n")
         for p in (root / "videos", root / "list.txt"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
         r = subprocess.run(
             [sys.executable, "-c", _UNREADABLE, str(root)], capture_output=True, text=True, env=env
         )

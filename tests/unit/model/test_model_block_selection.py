@@ -89,7 +89,7 @@ def test_selection_stats_tool_reads_a_checkpoint(tmp_path) -> None:
 
     from keye.model.checkpoint import save_checkpoint
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "dsa_selection_stats.py"
+    path = Path(__file__).resolve().parents[3] / "bench" / "dsa_selection_stats.py"
     spec = importlib.util.spec_from_file_location("dsa_selection_stats", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
