@@ -15,12 +15,13 @@ POLICY_FILE = "sampling_policy.json"
 
 
 def bundle_checkpoint(
-    checkpoint_dir: Path, tok: KeyeTokenizer, tokenizer_dir: Path, policy: SamplingPolicy
+    checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy, tok: KeyeTokenizer | None = None
 ) -> None:
-    """Save the tokenizer (and any other file of its directory) and write the policy beside the weights.
+    """Save the tokenizer (`tok`, and any other file of its directory) and write the policy beside the weights.
     The trainer calls it once, on final/ before it is renamed into place."""
     checkpoint_dir = Path(checkpoint_dir)
-    tok.save(checkpoint_dir)
+    if tok is not None:
+        tok.save(checkpoint_dir)
     added = []
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and not (checkpoint_dir / f.name).exists():

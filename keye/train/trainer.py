@@ -460,7 +460,7 @@ class Trainer:
         if self.acc.is_main_process:
             with atomic_dir(self.final_dir) as build:
                 save_checkpoint(self.acc.unwrap_model(self.wrapped), build)
-                bundle_checkpoint(build, self.tok, self.tokenizer_dir, self.policy)
+                bundle_checkpoint(build, self.tokenizer_dir, self.policy, tok=self.tok)
         self.acc.wait_for_everyone()
 
 
