@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
-from keye.core.tracking import register_checkpoint
+from keye.core.tracking import best_version, register_checkpoint, stage_curves
 from keye.eval import flat_metrics, keye_predict_fn, write_report
 from keye.eval.heldout import (
     blank_frame_control,
@@ -54,14 +54,21 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
     sets = heldout_benchmarks(videos, out / "benchmarks", split=s.split)
     predict = keye_predict_fn(plan.checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens)
     results = run_benchmarks(predict, sets, out, s.batch_size, s.limit)
-    notes = {"checkpoint": plan.checkpoint_dir, "videoset": plan.videoset_id}
+    notes, control = {"checkpoint": plan.checkpoint_dir, "videoset": plan.videoset_id}, None
     if s.blank_control:
         control_dir = vision_control_path(out).parent
         control = blank_frame_control(predict, sets, results, control_dir, s.batch_size, s.limit)
         notes["blank-frame control"] = describe_control(control)
-    previous = lineage.previous_eval_metrics(plan.checkpoint_id, list(results))
-    predictions = {k: v["_predictions"] for k, v in results.items()}
-    write_report(dict(results), out, previous=previous, predictions=predictions, notes=notes)
+    write_report(
+        dict(results),
+        out,
+        previous=lineage.previous_eval_metrics(plan.checkpoint_id, list(results)),
+        predictions={k: v["_predictions"] for k, v in results.items()},
+        notes=notes,
+        curves=stage_curves(run.tracker),
+        control=control,
+        best=best_version(run.tracker, s.registered_model, s.alias),
+    )
     lineage.record_evals(plan.eval_id, plan.checkpoint_id, results, str(out))
 
 
