@@ -237,8 +237,25 @@ def train(
 
 
 @app.command()
-def verify(workspace: WorkspaceOpt = Path("./workspace")) -> None:
-    """Re-hash every shard (and checkpoint) against lineage; non-zero exit on any mismatch."""
+def verify(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    against: Annotated[
+        Path | None,
+        typer.Option(help="another workspace: compare every artifact by sha256, name the first that differs"),
+    ] = None,
+) -> None:
+    """Re-hash every shard (and checkpoint) against lineage; with --against, compare two workspaces stage by
+    stage (same commit, config and seed must give the same bytes). Non-zero exit on any mismatch."""
+    if against is not None:
+        from keye.workspace_compare import compare_workspaces
+
+        cmp = _run_guarded(lambda: compare_workspaces(workspace, against))
+        for line in cmp.lines():
+            typer.echo(line)
+        total = sum(cmp.compared.values())
+        verdict = "identical" if cmp.identical else f"{len(cmp.differences)} difference(s)"
+        typer.echo(f"compared {total} artifacts of {cmp.ours} and {cmp.theirs}: {verdict}")
+        raise typer.Exit(0 if cmp.identical else 1)
     from keye.verify import verify_workspace
 
     report = _run_guarded(lambda: verify_workspace(workspace))

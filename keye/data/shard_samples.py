@@ -27,6 +27,7 @@ class ShardItem:
     start: float
     end: float
     record: dict[str, Any]
+    source_ref: str = ""  # what the sample JSON records: workspace-relative inside the workspace (issue 24)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def sample_json(e: EncodedItem) -> dict[str, Any]:
         "clip_id": it.clip_id,
         "video_id": it.video_id,
         "video_sha256": it.video_sha256,
-        "source_path": it.source_path,
+        "source_path": it.source_ref or it.source_path,
         "clip_start": it.start,
         "clip_end": it.end,
         "duration": e.duration,

@@ -59,6 +59,7 @@ class EncodeParams:
     crf: int = 23
     preset: str = "veryfast"
     threads: int = 1  # fixed thread count keeps x264 output identical across machines
+    x264_params: str = "scenecut=0:mbtree=0"  # v2 (issue 24): mbtree off, see encode_clip
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -118,6 +119,7 @@ def encode_clip(
     crf: int = 23,
     preset: str = "veryfast",
     threads: int = 1,
+    x264_params: str = EncodeParams.x264_params,
 ) -> ClipEncodeInfo:
     """Re-encode the source frames in [start, end) seconds to an H.264 mp4 at ``out_path``, atomically.
 
@@ -171,12 +173,17 @@ def encode_clip(
                     if st is None:
                         st = out.add_stream("libx264", rate=out_rate)
                         st.width, st.height, st.pix_fmt = width, height, "yuv420p"
+                        st.codec_context.thread_count = (
+                            threads  # x264's own threads, not PyAV's default (auto)
+                        )
                         st.codec_context.time_base = 1 / out_rate
+                        # mbtree=0: x264's macroblock tree reads uninitialised lowres rows when the height is
+                        # not a multiple of 16, so the same frames encoded later in a process gave other bytes
                         st.options = {
                             "preset": preset,
                             "crf": str(crf),
                             "threads": str(threads),
-                            "x264-params": f"keyint={gop_frames}:min-keyint={gop_frames}:scenecut=0",
+                            "x264-params": f"keyint={gop_frames}:min-keyint={gop_frames}:{x264_params}",
                         }
                     img = _upright_yuv(frame, width, height, rotation or 0)
                     img.pts = n
@@ -229,6 +236,7 @@ def ensure_clip(
         crf=params.crf,
         preset=params.preset,
         threads=params.threads,
+        x264_params=params.x264_params,
     )
     return path, info, False
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +136,9 @@ class KeyeTokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> KeyeTokenizer:
     """Train a byte-level BPE on `texts` (the run's corpus); digits are single tokens, so times tokenise
-    uniformly. Deterministic for the same texts in the same order."""
+    uniformly. The same texts in any order give the same bytes (issue 24): the trainer counts words into hash
+    maps whose iteration order (which decides ties between equally frequent pairs) follows insertion order and,
+    with Rayon on, the order its threads finish; so the texts go in sorted and the count runs on one thread."""
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must exceed the 256 byte symbols plus specials, got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -152,8 +156,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter(texts), trainer=trainer)
+    with _single_threaded():
+        tok.train_from_iterator(sorted(texts), trainer=trainer)
     return KeyeTokenizer(tok, source="bpe")
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false for the duration (the library reads it at each parallel call)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 def load_tokenizer(directory: str | Path) -> KeyeTokenizer:

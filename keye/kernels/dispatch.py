@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from functools import lru_cache
 
+import torch
 from torch import Tensor
 
 from keye.kernels import block_selection, dsa_reference, moe_reference
@@ -126,7 +127,11 @@ def indexer_topk(
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return pick("sparse_attention", q)(q, k, v, indices, scale)
+    fn = pick("sparse_attention", q)
+    if fn is not dsa_reference.sparse_attention_reference and torch.are_deterministic_algorithms_enabled():
+        # the Triton backward's atomic dk/dv adds in arrival order; the key-major variant sums in a fixed order
+        return fn(q, k, v, indices, scale, deterministic=True)
+    return fn(q, k, v, indices, scale)
 
 
 def token_sparse_attention(

@@ -38,6 +38,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sort_header_metadata(path: Path) -> None:
+    """safetensors writes its __metadata__ map in Rust hash order (random per process): the same weights gave
+    other bytes (issue 24). Rewrite the header with that map's keys sorted; tensor offsets are unchanged."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":")).encode()
+        if len(new) > n:  # never: the same keys and values in another order
+            raise ValueError(f"{path}: canonical safetensors header is longer than the written one")
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))  # the format allows trailing spaces in the header
+
+
 class ShardWriter:
     """Streams tensors into safetensors shards of at most `max_shard_bytes` inside a temporary directory, then
     publishes the directory atomically (`commit`), so converters never hold a whole large model in memory."""
@@ -70,6 +86,7 @@ class ShardWriter:
             return
         fname = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.tmp / fname), metadata={"format": "pt", "keye_format": FORMAT})
+        sort_header_metadata(self.tmp / fname)
         self.files.append((fname, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from keye.core.hashing import settings_hash
@@ -38,6 +39,7 @@ def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
             video_id=r["video_id"],
             video_sha256=r["sha256"],
             source_path=r["path"],
+            source_ref=portable_path(r["path"], lineage.workspace.root),
             start=r["start_s"],
             end=r["end_s"],
             record=json.loads(r["record"]) if isinstance(r["record"], str) else (r["record"] or {}),
@@ -45,6 +47,15 @@ def shard_items(lineage: Lineage, captionset_id: str) -> list[ShardItem]:
         for r in lineage.captioned_clip_rows(captionset_id)
     ]
     return sorted(items, key=lambda i: i.key)
+
+
+def portable_path(path: str, root: Path) -> str:
+    """`path` relative to the workspace root when it lies inside it, else as given: two workspaces built from
+    the same sources then write the same bytes."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
 
 
 def shard_id_for(shardset_id: str, name: str) -> str:

@@ -54,8 +54,10 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path] | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """NumPy and torch streams. Not Python's global `random`: training never draws from it, while Prefect and
+    MLflow threads in the same process do, at times of their own, so saving it made step checkpoints differ
+    between identical runs (issue 24)."""
     state: dict[str, Any] = {
-        "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -65,7 +67,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    if "python" in state:  # checkpoints written before issue 24
+        random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

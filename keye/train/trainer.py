@@ -30,6 +30,7 @@ from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
 from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import load_tokenizer
+from keye.determinism import seed_everything, without_timings
 from keye.model import KeyeVL, build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
 from keye.model.lm import chunked_cross_entropy, shifted_targets
@@ -230,8 +231,7 @@ class Trainer:
 
     def _build(self, init_checkpoint, model_preset, vocab_size, image_token_id) -> None:
         s = self.settings
-        torch.manual_seed(s.seed)
-        np.random.seed(s.seed)
+        seed_everything(s.seed)
         model = _prepare_model(s, init_checkpoint, model_preset, vocab_size, image_token_id)
         if self.latest is not None:
             _load_weights(model, self.latest[1] / "model")
@@ -520,7 +520,7 @@ def _save_step(
             "scheduler": scheduler.state_dict(),
             "loader": loader_state,
             "bad_steps": bad_steps,
-            "last_metrics": dict(last),
+            "last_metrics": without_timings(last),
             "settings": settings.model_dump(mode="json"),
         }
         meta = {"step": step, "stage": settings.name, "kind": settings.kind, "world_size": acc.num_processes}

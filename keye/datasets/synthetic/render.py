@@ -145,7 +145,8 @@ def encode_video(spec: VideoSpec, path: Path) -> None:
         (spec.height, spec.width) if spec.rotation in (90, 270) else (spec.width, spec.height)
     )
     masks: dict = {}
-    with av.open(str(tmp), mode="w") as out:
+    # bitexact: no random Matroska segment UID nor library version in the file (mkv/webm differed run to run)
+    with av.open(str(tmp), mode="w", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(spec.codec, rate=spec.fps)
         stream.width, stream.height = stored_w, stored_h
         stream.pix_fmt = "yuv420p"

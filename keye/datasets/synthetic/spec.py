@@ -19,7 +19,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 MAX_OBJECTS = 3  # shapes in a short video: 1-2 under 6 s, 2-3 otherwise, capped by a set's max_objects
-GENERATOR_VERSION = 2  # bump when the same spec renders differently (2: muted backgrounds, larger shapes)
+# bump when the same spec renders differently (2: muted backgrounds, larger shapes; 3: bit-exact containers)
+GENERATOR_VERSION = 3
 REGIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
 DIRECTIONS = ("left", "right", "up", "down")
 # (codec, container extension, pixel format, encoder options); weights below pick among them
