@@ -76,11 +76,11 @@ def _record(key: str, i: int, seconds: float, w: int, h: int) -> dict:
 
 def default_pipeline_run(workdir: Path, seq_len: int = 2048) -> None:
     """Time the tokenizer + pack stage + one loader pass at the size of the default pipeline: the synthetic set
-    (40 short videos + 1 ten-minute video, keye.data.synthetic), each video one clip re-encoded by
+    (40 short videos + 1 ten-minute video, keye.datasets.synthetic), each video one clip re-encoded by
     keye.data.shards at max side 224, a tiny frame policy (1 fps, 4-16 frames, 4-16 tokens per frame)."""
-    from keye.data.samples import pack_shards
+    from keye.data.packset import pack_shards
     from keye.data.shards import encode_clip, write_shard
-    from keye.data.synthetic import generate_dataset
+    from keye.datasets.synthetic import generate_dataset
 
     t0 = time.perf_counter()
     vids = generate_dataset(workdir / "videos", n_videos=40, n_long=1, seed=0, workers=1)

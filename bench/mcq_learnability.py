@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from keye.data.loader import patchify
 from keye.data.prompts import SYSTEM_PROMPT, mcq_answer, mcq_prompt
-from keye.data.synthetic import COLORS, SHAPES, shape_mask
 from keye.data.tokenizer import encode_chat, train_bpe
+from keye.datasets.synthetic import COLORS, SHAPES, shape_mask
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
 from keye.model.generate import Prompt, generate
+from keye.model.patches import frame_patches as patchify
 from keye.model.rope import mrope_positions
 from keye.model.vision_tokens import PATCH
 
@@ -84,7 +84,7 @@ def messages(s: dict, a: argparse.Namespace, with_answer: bool) -> list[dict]:
 
 
 def inputs(tok, items: list[tuple[Any, np.ndarray]], a: argparse.Namespace) -> dict:
-    """Packed training inputs from (encoded chat, frames) pairs, in the loader's layout (keye.data.loader.patchify)."""
+    """Packed training inputs from (encoded chat, frames) pairs, in the loader's layout (keye.model.patches.frame_patches)."""
     g = a.size // PATCH
     ids = [torch.from_numpy(e.ids.astype(np.int64)) for e, _ in items]
     n = len(items) * a.frames

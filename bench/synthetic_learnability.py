@@ -1,7 +1,7 @@
 """Which of the synthetic set's held-out MCQs can the tiny preset learn from scratch, and how does that depend on the
 set's design? (issue 6: the default SFT model must beat chance on the held-out synthetic tasks.)
 
-Videos are the synthetic generator's own specs (keye.data.synthetic), rendered straight from the spec at the frame
+Videos are the synthetic generator's own specs (keye.datasets.synthetic), rendered straight from the spec at the frame
 plan's timestamps (no codec round trip, so hundreds of videos cost seconds), with the set's knobs: --max-objects,
 --no-color-changes, and --simplify for the ladder below a real set (one: keep one shape; always: visible the whole
 video; static: no motion; nochange: no colour or size change). Training samples are the pipeline's own
@@ -25,14 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from keye.data.loader import collate_pack, patchify
+from keye.data.loader import collate_pack
 from keye.data.samples import MCQ_ANSWER_STRIDE, build_sample, corpus_texts, frame_plan, usable_mcqs
 from keye.data.sampling import SamplingPolicy
-from keye.data.synthetic import annotations, dataset_specs, expected_frames, make_spec
 from keye.data.tokenizer import train_bpe
+from keye.datasets.synthetic import annotations, dataset_specs, expected_frames, make_spec
 from keye.eval.parsing import parse_choice
 from keye.model import build_model
 from keye.model.generate import Prompt, generate
+from keye.model.patches import frame_patches as patchify
 
 # the default pipeline's frame plan (pipelines.yaml `sampling`)
 POLICY = SamplingPolicy(

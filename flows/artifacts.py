@@ -2,8 +2,8 @@
 scores (tables) with a link to its MLflow run; the pipeline's summary on the parent flow run; the same headline
 lines in the flow-run log. Why: a run started from a deployment has no terminal, so the page is the report.
 
-Each flow calls one function here as the last line of its stage block (`publish_stage(ctx)`), the pipeline
-flow `publish_pipeline(ctx, summary)`; the numbers come from keye (plain values), Prefect only displays them.
+Each flow passes its result through one function here as the last line of its stage block
+(`return publish_stage(run, stage.finish(run, plan))`), the pipeline flow `publish_pipeline(ctx, summary)`; the numbers come from keye (plain values), Prefect only displays them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from keye.orchestration import PipelineContext, StageContext
-from keye.summary import headline_metrics, pipeline_summary, render
-from keye.tracking import Tracker
+from keye.core.tracking import Tracker
+from keye.stages.artifact import PipelineContext, StageRun
+from keye.stages.summary import eval_scores, headline_metrics, render
 
 
 def _key(*parts: str) -> str:
@@ -55,8 +55,8 @@ def stage_lines(name: str, summary: dict[str, Any], cached: bool) -> list[str]:
     return lines
 
 
-def publish_stage(ctx: StageContext) -> None:
-    """Markdown summary + tables of one stage run, as artifacts of the current (stage) flow run."""
+def publish_stage(ctx: StageRun, result: Any = None) -> Any:
+    """Markdown summary + tables of one stage run, as artifacts of the current (stage) flow run; returns `result`."""
     cached = ctx.reused()
     lines = stage_lines(ctx.stage, ctx.summary, cached)
     _log(lines)
@@ -83,7 +83,7 @@ def publish_stage(ctx: StageContext) -> None:
             description=f"{ctx.stage}: rejected videos by reason",
         )
     if ctx.stage == "eval" and ctx.outputs:
-        scores = pipeline_summary(ctx.lineage, {"eval": ctx.outputs[0]}).get("eval") or {}
+        scores = eval_scores(ctx)
         rows = [
             {
                 "benchmark": b,
@@ -97,10 +97,12 @@ def publish_stage(ctx: StageContext) -> None:
         ]
         if rows:
             create_table_artifact(rows, key="eval-scores", description=f"held-out scores vs chance; {link}")
+    return result
 
 
-def publish_pipeline(ctx: PipelineContext, summary: dict[str, Any]) -> None:
-    """The pipeline's headline metrics on its MLflow parent run; its summary as the parent flow run's artifact."""
+def publish_pipeline(ctx: PipelineContext, summary: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's headline metrics on its MLflow parent run; its summary as the parent flow run's artifact;
+    returns the summary."""
     metrics = headline_metrics(summary)
     ctx.tracker.log_metrics(metrics)
     text = render(summary)
@@ -117,3 +119,4 @@ def publish_pipeline(ctx: PipelineContext, summary: dict[str, Any]) -> None:
             key="pipeline-headline",
             description=f"headline metrics (also on the MLflow parent run); {link}",
         )
+    return summary

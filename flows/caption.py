@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect import flow, task
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows.artifacts import publish_stage
-from flows.runners import batched
-from keye.cache_keys import code_hash, settings_hash
-from keye.config import PipelineConfig
+from flows.submit import run_batches
+from keye.core.config import PipelineConfig
 from keye.data import captioning
-from keye.lineage import make_id
-from keye.orchestration import ParentRun, open_stage
-from keye.progress import progress
+from keye.stages import caption as stage
+from keye.stages.artifact import ParentRun, open_stage
 
 
 @task(retries=2, retry_delay_seconds=2)
@@ -26,32 +25,9 @@ def caption_clips(
 @flow(name="caption")
 def caption(config: PipelineConfig, videoset_id: str | None = None, parent: ParentRun | None = None) -> str:
     """Returns the CaptionSet id."""
-    with open_stage(config, "caption", parent, flow_run.id) as ctx:
-        videoset_id = videoset_id or ctx.lineage.latest_artifact("videoset")  # run alone: the newest one
-        backend = captioning.backend_config(config.caption)
-        ident = captioning.captioner_identity(backend)
-        cs_id = make_id("cs", videoset_id, settings_hash(config.caption), code_hash("keye.data.captioning"))
-        ctx.inputs.append(videoset_id)
-        ctx.outputs.append(cs_id)
-        if not ctx.cached(cs_id):
-            ctx.lineage.begin_artifact(
-                cs_id, "captionset", ident["backend"], settings_hash(config.caption), [videoset_id]
-            )
-            clips = captioning.clip_refs(ctx.lineage, videoset_id)
-            ids = {c.clip_id: captioning.caption_id_for(c.clip_id, ident) for c in clips}
-            done = ctx.lineage.existing_ids("captions", "caption_id", list(ids.values()))
-            todo = [c for c in clips if ids[c.clip_id] not in done]
-            alts = captioning.other_paths(ctx.lineage, todo)
-            futures = [
-                caption_clips.submit(b, backend, {c.clip_id: alts[c.clip_id] for c in b})
-                for b in batched(todo, config.caption.batch_size)
-            ]
-            with progress(f"caption ({ident['backend']})", total=len(todo)) as bar:
-                for fut in as_completed(futures):
-                    rows = fut.result()
-                    ctx.lineage.record_captions(rows)
-                    bar.advance(len(rows))
-            ctx.lineage.complete_artifact(cs_id, members=sorted(ids.values()))
-        ctx.summary.update(captioning.summary(ctx.lineage, cs_id))
-        publish_stage(ctx)
-        return cs_id
+    with open_stage(config, "caption", parent, flow_run.id) as run:
+        plan = stage.plan(run, videoset_id)
+        label, record = f"caption ({plan.backend_name})", partial(stage.record, run)
+        args = (plan.backend, plan.alternatives)
+        run_batches(caption_clips, plan.todo, config.caption.batch_size, label, *args, on_result=record)
+        return publish_stage(run, stage.finish(run, plan))

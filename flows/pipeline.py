@@ -1,22 +1,24 @@
-"""The pipeline flow: validate pipelines.yaml, then run each configured stage in order under one parent run."""
+"""The pipeline flow: validate pipelines.yaml, run each configured stage in order under one parent run."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows import caption, evaluate, ingest, pack, shard, train
 from flows.artifacts import publish_pipeline
-from flows.caption import caption
-from flows.evaluate import evaluate
-from flows.ingest import ingest
-from flows.pack import pack
 from flows.runners import task_runner
-from flows.shard import shard
-from flows.train import train
-from keye.config import load_config
-from keye.config_paths import check_paths
-from keye.orchestration import open_pipeline
-from keye.summary import pipeline_summary
+from keye.core.config import load_config
+from keye.stages.artifact import open_pipeline
+
+STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipeline order
+    ("ingest", ingest.ingest, "videoset", ()),
+    ("caption", caption.caption, "captionset", ("videoset",)),
+    ("shard", shard.shard, "shardset", ("captionset",)),
+    ("pack", pack.pack, "packset", ("shardset",)),
+    ("train", train.train, "checkpoint", ("packset",)),
+    ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
+)
 
 
 @flow(name="pipeline")
@@ -26,32 +28,12 @@ def pipeline(
     stages: list[str] | None = None,
     overrides: dict[str, str] | None = None,
 ) -> dict:
-    """Run the stages of a pipeline config; finished stages are skipped (cache key = inputs + settings + code)."""
-    if stages:
-        overrides = {**(overrides or {}), "stages": list(stages)}
-    config = load_config(config_path, overrides=overrides, workspace=workspace)
-    check_paths(config, origin=str(config_path))  # before the workspace, MLflow or lineage are touched
-    runner = task_runner(config.runner)
-    with open_pipeline(config, flow_run.id) as ctx:
+    """Finished stages are skipped (key: inputs + settings + code); a left-out stage's output: the newest one."""
+    stage_list = {"stages": list(stages)} if stages else {}
+    config = load_config(config_path, overrides={**(overrides or {}), **stage_list}, workspace=workspace)
+    with open_pipeline(config, flow_run.id, origin=str(config_path)) as ctx:
         out: dict[str, str] = {}
-        parent = ctx.ref
-        if "ingest" in config.stages:
-            out["videoset"] = ingest.with_options(task_runner=runner)(config, parent)
-        if "caption" in config.stages:
-            videoset = out.get("videoset") or ctx.lineage.latest_artifact("videoset")
-            out["captionset"] = caption.with_options(task_runner=runner)(config, videoset, parent)
-        if "shard" in config.stages:
-            captionset = out.get("captionset") or ctx.lineage.latest_artifact("captionset")
-            out["shardset"] = shard.with_options(task_runner=runner)(config, captionset, parent)
-        if "pack" in config.stages:
-            shardset = out.get("shardset") or ctx.lineage.latest_artifact("shardset")
-            out["packset"] = pack.with_options(task_runner=runner)(config, shardset, parent)
-        if "train" in config.stages:
-            out["checkpoint"] = train(config, out.get("packset"), parent)
-        if "eval" in config.stages:
-            checkpoint = out.get("checkpoint") or ctx.lineage.latest_checkpoint_path()
-            out["eval"] = evaluate(config, checkpoint, out.get("videoset"), parent)
-        summary = pipeline_summary(ctx.lineage, out)
-        ctx.tracker.log_dict(summary, "pipeline_summary.json")
-        publish_pipeline(ctx, summary)
-        return summary
+        for _, stage_flow, output, reads in (s for s in STEPS if s[0] in config.stages):
+            run = stage_flow.with_options(task_runner=task_runner(config.runner))
+            out[output] = run(config, *[out.get(r) for r in reads], ctx.ref)
+        return publish_pipeline(ctx, ctx.finish(out))

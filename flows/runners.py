@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from keye.config import RunnerSettings
+from keye.core.config import RunnerSettings
 
 
 def task_runner(settings: RunnerSettings):
@@ -17,7 +17,3 @@ def task_runner(settings: RunnerSettings):
     except ImportError as e:  # pragma: no cover - optional extra
         raise RuntimeError("runner.kind=ray needs the [ray] extra: pip install 'keye[ray]'") from e
     return RayTaskRunner(address=settings.ray_address) if settings.ray_address else RayTaskRunner()
-
-
-def batched(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keye.checkpoint_hash import hash_checkpoint_dir
+from keye.core.hashing import hash_checkpoint_dir
 from keye.model import integrity
 from keye.train.checkpointing import list_checkpoints
 

@@ -41,7 +41,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _load(config: Path | None, overrides: list[str] | None, workspace: Path | None):
-    from keye.config import ConfigError, load_config
+    from keye.core.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides=overrides or [], workspace=workspace)
@@ -56,8 +56,8 @@ def _prepare(workspace: str | Path) -> None:
     """Environment for Prefect, and the workspace lock taken before any flow starts (a second run fails at once,
     with one clear line instead of a flow-run traceback; the flows re-enter the same lock)."""
     global _held_lock
-    from keye.orchestration import configure_environment
-    from keye.workspace import Workspace, WorkspaceLock, WorkspaceLocked
+    from keye.core.workspace import Workspace, WorkspaceLock, WorkspaceLocked
+    from keye.stages.artifact import configure_environment
 
     ws = Workspace.at(workspace)
     configure_environment(ws)
@@ -69,12 +69,12 @@ def _prepare(workspace: str | Path) -> None:
 
 def _run_guarded(fn):
     """Turn the errors a user can fix into one clear line and a non-zero exit, not a traceback."""
-    from keye.config import ConfigError
-    from keye.data.sources import SourceError
-    from keye.lineage import LineageError
+    from keye.core.config import ConfigError
+    from keye.core.lineage import LineageError
+    from keye.core.workspace import WorkspaceLocked
     from keye.model.integrity import CheckpointIntegrityError
+    from keye.stages.sources import SourceError
     from keye.train.state_io import StateFormatError
-    from keye.workspace import WorkspaceLocked
 
     try:
         return fn()
@@ -104,7 +104,7 @@ def run(
     _check_paths(cfg, None, str(pipeline))
     _prepare(cfg.workspace)
     from flows.pipeline import pipeline as pipeline_flow
-    from keye.summary import render
+    from keye.stages.summary import render
 
     summary = _run_guarded(
         lambda: pipeline_flow(
@@ -127,8 +127,8 @@ def _as_dict(overrides: list[str]) -> dict[str, str]:
 
 def _check_paths(cfg, stages: list[str] | None, origin: str) -> None:
     """Every path the stages will read, checked before the workspace is created (one line per problem)."""
-    from keye.config import ConfigError
-    from keye.config_paths import check_paths
+    from keye.core.config import ConfigError
+    from keye.core.config_paths import check_paths
 
     try:
         check_paths(cfg, stages, origin)
@@ -145,7 +145,7 @@ def _stage_config(
     overrides = list(set_ or [])
     cfg = _load(config, overrides, workspace)
     if source is not None:
-        from keye.config import PathSource, SyntheticSource
+        from keye.core.config import PathSource, SyntheticSource
 
         src = SyntheticSource() if source == "synthetic" else PathSource(path=source)
         cfg = cfg.model_copy(update={"sources": [src]})
@@ -170,8 +170,8 @@ def ingest(
 
 
 def _print_stage(cfg, outputs: dict[str, str]) -> None:
-    from keye.lineage import Lineage
-    from keye.summary import pipeline_summary, render
+    from keye.core.lineage import Lineage
+    from keye.stages.summary import pipeline_summary, render
 
     typer.echo(render(pipeline_summary(Lineage(cfg.workspace, read_only=True), outputs)))
 
@@ -274,7 +274,7 @@ def lineage(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Where an artifact came from (upstream) and what used it (downstream)."""
-    from keye.lineage import Lineage
+    from keye.core.lineage import Lineage
 
     def walk():
         store = Lineage(workspace, read_only=True)

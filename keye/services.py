@@ -301,7 +301,7 @@ def service_env(workspace: Path, prefect_api_url: str | None = None, mlflow_url:
         env.pop("PREFECT_API_URL", None)
     if mlflow_url:
         env["MLFLOW_TRACKING_URI"] = mlflow_url
-        env["KEYE_MLFLOW_URI"] = mlflow_url  # keye.tracking's override of the workspace sqlite default
+        env["KEYE_MLFLOW_URI"] = mlflow_url  # keye.core.tracking's override of the workspace sqlite default
     return env
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keye.lineage import Lineage
+from keye.core.lineage import Lineage
 
 
 @dataclass

@@ -164,7 +164,7 @@ def _files(root: Path, stage: str) -> Iterator[Artifact]:
 def _rows(root: Path, stage: str) -> Iterator[Artifact]:
     if stage not in _STAGE_ROWS:
         return
-    from keye.lineage import Lineage
+    from keye.core.lineage import Lineage
 
     sql, id_col, columns = _STAGE_ROWS[stage]
     table = sql.split()[-1]
@@ -175,7 +175,7 @@ def _rows(root: Path, stage: str) -> Iterator[Artifact]:
 
 def collect(workspace: str | Path) -> dict[str, dict[str, Artifact]]:
     """stage -> artifact id -> Artifact, for one workspace (lineage rows first, then files, each sorted)."""
-    from keye.lineage import LineageError
+    from keye.core.lineage import LineageError
 
     root = Path(workspace).expanduser().resolve()
     if not (root / "lineage.duckdb").is_file():

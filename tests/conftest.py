@@ -1,6 +1,12 @@
-"""Test setup: Triton runs in its interpreter on CPU machines (must be set before any kernel import)."""
+"""Test setup: Triton runs in its interpreter on CPU machines (must be set before any kernel import); tests/ is on
+sys.path so any test can import the shared fixtures (`from fixtures.corrupt_videos import ...`), and so are the
+tests/unit/<package>/ folders (some tests reuse another's helpers).
+
+Layout: tests/unit/<package>/ (one folder per keye package), tests/e2e/ (real flow runs), tests/fixtures/."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +16,11 @@ try:  # torch is optional for collecting a handful of pure-python tests
     _HAS_CUDA = torch.cuda.is_available()
 except Exception:  # pragma: no cover
     _HAS_CUDA = False
+
+_TESTS = Path(__file__).resolve().parent
+# the shared fixtures, and the unit folders whose helpers other tests import (e.g. test_loader's shard builders)
+for _p in [_TESTS, *sorted(p for p in (_TESTS / "unit").iterdir() if p.is_dir())]:
+    sys.path.insert(0, str(_p))
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -29,8 +29,8 @@ def _verify(ours: Path, theirs: Path):
 # ------------------------------------------------------------------------------------------- unit: verify --against
 def _toy_workspace(root: Path) -> Path:
     """A workspace with lineage rows for a video, a clip and a caption, and one file in each file stage."""
-    from keye.lineage import Lineage
-    from keye.workspace import Workspace, WorkspaceLock
+    from keye.core.lineage import Lineage
+    from keye.core.workspace import Workspace, WorkspaceLock
 
     ws = Workspace.at(root)
     with WorkspaceLock(ws):
@@ -86,8 +86,8 @@ def test_verify_against_names_the_first_broken_artifact(tmp_path: Path) -> None:
     assert "packs        1 of 1 differ" in res.output
 
     # a caption that differs in lineage (no file) is named by its id
-    from keye.lineage import Lineage
-    from keye.workspace import Workspace, WorkspaceLock
+    from keye.core.lineage import Lineage
+    from keye.core.workspace import Workspace, WorkspaceLock
 
     with WorkspaceLock(Workspace.at(b)), Lineage(b).transaction() as con:
         con.execute("UPDATE captions SET caption = 'a blue circle' WHERE caption_id = 'k1'")
@@ -128,7 +128,7 @@ def test_clip_bytes_do_not_depend_on_what_the_process_encoded_before(tmp_path: P
     """x264's mbtree read uninitialised rows for a height not a multiple of 16 (here 84): the same clip encoded
     after another one came out different. Each encode here follows a different history."""
     from keye.data.shards import encode_clip
-    from keye.data.synthetic import generate_dataset
+    from keye.datasets.synthetic import generate_dataset
 
     videos = generate_dataset(tmp_path / "src", n_videos=6, n_long=0, seed=0)
     jobs = [(videos[2], 3.833333), (videos[1], 3.0)] * 4  # the pair that gave 2 hashes for the first before

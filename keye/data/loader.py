@@ -35,15 +35,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from keye.data.packing import read_pack_index
-from keye.data.samples import BuiltSample, ShardIndex, build_sample, index_shard, scan_shard
+from keye.data.samples import BuiltSample, build_sample
 from keye.data.sampling import SamplingPolicy
+from keye.data.shard_index import ShardIndex, index_shard, scan_shard
 from keye.data.tokenizer import KeyeTokenizer
 from keye.data.video import decode_frames
+from keye.model.patches import frame_patches
 from keye.model.vision_tokens import PATCH
-
-PIXEL_MEAN = 0.5  # SigLIP normalisation: (x / 255 - 0.5) / 0.5
-PIXEL_STD = 0.5
-
 
 __all__ = [
     "PackLoader",
@@ -51,7 +49,6 @@ __all__ = [
     "PackedBatch",
     "index_shard",
     "open_loader",
-    "patchify",
     "rank_packs",
     "resolve_shards",
     "scan_shard",
@@ -71,20 +68,6 @@ def resolve_shards(shards: Mapping[str, str | os.PathLike[str]] | str | os.PathL
 
 
 # ------------------------------------------------------------------------------------------------ pack assembly
-def patchify(frames: np.ndarray, patch: int = PATCH) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> normalised float32 patches [n*gh*gw, 3*P*P], raster order per frame, each (C, P, P)
-    (the layout of keye.model.vit.patchify). One strided copy, then in-place scaling."""
-    n, h, w, c = frames.shape
-    gh, gw = h // patch, w // patch
-    out = np.empty((n * gh * gw, c * patch * patch), dtype=np.float32)
-    out.reshape(n, gh, gw, c, patch, patch)[...] = frames.reshape(n, gh, patch, gw, patch, c).transpose(
-        0, 1, 3, 5, 2, 4
-    )
-    out *= 1.0 / (255.0 * PIXEL_STD)
-    out -= PIXEL_MEAN / PIXEL_STD
-    return out
-
-
 @dataclass
 class PackedBatch:
     """One pack in the model's packed layout plus bookkeeping (which samples, which were skipped)."""
@@ -124,7 +107,7 @@ def collate_pack(samples: list[BuiltSample], frames: list[np.ndarray]) -> dict[s
         if s.frames:
             gh, gw = s.patch_grid()
             grids.extend([(1, gh, gw)] * s.frames)
-            patches.append(patchify(fr))
+            patches.append(frame_patches(fr))
     vis_lens = np.asarray([0] + [g[1] * g[2] for g in grids], dtype=np.int64)
     return {
         "input_ids": torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)),

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keye.atomic import atomic_path
+from keye.core.atomic import atomic_path
 
 MAX_SEQ_LEN = 262_144
 _BIG = 1 << 62  # "no budget" for the secondary resources

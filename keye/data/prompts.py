@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keye.cache_keys import stable_hash64
+from keye.core.hashing import stable_hash64
 from keye.data.tokenizer import format_time
 
 LETTERS = "ABCDEFGH"

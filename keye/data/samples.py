@@ -11,30 +11,20 @@ loss only on the assistant answer. Positions follow `keye.model.rope.mrope_posit
 vectorised in numpy. SlowFast is not applied to packed samples: fast/slow needs decoded pixels, and counts must be
 known before decoding (every frame is counted as slow).
 
-Also here, because both the pack stage and the loader need them: reading shard records by random access into the
-tars (member offsets from the headers, WebDataset key = file name up to the first dot), and the pack stage itself
-(`pack_shards`: records -> sample table -> `keye.data.packing.pack` -> Parquet).
+Reading shard records (json only) is keye.data.shard_index; a whole PackSet from shards is keye.data.packset.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import tarfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from keye.atomic import atomic_path
-from keye.cache_keys import stable_hash64
-from keye.data.packing import PackBudget, pack, write_pack_index
+from keye.core.hashing import stable_hash64
 from keye.data.prompts import (
     CAPTION_PROMPT,
     DENSE_PROMPT,
@@ -50,120 +40,6 @@ from keye.data.sampling import FramePlan, SamplingPolicy, plan_frames
 from keye.data.tokenizer import KeyeTokenizer, encode_chat, format_time
 from keye.model.vision_tokens import MERGE, PATCH
 
-
-# ------------------------------------------------------------------------------------- shard records (json only)
-@dataclass
-class ShardIndex:
-    """Where each sample's members live inside one tar (offset, size), for random access."""
-
-    path: str
-    members: dict[str, dict[str, tuple[int, int]]]  # key -> ext -> (data offset, size)
-
-    def read(self, key: str, ext: str, fh: Any | None = None) -> bytes | None:
-        loc = self.members.get(key, {}).get(ext)
-        if loc is None:
-            return None
-        if fh is None:
-            with open(self.path, "rb") as f:
-                f.seek(loc[0])
-                return f.read(loc[1])
-        fh.seek(loc[0])
-        return fh.read(loc[1])
-
-    def open(self, key: str, ext: str) -> MemberReader | None:
-        """A seekable read-only file over one member, without reading it into memory (long videos)."""
-        loc = self.members.get(key, {}).get(ext)
-        return None if loc is None else MemberReader(self.path, *loc)
-
-
-class MemberReader(io.RawIOBase):
-    """Read-only, seekable view of the byte range [offset, offset+size) of a file (a tar member)."""
-
-    def __init__(self, path: str, offset: int, size: int) -> None:
-        super().__init__()
-        self._f = open(path, "rb")  # closed by close()
-        self._off, self._size, self._pos = offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        n = max(0, min(len(buf), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._f.seek(self._off + self._pos)
-        got = self._f.readinto(memoryview(buf)[:n])
-        self._pos += got or 0
-        return got or 0
-
-    def close(self) -> None:
-        if not self.closed:
-            self._f.close()
-        super().close()
-
-
-def index_shard(path: str | os.PathLike[str]) -> ShardIndex:
-    """Scan a tar's headers once (no member data is read)."""
-    members: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar.getmembers():
-            if not m.isfile():
-                continue
-            key, _, ext = Path(m.name).name.partition(".")
-            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    return ShardIndex(str(path), members)
-
-
-@dataclass
-class ShardScan:
-    """The records of a shard (json only) and the samples that cannot be used, with reasons."""
-
-    records: list[tuple[str, dict[str, Any]]]
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-
-
-def scan_shard(path: str | os.PathLike[str]) -> ShardScan:
-    """Read every <key>.json of a shard (for the pack stage); a key without json or mp4, or with unparsable json,
-    is reported in `bad` and skipped."""
-    idx = index_shard(path)
-    out = ShardScan(records=[])
-    with open(idx.path, "rb") as fh:
-        for key in sorted(idx.members):
-            parts = idx.members[key]
-            if "json" not in parts:
-                out.bad.append((key, "missing json"))
-                continue
-            if "mp4" not in parts:
-                out.bad.append((key, "missing mp4"))
-                continue
-            try:
-                rec = json.loads(idx.read(key, "json", fh) or b"")
-            except (ValueError, UnicodeDecodeError) as e:
-                out.bad.append((key, f"unparsable json: {e}"))
-                continue
-            if not isinstance(rec, dict):
-                out.bad.append((key, "json is not an object"))
-                continue
-            lacking = [f for f in ("duration", "width", "height") if not isinstance(rec.get(f), int | float)]
-            if lacking:
-                out.bad.append((key, f"json lacks numeric {lacking}"))
-                continue
-            rec.setdefault("key", key)
-            out.records.append((key, rec))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- samples
 TASKS: tuple[str, ...] = ("caption", "dense", "grounding", "mcq", "text")
 # An MCQ sample's item is `(turns - 1) * MCQ_TURNS_STRIDE + answer kind * MCQ_ANSWER_STRIDE + order *
@@ -176,6 +52,32 @@ MCQ_ORDER_STRIDE = 1000
 MCQ_ANSWER_STRIDE = 10 * MCQ_ORDER_STRIDE
 MCQ_TURNS_STRIDE = 10 * MCQ_ANSWER_STRIDE
 MAX_MCQ_TURNS = 16
+
+
+@dataclass(frozen=True)
+class McqItem:
+    """An MCQ sample's identity: its first question, the option order, how it is answered, how many turns.
+    Stored as one integer (the `item` of the pack index, layout above), read and written only here."""
+
+    question: int  # index into the record's mcq list
+    order: int = 0  # 0: the annotated option order; k > 0: permutation k (mcq_options)
+    answer: int = 0  # index into MCQ_ANSWERS (0: the letter, 1: the option's text)
+    turns: int = 1  # questions of the clip asked in this sample, one per user turn
+
+    def encode(self) -> int:
+        return (
+            (self.turns - 1) * MCQ_TURNS_STRIDE
+            + self.answer * MCQ_ANSWER_STRIDE
+            + self.order * MCQ_ORDER_STRIDE
+            + self.question
+        )
+
+    @classmethod
+    def decode(cls, item: int) -> McqItem:
+        turns_less_one, rest = divmod(item, MCQ_TURNS_STRIDE)
+        answer, asked = divmod(rest, MCQ_ANSWER_STRIDE)
+        order, question = divmod(asked, MCQ_ORDER_STRIDE)
+        return cls(question, order, answer, turns_less_one + 1)
 
 
 def mcq_options(
@@ -242,7 +144,7 @@ def sample_items(
         raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
     if not 1 <= mcq_turns <= MAX_MCQ_TURNS:
         raise ValueError(f"mcq_turns must be in 1..{MAX_MCQ_TURNS}, got {mcq_turns}")
-    kind = (mcq_turns - 1) * MCQ_TURNS_STRIDE + MCQ_ANSWERS.index(mcq_answer) * MCQ_ANSWER_STRIDE
+    answer = MCQ_ANSWERS.index(mcq_answer)
     out: list[tuple[str, int]] = []
     for task in tasks:
         if task not in TASKS:
@@ -255,7 +157,8 @@ def sample_items(
             out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
         elif task == "mcq":
             firsts = usable_mcqs(record)[::mcq_turns]
-            out.extend((task, kind + k * MCQ_ORDER_STRIDE + i) for k in range(mcq_orders) for i in firsts)
+            items = [McqItem(i, k, answer, mcq_turns) for k in range(mcq_orders) for i in firsts]
+            out.extend((task, it.encode()) for it in items)
         elif task == "text" and len(record.get("dense_captions") or []) >= 2 and record.get("grounding"):
             out.append(("text", 0))
     return out
@@ -306,21 +209,20 @@ def _mcq_messages(record: dict[str, Any], item: int, video: list[dict[str, Any]]
     a clip's questions in one conversation sees the frames once, so a step carries several times the answers (the
     first turn is exactly the single-question sample, and each question keeps its own wording and option order)."""
     key = str(record.get("key", ""))
-    turns_less_one, rest = divmod(item, MCQ_TURNS_STRIDE)
-    kind, asked = divmod(rest, MCQ_ANSWER_STRIDE)
-    order, first = divmod(asked, MCQ_ORDER_STRIDE)
+    it = McqItem.decode(item)
+    first = it.question
     usable = usable_mcqs(record)
     if first not in usable:
         raise ValueError(f"MCQ {first} of record {key!r} cannot be asked (needs 2..8 options)")
     at = usable.index(first)
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for n, question in enumerate(usable[at : at + turns_less_one + 1]):
+    for n, question in enumerate(usable[at : at + it.turns]):
         m = record["mcq"][question]
-        options, answer = mcq_options(key, question, order, m["options"], m["answer"])
-        style = pick_style(sample_id(key, "mcq", order * MCQ_ORDER_STRIDE + question))
+        options, answer = mcq_options(key, question, it.order, m["options"], m["answer"])
+        style = pick_style(sample_id(key, "mcq", McqItem(question, it.order).encode()))
         text = {"type": "text", "text": mcq_prompt(style, m["question"], options)}
         messages.append({"role": "user", "content": [*video, text] if n == 0 else [text]})
-        messages.append({"role": "assistant", "content": mcq_answer(options, answer, MCQ_ANSWERS[kind])})
+        messages.append({"role": "assistant", "content": mcq_answer(options, answer, MCQ_ANSWERS[it.answer])})
     return messages
 
 
@@ -505,68 +407,3 @@ def recounter(
         return s.tokens, s.visual_tokens
 
     return recount
-
-
-# ------------------------------------------------------------------------------------------------- pack stage
-@dataclass
-class PackSetResult:
-    """What the pack stage produced: the Parquet pack index and sample table, stats, and what was left out."""
-
-    index_path: Path
-    samples_path: Path
-    stats: dict[str, Any]
-    bad_records: list[tuple[str, str, str]]  # (shard, key, reason): unreadable shard members
-    rejected: pa.Table  # samples the budget rejected, with reasons
-
-
-def pack_shards(
-    shards: Mapping[str, str | os.PathLike[str]],
-    tok: KeyeTokenizer,
-    policy: SamplingPolicy,
-    budget: PackBudget,
-    out_dir: str | os.PathLike[str],
-    tasks: Sequence[str] = TASKS,
-    seed: int = 0,
-    split: str | None = "train",
-    mcq_orders: int = 1,
-    mcq_answer: str = "letter",
-    mcq_turns: int = 1,
-) -> PackSetResult:
-    """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
-    sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
-    `samples.parquet` and `packs.parquet` atomically into `out_dir`. `shards` maps shard name -> tar path; the
-    names are what the index records (and the loader resolves)."""
-    bad: list[tuple[str, str, str]] = []
-    records: dict[tuple[str, str], dict[str, Any]] = {}
-    ordered: list[tuple[str, dict[str, Any]]] = []
-    for name in sorted(shards):
-        try:
-            sc = scan_shard(shards[name])
-        except (OSError, tarfile.TarError) as e:
-            bad.append((name, "", f"unreadable shard: {e}"))
-            continue
-        bad.extend((name, key, why) for key, why in sc.bad)
-        for key, rec in sc.records:
-            records[(name, key)] = rec
-            ordered.append((name, rec))
-    table = sample_table(
-        ordered,
-        tok,
-        policy,
-        tasks,
-        split,
-        bad=bad,
-        mcq_orders=mcq_orders,
-        mcq_answer=mcq_answer,
-        mcq_turns=mcq_turns,
-    )
-    result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
-    result.stats["n_bad_records"] = len(bad)
-    result.stats["n_records"] = len(records)
-    result.stats["tokenizer_sha256"] = tok.content_hash()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "samples.parquet") as tmp:
-        pq.write_table(table, tmp)
-    index_path = write_pack_index(result, out / "packs.parquet")
-    return PackSetResult(index_path, out / "samples.parquet", result.stats, bad, result.rejected)

@@ -9,7 +9,7 @@ Why each choice:
 - Determinism: members are written in sorted key order with fixed mtime/uid/gid/mode and empty user/group names,
   JSON with sorted keys, so the same samples always give a byte-identical tar and the sha256 is a content id.
 - Atomicity: a shard is streamed to a hidden temp name beside its final name, fsynced, then renamed
-  (``keye.atomic``); a SIGKILL at any point leaves at most a ``.<name>.*.tmp`` file, never a partial ``<name>.tar``.
+  (``keye.core.atomic``); a SIGKILL at any point leaves at most a ``.<name>.*.tmp`` file, never a partial ``<name>.tar``.
 
 Resume design (how a crashed shard stage continues without losing or duplicating anything):
 1. Each clip is encoded once into a cache directory: ``<cache_dir>/<params digest>/<key>.mp4`` (``ensure_clip``);
@@ -20,7 +20,7 @@ Resume design (how a crashed shard stage continues without losing or duplicating
 3. For each planned shard the sha256 of the tar it would produce is computed by streaming the tar into a hash
    (no write); a shard already present under its final name with exactly that sha256 is skipped
    (``write_shards``), anything else is (re)written. Stale temps of killed writers can be removed with
-   ``keye.atomic.remove_stale_temps`` under the workspace lock.
+   ``keye.core.atomic.remove_stale_temps`` under the workspace lock.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from keye.atomic import atomic_path
+from keye.core.atomic import atomic_path
+from keye.core.hashing import sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 TAR_MTIME = 0  # fixed member mtime: byte-identical tars for identical inputs
@@ -375,14 +376,6 @@ def shard_sha256(samples: Sequence[Sample]) -> str:
     sink = _HashingWriter()
     _stream_tar(samples, sink)
     return sink.h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(out_dir: str | os.PathLike[str], shard_name: str, samples: Sequence[Sample]) -> ShardInfo:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from keye.atomic import atomic_write_text
+from keye.core.atomic import atomic_write_text
 
 # Special tokens by role. Names follow Qwen2-VL/Qwen3 where one exists, so a Qwen tokenizer maps onto them.
 SPECIAL_TOKENS: dict[str, str] = {

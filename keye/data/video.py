@@ -9,7 +9,6 @@ REFERENCE.md section 5: long-GOP random access costs a whole GOP; frame threadin
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -51,15 +50,6 @@ class VideoProbe:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Content hash, streamed in chunks so large videos never sit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sniff(head: bytes) -> str | None:

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from keye.atomic import atomic_path, atomic_write_json
+from keye.core.atomic import atomic_path, atomic_write_json
 from keye.eval.readers import LETTERS
 from keye.eval.subtitles import Subtitle, write_lvb_json, write_srt, write_word_jsonl
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from keye.atomic import atomic_write_bytes, atomic_write_text
+from keye.core.atomic import atomic_write_bytes, atomic_write_text
 
 _NAMES = {
     "timelens": "TimeLens",
@@ -219,8 +219,8 @@ def write_report(
     """Write `out_dir/report.html` (+ PNG plots beside it) for one or more benchmarks' metrics (as returned by
     evaluate/score, keyed by a name such as the kind); `previous` holds an earlier checkpoint's metrics under
     the same names. Optional, all plain values: `curves` {training run: {metric: [(step, value)]}}, the
-    blank-frame `control` (keye.eval.stage.blank_frame_control), and `best` {version, metrics: {"<bench>/<metric>":
-    value}} of the registered model the checkpoint is compared with (keye.tracking.best_version).
+    blank-frame `control` (keye.eval.heldout.blank_frame_control), and `best` {version, metrics: {"<bench>/<metric>":
+    value}} of the registered model the checkpoint is compared with (keye.core.tracking.best_version).
     Returns the page's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

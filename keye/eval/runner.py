@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.atomic import atomic_write_json, atomic_write_text
+from keye.core.atomic import atomic_write_json, atomic_write_text
 from keye.eval.predictions import read_predictions_checked
 from keye.eval.readers import Question, read_benchmark
 from keye.eval.scoring import score_answers

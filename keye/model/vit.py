@@ -16,15 +16,6 @@ from keye.model.config import VisionConfig
 from keye.model.rope import apply_rope, vision_rope_cos_sin
 
 
-def patchify(frames: Tensor, patch: int = 14) -> tuple[Tensor, Tensor]:
-    """frames [n, C, H, W] (H, W multiples of patch) -> (patches [n*h*w, C*P*P] raster order, grids int32 [n, 3])."""
-    n, c, h, w = frames.shape
-    gh, gw = h // patch, w // patch
-    x = frames.reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
-    grids = torch.tensor([[1, gh, gw]] * n, dtype=torch.int32)
-    return x.reshape(n * gh * gw, c * patch * patch), grids
-
-
 def frame_grids(patch_grids: Tensor) -> list[tuple[int, int]]:
     """(h, w) of every frame; a (t, h, w) row with t > 1 stands for t frames of the same size."""
     out: list[tuple[int, int]] = []

@@ -53,6 +53,7 @@ class ModelOutput:
     )
     expert_counts: Tensor | None = None  # int64 [layers, E]
     num_tokens: int = 0  # target tokens behind lm_loss
+    hidden: Tensor | None = None  # [T, H] final hidden states (after the last norm), e.g. for per-task losses
 
     def __getitem__(self, key: str) -> object:
         return getattr(self, key)
@@ -148,6 +149,7 @@ class KeyeVL(nn.Module):
             aux_loss=out.aux_loss,
             indexer_loss=out.indexer_loss,
             expert_counts=out.expert_counts,
+            hidden=out.hidden,
         )
         if labels is not None:
             targets = shifted_targets(labels, cu_seqlens)

@@ -2,7 +2,7 @@
 
 Public API (the orchestrator wires MLflow, lineage and Prefect around it; nothing here imports them):
 
-    from keye.train import StageSettings, TrainResult, train_stage, TINY_RECIPES
+    from keye.train import StageSettings, TrainResult, Trainer, train_stage
     settings = StageSettings(name="sft", kind="sft", steps=80, lr=1e-3, tokens_per_step=4096)
     res = train_stage(
         settings, *, init_checkpoint: str | Path | None, model_preset: str, vocab_size: int | None,
@@ -14,8 +14,9 @@ Public API (the orchestrator wires MLflow, lineage and Prefect around it; nothin
 - StageSettings (keye.train.settings): one stage recipe as data; `kind` fills trainable / attention_mode /
   answer_only_loss unless given (align: projector, dense; pretrain: all, loss on all text; multitask: all;
   long_warmup: indexer only, dsa_warmup, KL loss; long_sparse: all, dsa, indexer detached; sft: answer-only).
-  `settings.tasks()` lists the tasks to pack (task_weights > 0; None = all). TINY_RECIPES: the default pipeline's
-  tiny-preset stages (~3-4 min in all on 2 CPU cores).
+  `settings.tasks()` lists the tasks to pack (task_weights > 0; None = all). The default pipeline's tiny recipes
+  are in pipelines.yaml (train.stages).
+- Trainer (keye.train.trainer): the loop as methods a reader can follow: resume, step, log, save, export.
 - Resume: automatic when out_dir holds step-N/ checkpoints (model, optimizer, scheduler, RNG, loader cursor,
   step; atomic; newest `keep_last` kept). A finished stage (final/ present, last step == steps) returns at once.
 - Metrics per step (log_metrics(metrics, step), main process only): loss, lm_loss, aux_loss, loss/<task>, lr,
@@ -32,12 +33,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from keye.train.settings import TINY_RECIPES, StageSettings
-    from keye.train.trainer import NonFiniteLoss, TrainResult, train_stage
+    from keye.train.settings import StageSettings
+    from keye.train.trainer import NonFiniteLoss, Trainer, TrainResult, train_stage
 
 _LAZY = {
     "StageSettings": "keye.train.settings",
-    "TINY_RECIPES": "keye.train.settings",
+    "Trainer": "keye.train.trainer",
     "TrainResult": "keye.train.trainer",
     "NonFiniteLoss": "keye.train.trainer",
     "train_stage": "keye.train.trainer",
@@ -52,4 +53,4 @@ def __getattr__(name: str) -> Any:  # lazy: keye.train.metrics must import on a 
     raise AttributeError(name)
 
 
-__all__ = ["TINY_RECIPES", "NonFiniteLoss", "StageSettings", "TrainResult", "train_stage"]
+__all__ = ["NonFiniteLoss", "StageSettings", "TrainResult", "Trainer", "train_stage"]

@@ -6,16 +6,22 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keye.atomic import atomic_write_text
+from keye.core.atomic import atomic_write_text
 from keye.data.sampling import SamplingPolicy
+from keye.data.tokenizer import KeyeTokenizer
 from keye.model import integrity
 
 POLICY_FILE = "sampling_policy.json"
 
 
-def bundle_checkpoint(checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy) -> None:
-    """Copy the tokenizer files and write the policy beside the weights (idempotent)."""
+def bundle_checkpoint(
+    checkpoint_dir: Path, tokenizer_dir: Path, policy: SamplingPolicy, tok: KeyeTokenizer | None = None
+) -> None:
+    """Save the tokenizer (`tok`, and any other file of its directory) and write the policy beside the weights.
+    The trainer calls it once, on final/ before it is renamed into place."""
     checkpoint_dir = Path(checkpoint_dir)
+    if tok is not None:
+        tok.save(checkpoint_dir)
     added = []
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and not (checkpoint_dir / f.name).exists():

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from keye.atomic import _fsync_dir
+from keye.core.atomic import _fsync_dir, fsync_tree
 from keye.model import integrity
 from keye.train.state_io import load_state_file, save_state_file
 
@@ -75,17 +75,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
 def temp_dir_for(out_dir: Path, step: int) -> Path:
     """The hidden staging directory of a step checkpoint (shared by all ranks; removed before a fresh write)."""
     return Path(out_dir) / f".step-{step:06d}.tmp"
@@ -105,7 +94,7 @@ def commit(
     save_state_file(trainer_state, tmp / "trainer.safetensors")
     integrity.write_checksums(tmp)  # every rank's files are in place: record them all, then mark complete
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a stale copy of the same step (re-run after a crash past the rename): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -4,7 +4,7 @@ Stages follow Keye-VL-1.5 / Keye-VL-2.0 (projector-only alignment, full pre-trai
 long context with a raised RoPE base, SFT) and DeepSeek-V3.2's two DSA stages (dense warm-up of the indexer alone
 with the KL loss at a high LR, then sparse training of everything with the indexer detached); REFERENCE.md 1-2.
 
-Tiny default recipes (`TINY_RECIPES`): preset `tiny`, one 2K-token pack per step, ~110 steps, about 3-4 minutes on 2 CPU cores.
+The recipes themselves are stated once, in the pipeline config (pipelines.yaml: the default tiny CPU recipes).
 """
 
 from __future__ import annotations
@@ -102,31 +102,3 @@ class StageSettings(BaseModel):
         if not self.task_weights:
             return None
         return [t for t, w in self.task_weights.items() if w > 0]
-
-
-def _tiny(name: str, kind: str, steps: int, lr: float, **kw: object) -> StageSettings:
-    base: dict[str, object] = {
-        "warmup_steps": max(1, steps // 10),
-        "tokens_per_step": 2048,
-        "checkpoint_every": 10,
-    }
-    base.update(kw)
-    return StageSettings(name=name, kind=kind, steps=steps, lr=lr, **base)  # type: ignore[arg-type]
-
-
-# Tiny preset, one 2K-token pack per step (pipelines.yaml pack.max_tokens 2048). On 2 shared CPU cores a step takes
-# ~1.5-4 s (mostly the dense-attention reference on CPU), so ~110 steps = about 3-4 minutes for all stages.
-TINY_RECIPES: list[StageSettings] = [
-    _tiny("align", "align", 6, 3e-3),
-    _tiny("pretrain", "pretrain", 25, 3e-3),
-    _tiny(
-        "multitask",
-        "multitask",
-        25,
-        2e-3,
-        task_weights={"grounding": 1.0, "text": 1.0, "mcq": 1.0, "dense": 0.5, "caption": 0.3},
-    ),
-    _tiny("long_warmup", "long_warmup", 5, 1e-2, rope_base=80_000.0, schedule="constant"),
-    _tiny("long_sparse", "long_sparse", 6, 5e-4, rope_base=80_000.0),
-    _tiny("sft", "sft", 40, 2e-3, task_weights={"mcq": 1.0, "grounding": 1.0, "text": 0.5}),
-]

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from keye.cache_keys import stable_hash64
+from keye.core.atomic import atomic_dir
+from keye.core.hashing import stable_hash64
 from keye.data.loader import PackedBatch, PackLoader, open_loader
 from keye.data.packing import read_pack_index
 from keye.data.sampling import SamplingPolicy
@@ -34,6 +35,7 @@ from keye.model import KeyeVL, build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
 from keye.model.lm import chunked_cross_entropy, shifted_targets
 from keye.train import checkpointing as ckpt
+from keye.train.bundle import bundle_checkpoint
 from keye.train.freezing import apply_trainable, param_groups
 from keye.train.metrics import H200_BF16_PEAK, expert_load, mfu, topk_mass_share, training_flops
 from keye.train.schedules import build_scheduler
@@ -164,251 +166,309 @@ def _all_finite(model: torch.nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- the stage
-def train_stage(
-    settings: StageSettings,
-    *,
-    init_checkpoint: str | Path | None,
-    model_preset: str,
-    vocab_size: int | None,
-    image_token_id: int | None,
-    pack_index: Path,
-    shards: Mapping[str, str] | Path,
-    tokenizer_dir: Path,
-    policy: SamplingPolicy,
-    out_dir: Path,
-    log_metrics: LogFn | None = None,
-    device: str | torch.device | None = None,
-) -> TrainResult:
-    """Train one stage into out_dir (step-N/ checkpoints, final/ model). Re-running with the same out_dir resumes
-    from the newest complete step checkpoint; a finished stage returns at once. See keye/train/__init__.py."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+@dataclass
+class _StepTotals:
+    """What the micro-batches of one optimizer step add up (all-reduced over ranks)."""
 
-    out_dir = Path(out_dir)
-    final_dir = out_dir / "final"
-    want_cpu = (str(device).startswith("cpu")) if device is not None else not torch.cuda.is_available()
-    acc = Accelerator(
-        cpu=want_cpu,
-        mixed_precision="no" if want_cpu else "bf16",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    rank, world = acc.process_index, acc.num_processes
-    log = log_metrics if (log_metrics is not None and acc.is_main_process) else None
+    sums: Tensor  # float64 [4]: lm_loss * target tokens, aux, indexer, input tokens
+    expert_counts: Tensor | None = None
+    task_sum: dict[str, list[float]] = field(default_factory=dict)  # task -> [loss sum, target tokens]
+    lengths: list[int] = field(default_factory=list)  # sample lengths (for the FLOPs)
 
-    latest = ckpt.latest_checkpoint(out_dir)
-    if latest is not None and latest[0] >= settings.steps and (final_dir / "config.json").is_file():
-        meta = ckpt.read_trainer_state(latest[1])
-        return TrainResult(final_dir, latest[0], dict(meta.get("last_metrics", {})), latest[0])
 
-    seed_everything(settings.seed)
-    model = _prepare_model(settings, init_checkpoint, model_preset, vocab_size, image_token_id)
-    if latest is not None:
-        _load_weights(model, latest[1] / "model")
-    apply_trainable(model, settings.trainable or "all", settings.attention_mode or "dense")
-    model.to(acc.device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas, foreach=False
-    )
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    inner_opt = getattr(optimizer, "optimizer", optimizer)
-    scheduler = build_scheduler(
-        inner_opt,
-        settings.steps,
-        settings.warmup_steps,
-        settings.schedule,
-        settings.min_lr_ratio,
-        settings.decay_fraction,
-    )
+class Trainer:
+    """One training stage into out_dir (step-N/ checkpoints, final/ model), in the order a reader follows it:
+    `__init__` builds model, optimizer, schedule and loader; `resume` restores the newest step checkpoint;
+    `step` runs one optimizer step (gradient accumulation to the token budget, NaN/inf policy); `log` fills the
+    metrics; `save` writes a step checkpoint; `export` writes final/ (weights, tokenizer, frame policy)."""
 
-    tok = load_tokenizer(tokenizer_dir)
-    pad_id = int(tok.pad_id)
-    image_id = model.config.image_token_id
-    if isinstance(shards, Mapping):  # the index names shards by stem or by file name: accept both spellings
-        shards = {
-            **{k.removesuffix(".tar"): str(v) for k, v in shards.items()},
-            **{k: str(v) for k, v in shards.items()},
-        }
-    loader = open_loader(
-        pack_index,
-        shards,
-        tok,
-        policy,
-        rank=rank,
-        world_size=world,
-        num_workers=settings.num_workers,
-        seed=settings.seed,
-        shuffle=settings.shuffle,
-        skip_empty=world == 1,
-    )
-    index = read_pack_index(pack_index)
-    n_packs = max(1, loader.stream.n_packs)
-    mean_pack = float(np.asarray(index.column("tokens").to_numpy(), np.float64).sum()) / n_packs
-    accum = max(1, round(settings.tokens_per_step / (world * max(mean_pack, 1.0))))
+    def __init__(
+        self,
+        settings: StageSettings,
+        *,
+        init_checkpoint: str | Path | None,
+        model_preset: str,
+        vocab_size: int | None,
+        image_token_id: int | None,
+        pack_index: Path,
+        shards: Mapping[str, str] | Path,
+        tokenizer_dir: Path,
+        policy: SamplingPolicy,
+        out_dir: Path,
+        log_metrics: LogFn | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
-    start_step = 0
-    bad_steps_total = 0
-    if latest is not None:
-        state = ckpt.read_trainer_state(latest[1])
-        optim_state, rng = ckpt.read_rank_files(latest[1], rank)
-        inner_opt.load_state_dict(optim_state)
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"][rank])
+        self.settings, self.policy, self.tokenizer_dir = settings, policy, Path(tokenizer_dir)
+        self.out_dir = Path(out_dir)
+        self.final_dir = self.out_dir / "final"
+        self.want_cpu = (
+            (str(device).startswith("cpu")) if device is not None else not torch.cuda.is_available()
+        )
+        self.acc = Accelerator(
+            cpu=self.want_cpu,
+            mixed_precision="no" if self.want_cpu else "bf16",
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.log_fn = log_metrics if (log_metrics is not None and self.acc.is_main_process) else None
+        self.latest = ckpt.latest_checkpoint(self.out_dir)
+        self.step_no, self.bad_steps, self.consecutive_bad = 0, 0, 0
+        self.last: dict[str, float] = {}
+        if self.finished() is None:
+            self._build(init_checkpoint, model_preset, vocab_size, image_token_id)
+            self._open_data(pack_index, shards)
+
+    def finished(self) -> TrainResult | None:
+        """The result of a stage already trained to its last step in out_dir (then there is nothing to do)."""
+        latest, final = self.latest, self.final_dir
+        if latest is not None and latest[0] >= self.settings.steps and (final / "config.json").is_file():
+            meta = ckpt.read_trainer_state(latest[1])
+            return TrainResult(final, latest[0], dict(meta.get("last_metrics", {})), latest[0])
+        return None
+
+    def _build(self, init_checkpoint, model_preset, vocab_size, image_token_id) -> None:
+        s = self.settings
+        seed_everything(s.seed)
+        model = _prepare_model(s, init_checkpoint, model_preset, vocab_size, image_token_id)
+        if self.latest is not None:
+            _load_weights(model, self.latest[1] / "model")
+        apply_trainable(model, s.trainable or "all", s.attention_mode or "dense")
+        model.to(self.acc.device)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, foreach=False
+        )
+        self.model = model
+        self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        self.inner_opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.scheduler = build_scheduler(
+            self.inner_opt, s.steps, s.warmup_steps, s.schedule, s.min_lr_ratio, s.decay_fraction
+        )
+        self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        self.peak = s.peak_flops or (None if self.want_cpu else H200_BF16_PEAK)
+        self.probe_mode = s.attention_mode != "dense"
+
+    def _open_data(self, pack_index: Path, shards: Mapping[str, str] | Path) -> None:
+        s = self.settings
+        self.tok = load_tokenizer(self.tokenizer_dir)
+        self.pad_id = int(self.tok.pad_id)
+        self.image_id = self.model.config.image_token_id
+        if isinstance(
+            shards, Mapping
+        ):  # the index names shards by stem or by file name: accept both spellings
+            shards = {
+                **{k.removesuffix(".tar"): str(v) for k, v in shards.items()},
+                **{k: str(v) for k, v in shards.items()},
+            }
+        self.loader = open_loader(
+            pack_index,
+            shards,
+            self.tok,
+            self.policy,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=s.num_workers,
+            seed=s.seed,
+            shuffle=s.shuffle,
+            skip_empty=self.world == 1,
+        )
+        index = read_pack_index(pack_index)
+        n_packs = max(1, self.loader.stream.n_packs)
+        mean_pack = float(np.asarray(index.column("tokens").to_numpy(), np.float64).sum()) / n_packs
+        self.accum = max(1, round(s.tokens_per_step / (self.world * max(mean_pack, 1.0))))
+
+    def resume(self) -> int | None:
+        """Restore optimizer, schedule, loader cursor, RNG and step from the newest step checkpoint, if any."""
+        if self.latest is None:
+            return None
+        state = ckpt.read_trainer_state(self.latest[1])
+        optim_state, rng = ckpt.read_rank_files(self.latest[1], self.rank)
+        self.inner_opt.load_state_dict(optim_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"][self.rank])
         ckpt.set_rng_state(rng)
-        start_step = int(state["step"])
-        bad_steps_total = int(state.get("bad_steps", 0))
-        if acc.is_main_process:
-            print(f"[train {settings.name}] resuming from {latest[1]} (step {start_step})", flush=True)
-
-    stream = pack_stream(loader)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    peak = settings.peak_flops or (None if want_cpu else H200_BF16_PEAK)
-    probe_mode = settings.attention_mode != "dense"
-    hidden_box: dict[str, Tensor] = {}
-    hook = model.lm.norm.register_forward_hook(lambda _m, _i, o: hidden_box.__setitem__("h", o.detach()))
-    last: dict[str, float] = {}
-    consecutive_bad = 0
-    step = start_step
-    try:
-        while step < settings.steps:
-            t0 = time.perf_counter()
-            micro = []
-            for _ in range(accum):
-                b = next(stream)
-                labels = stage_labels(b, settings, image_id, loader.stream.epoch)
-                n = int((shifted_targets(labels, b.cu_seqlens) != -100).sum()) if b.sample_ids else 0
-                micro.append((b, labels, n))
-            local_n = sum(n for _, _, n in micro)
-            counts = torch.tensor([float(local_n)], dtype=torch.float64, device=acc.device)
-            if world > 1:
-                dist.all_reduce(counts)
-            global_n = max(1.0, float(counts[0]))
-
-            sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # lm*n, aux, indexer, tokens
-            expert_counts: Tensor | None = None
-            task_sum: dict[str, list[float]] = {}
-            lengths: list[int] = []
-            for i, (b, labels, n) in enumerate(micro):
-                inputs = _micro_inputs(b, labels, pad_id, acc.device)
-                sync = i == len(micro) - 1
-                ctx = acc.no_sync(wrapped) if (world > 1 and not sync) else _null()
-                with ctx:
-                    out = wrapped(**inputs)
-                    aux_t = out.aux_loss if out.aux_loss is not None else out.lm_loss * 0
-                    idx_t = out.indexer_loss if out.indexer_loss is not None else out.lm_loss * 0
-                    coef = model.config.lm.router_aux_loss_coef
-                    loss = out.lm_loss * (n * world / global_n) + (coef * aux_t + idx_t) / len(micro)
-                    if not loss.requires_grad:  # e.g. a text-only pack in a projector-only stage
-                        loss = loss + sum(p.reshape(-1)[0] * 0.0 for p in params)
-                    acc.backward(loss)
-                sums += torch.stack(
-                    [
-                        out.lm_loss.detach().double() * n,
-                        aux_t.detach().double(),
-                        idx_t.detach().double(),
-                        torch.tensor(
-                            float(inputs["input_ids"].shape[0]), dtype=torch.float64, device=acc.device
-                        ),
-                    ]
-                )
-                ec = out.expert_counts.detach()
-                expert_counts = ec if expert_counts is None else expert_counts + ec
-                if b.sample_ids:
-                    lengths.extend(torch.diff(b.cu_seqlens).tolist())
-                    if step % settings.log_every == 0 and world == 1 and "h" in hidden_box:
-                        _task_losses(hidden_box.pop("h"), model, inputs, b, task_sum)
-                if probe_mode and step % settings.probe_every == 0 and i == 0 and b.sample_ids:
-                    last["dsa_topk_mass_share"] = _probe_topk_share(model, inputs)
-                hidden_box.clear()
-            if world > 1:
-                dist.all_reduce(sums)
-                dist.all_reduce(expert_counts)
-            grad_norm = acc.clip_grad_norm_(params, settings.grad_clip)
-            gn = float(grad_norm) if grad_norm is not None else 0.0
-            lm_loss = float(sums[0]) / global_n
-            finite = math.isfinite(lm_loss) and math.isfinite(gn) and math.isfinite(float(sums[2]))
-            if finite:
-                optimizer.step()
-                consecutive_bad = 0
-                if settings.moe_balance == "bias" and settings.bias_rate > 0 and expert_counts is not None:
-                    for li, layer in enumerate(model.lm.layers):
-                        layer.mlp.update_router_bias(expert_counts[li], settings.bias_rate)
-            else:
-                consecutive_bad += 1
-                bad_steps_total += 1
-                msg = (
-                    f"[train {settings.name}] non-finite step {step}: lm_loss={lm_loss} grad_norm={gn}; "
-                    f"update skipped ({consecutive_bad} in a row)"
-                )
-                if settings.nan_policy == "stop" or consecutive_bad >= settings.max_bad_steps:
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(msg + "; stopping (no checkpoint written for this step)")
-                if acc.is_main_process:
-                    print(msg, flush=True)
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            with warnings.catch_warnings():  # a skipped update still advances the schedule (by design)
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            n_mb = len(micro) * world
-            tokens = float(sums[3])
-            flops = training_flops(model.config.lm, lengths) * world if lengths else 0.0
-            last.update(
-                {
-                    "loss": lm_loss
-                    + (float(sums[1]) * model.config.lm.router_aux_loss_coef + float(sums[2])) / n_mb,
-                    "lm_loss": lm_loss,
-                    "aux_loss": float(sums[1]) / n_mb,
-                    "lr": lr,
-                    "grad_norm": gn,
-                    "tokens_per_s": tokens / dt,
-                    "target_tokens": global_n,
-                    "step_time_s": dt,
-                    "skipped_steps": float(bad_steps_total),
-                    **(expert_load(expert_counts) if expert_counts is not None else {}),
-                }
+        self.step_no = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        if self.acc.is_main_process:
+            print(
+                f"[train {self.settings.name}] resuming from {self.latest[1]} (step {self.step_no})",
+                flush=True,
             )
-            if probe_mode:
-                last["indexer_kl"] = float(sums[2]) / n_mb
-            if peak is not None and flops:
-                last["mfu"] = mfu(flops, dt, peak, world)
-            for key in [k for k in last if k.startswith("loss/")]:
-                del last[key]
-            for task, (s, c) in task_sum.items():
-                last[f"loss/{task}"] = s / max(c, 1.0)
-            if log is not None and (step % settings.log_every == 0 or step == settings.steps):
-                log(dict(last), step)
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                _save_step(
-                    acc,
-                    wrapped,
-                    model,
-                    inner_opt,
-                    scheduler,
-                    loader,
-                    out_dir,
-                    step,
-                    settings,
-                    last,
-                    bad_steps_total,
-                )
-    finally:
-        hook.remove()
+        return self.latest[0]
 
-    if acc.is_main_process:  # weights + tokenizer + frame policy: what keye.eval.keye_predict_fn loads
-        build = out_dir / ".final.build"
-        shutil.rmtree(build, ignore_errors=True)
-        save_checkpoint(acc.unwrap_model(wrapped), build)
-        tok.save(build)
-        (build / "sampling_policy.json").write_text(policy.model_dump_json(indent=1) + "\n")
-        ckpt._fsync_tree(build)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(build, final_dir)
-    acc.wait_for_everyone()
-    resumed = latest[0] if latest is not None else None
-    return TrainResult(final_dir, step, dict(last), resumed)
+    def run(self) -> TrainResult:
+        done = self.finished()
+        if done is not None:
+            return done
+        resumed = self.resume()
+        self.stream = pack_stream(self.loader)
+        s = self.settings
+        while self.step_no < s.steps:
+            self.step()
+            if self.log_fn is not None and (self.step_no % s.log_every == 0 or self.step_no == s.steps):
+                self.log_fn(dict(self.last), self.step_no)
+            if self.step_no % s.checkpoint_every == 0 or self.step_no == s.steps:
+                self.save()
+        self.export()
+        return TrainResult(self.final_dir, self.step_no, dict(self.last), resumed)
+
+    def _micro_batches(self) -> tuple[list[tuple[PackedBatch, Tensor, int]], float]:
+        """The packs of one step with their stage labels and target counts, and the global target count."""
+        micro = []
+        for _ in range(self.accum):
+            b = next(self.stream)
+            labels = stage_labels(b, self.settings, self.image_id, self.loader.stream.epoch)
+            n = int((shifted_targets(labels, b.cu_seqlens) != -100).sum()) if b.sample_ids else 0
+            micro.append((b, labels, n))
+        counts = torch.tensor(
+            [float(sum(n for _, _, n in micro))], dtype=torch.float64, device=self.acc.device
+        )
+        if self.world > 1:
+            dist.all_reduce(counts)
+        return micro, max(1.0, float(counts[0]))
+
+    def _forward_backward(self, micro: list[tuple[PackedBatch, Tensor, int]], global_n: float) -> _StepTotals:
+        """Accumulate the gradients of the micro-batches: the loss is the mean over ALL target tokens of the
+        global batch (see the module docstring); per-task losses come from the returned hidden states."""
+        acc, model, world = self.acc, self.model, self.world
+        tot = _StepTotals(torch.zeros(4, dtype=torch.float64, device=acc.device))
+        for i, (b, labels, n) in enumerate(micro):
+            inputs = _micro_inputs(b, labels, self.pad_id, acc.device)
+            sync = i == len(micro) - 1
+            with acc.no_sync(self.wrapped) if (world > 1 and not sync) else _null():
+                out = self.wrapped(**inputs)
+                aux_t = out.aux_loss if out.aux_loss is not None else out.lm_loss * 0
+                idx_t = out.indexer_loss if out.indexer_loss is not None else out.lm_loss * 0
+                coef = model.config.lm.router_aux_loss_coef
+                loss = out.lm_loss * (n * world / global_n) + (coef * aux_t + idx_t) / len(micro)
+                if not loss.requires_grad:  # e.g. a text-only pack in a projector-only stage
+                    loss = loss + sum(p.reshape(-1)[0] * 0.0 for p in self.params)
+                acc.backward(loss)
+            n_inputs = torch.tensor(
+                float(inputs["input_ids"].shape[0]), dtype=torch.float64, device=acc.device
+            )
+            tot.sums += torch.stack(
+                [
+                    out.lm_loss.detach().double() * n,
+                    aux_t.detach().double(),
+                    idx_t.detach().double(),
+                    n_inputs,
+                ]
+            )
+            ec = out.expert_counts.detach()
+            tot.expert_counts = ec if tot.expert_counts is None else tot.expert_counts + ec
+            if b.sample_ids:
+                tot.lengths.extend(torch.diff(b.cu_seqlens).tolist())
+                if self.step_no % self.settings.log_every == 0 and world == 1 and out.hidden is not None:
+                    _task_losses(out.hidden.detach(), model, inputs, b, tot.task_sum)
+            if self.probe_mode and self.step_no % self.settings.probe_every == 0 and i == 0 and b.sample_ids:
+                self.last["dsa_topk_mass_share"] = _probe_topk_share(model, inputs)
+        if world > 1:
+            dist.all_reduce(tot.sums)
+            dist.all_reduce(tot.expert_counts)
+        return tot
+
+    def _apply(self, lm_loss: float, grad_norm: float, tot: _StepTotals) -> None:
+        """The optimizer update, or (a non-finite loss or gradient) the NaN policy: skip it, or stop."""
+        s = self.settings
+        if math.isfinite(lm_loss) and math.isfinite(grad_norm) and math.isfinite(float(tot.sums[2])):
+            self.optimizer.step()
+            self.consecutive_bad = 0
+            if s.moe_balance == "bias" and s.bias_rate > 0 and tot.expert_counts is not None:
+                for li, layer in enumerate(self.model.lm.layers):
+                    layer.mlp.update_router_bias(tot.expert_counts[li], s.bias_rate)
+            return
+        self.consecutive_bad += 1
+        self.bad_steps += 1
+        msg = (
+            f"[train {s.name}] non-finite step {self.step_no}: lm_loss={lm_loss} grad_norm={grad_norm}; "
+            f"update skipped ({self.consecutive_bad} in a row)"
+        )
+        if s.nan_policy == "stop" or self.consecutive_bad >= s.max_bad_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(msg + "; stopping (no checkpoint written for this step)")
+        if self.acc.is_main_process:
+            print(msg, flush=True)
+
+    def step(self) -> None:
+        """One optimizer step; its metrics are in self.last."""
+        t0 = time.perf_counter()
+        micro, global_n = self._micro_batches()
+        tot = self._forward_backward(micro, global_n)
+        grad_norm = self.acc.clip_grad_norm_(self.params, self.settings.grad_clip)
+        gn = float(grad_norm) if grad_norm is not None else 0.0
+        lm_loss = float(tot.sums[0]) / global_n
+        self._apply(lm_loss, gn, tot)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # a skipped update still advances the schedule (by design)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.step_no += 1
+        self.log(tot, lm_loss, gn, lr, global_n, len(micro) * self.world, time.perf_counter() - t0)
+
+    def log(
+        self, tot: _StepTotals, lm_loss: float, gn: float, lr: float, global_n: float, n_mb: int, dt: float
+    ) -> None:
+        """The step's metrics into self.last (what log_metrics receives and the step checkpoint keeps)."""
+        lm = self.model.config.lm
+        sums, last = tot.sums, self.last
+        flops = training_flops(lm, tot.lengths) * self.world if tot.lengths else 0.0
+        last.update(
+            {
+                "loss": lm_loss + (float(sums[1]) * lm.router_aux_loss_coef + float(sums[2])) / n_mb,
+                "lm_loss": lm_loss,
+                "aux_loss": float(sums[1]) / n_mb,
+                "lr": lr,
+                "grad_norm": gn,
+                "tokens_per_s": float(sums[3]) / dt,
+                "target_tokens": global_n,
+                "step_time_s": dt,
+                "skipped_steps": float(self.bad_steps),
+                **(expert_load(tot.expert_counts) if tot.expert_counts is not None else {}),
+            }
+        )
+        if self.probe_mode:
+            last["indexer_kl"] = float(sums[2]) / n_mb
+        if self.peak is not None and flops:
+            last["mfu"] = mfu(flops, dt, self.peak, self.world)
+        for key in [k for k in last if k.startswith("loss/")]:
+            del last[key]
+        for task, (s, c) in tot.task_sum.items():
+            last[f"loss/{task}"] = s / max(c, 1.0)
+
+    def save(self) -> None:
+        """A step checkpoint (atomic; the newest keep_last kept)."""
+        _save_step(
+            self.acc,
+            self.wrapped,
+            self.model,
+            self.inner_opt,
+            self.scheduler,
+            self.loader,
+            self.out_dir,
+            self.step_no,
+            self.settings,
+            self.last,
+            self.bad_steps,
+        )
+
+    def export(self) -> None:
+        """final/: weights + tokenizer + frame policy, what keye.eval.keye_predict_fn loads (written once, here)."""
+        if self.acc.is_main_process:
+            with atomic_dir(self.final_dir) as build:
+                save_checkpoint(self.acc.unwrap_model(self.wrapped), build)
+                bundle_checkpoint(build, self.tokenizer_dir, self.policy, tok=self.tok)
+        self.acc.wait_for_everyone()
+
+
+def train_stage(settings: StageSettings, **kwargs: Any) -> TrainResult:
+    """Train one stage into out_dir (step-N/ checkpoints, final/ model). Re-running with the same out_dir resumes
+    from the newest complete step checkpoint; a finished stage returns at once. Keywords: Trainer's; see
+    keye/train/__init__.py."""
+    return Trainer(settings, **kwargs).run()
 
 
 class _null:

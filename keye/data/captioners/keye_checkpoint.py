@@ -39,11 +39,11 @@ def frames_to_patches(frames: np.ndarray, patch: int) -> tuple[Any, Any]:
     """uint8 [N,H,W,3] -> (pixel_patches [N*h*w, 3*P*P] float32, patch_grids int32 [N, 3]) for the ViT."""
     import torch
 
-    from keye.model.vit import patchify
+    from keye.model.patches import frame_patches
 
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = (x / 255.0 - 0.5) / 0.5
-    return patchify(x, patch)
+    n, h, w, _ = frames.shape
+    grids = torch.tensor([[1, h // patch, w // patch]] * n, dtype=torch.int32)
+    return torch.from_numpy(frame_patches(np.ascontiguousarray(frames), patch)), grids
 
 
 class KeyeCheckpointCaptioner:

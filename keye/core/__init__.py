@@ -1,0 +1,1 @@
+"""The ground floor: config schema, workspace, atomic writes, hashing, lineage (DuckDB) and tracking (MLflow)."""

@@ -1,0 +1,318 @@
+"""The schema of pipelines.yaml: one pydantic model, so a bad config fails before any work starts.
+
+Errors name the field path (e.g. `caption.backend`) and the reason. `--set a.b=value` overrides are applied to the
+raw YAML before validation, so they are checked by the same rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from keye.data.sampling import SamplingPolicy
+from keye.train.settings import StageSettings
+
+# Stage names in pipeline order. Later stages join this list as they are built.
+STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "eval")
+
+
+class ConfigError(ValueError):
+    """A config problem a person can fix: the message names the file, the field path and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticSource(_Strict):
+    """The embedded default: deterministic synthetic event videos generated into the workspace."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    n_videos: int = Field(40, ge=1, le=100_000)
+    n_long: int = Field(1, ge=0, le=1000)
+    seed: int = 0
+    heldout_fraction: float = Field(
+        0.175,
+        ge=0.0,
+        lt=1.0,
+        description="share of the short videos in the held-out (eval) split; 0: train only",
+    )
+    max_objects: int = Field(
+        3, ge=1, le=3, description="shapes per short video at most (1: every question is about the one shape)"
+    )
+    color_changes: bool = Field(True, description="shapes may change colour mid-video")
+
+
+class PathSource(_Strict):
+    """A folder, a glob, an fsspec URL, or a manifest file (.txt: one path per line; .jsonl/.csv: a `path` field)."""
+
+    kind: Literal["path"] = "path"
+    path: str
+    recursive: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: give a folder, glob, URL or manifest file")
+        return v
+
+
+Source = Annotated[SyntheticSource | PathSource, Field(discriminator="kind")]
+
+
+class IngestSettings(_Strict):
+    extensions: list[str] = Field(
+        default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".ts", ".mpg", ".mpeg"]
+    )
+    min_duration: float = Field(1.0, ge=0, description="shorter videos are rejected (seconds)")
+    max_clip_seconds: float = Field(30.0, gt=0)
+    min_clip_seconds: float = Field(1.0, gt=0)
+    scene_threshold: float = Field(
+        30.0,
+        gt=0,
+        le=255,
+        description="mean abs difference (0-255) of small thumbnails that marks a scene cut",
+    )
+    analysis_fps: float = Field(2.0, gt=0, le=30)
+    batch_size: int = Field(8, ge=1, description="videos per Prefect task")
+
+    @model_validator(mode="after")
+    def _clip_bounds(self) -> IngestSettings:
+        if self.min_clip_seconds > self.max_clip_seconds:
+            raise ValueError("min_clip_seconds must not exceed max_clip_seconds")
+        return self
+
+
+class CaptionSettings(_Strict):
+    backend: Literal["sidecar", "openai", "hf", "keye"] = "sidecar"
+    # backend-specific options (endpoint, model, api_key_env, concurrency, timeout_s, retries, model_dir, ...)
+    options: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(16, ge=1, description="clips per Prefect task")
+
+
+class ShardSettings(_Strict):
+    target_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="size a shard is filled up to")
+    max_side: int = Field(448, ge=28, description="long side of the re-encoded clip, pixels")
+    fps: float | None = Field(None, gt=0, description="re-encode frame rate (None keeps the source rate)")
+    gop_seconds: float = Field(1.0, gt=0, description="keyframe interval of the re-encoded clip")
+    prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$")
+    batch_size: int = Field(8, ge=1, description="clips per encode task")
+
+
+class TokenizerSettings(_Strict):
+    path: str | None = Field(
+        None, description="local Hugging Face tokenizer dir; None trains a byte-level BPE"
+    )
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class PackSettings(_Strict):
+    max_tokens: int = Field(262_144, ge=64, le=262_144, description="tokens per packed sequence")
+    max_visual_tokens: int | None = Field(None, ge=1, description="visual tokens per pack (None: no limit)")
+    max_frames: int | None = Field(None, ge=1, description="frames per pack (None: no limit)")
+    oversize: Literal["drop_frames", "reject"] = "drop_frames"
+    min_frames: int = Field(2, ge=1)
+    tasks: list[Literal["caption", "dense", "grounding", "mcq", "text"]] = Field(
+        default_factory=lambda: ["caption", "dense", "grounding", "mcq", "text"]
+    )
+    seed: int = 0
+    mcq_orders: int = Field(
+        1, ge=1, le=8, description="option orders each training MCQ is asked in (1: as annotated only)"
+    )
+    mcq_answer: Literal["letter", "option"] = Field(
+        "letter",
+        description="a training MCQ's answer: its letter, or the right option's text (which the eval maps back to "
+        "the letter; a small model trained from scratch learns the latter far sooner)",
+    )
+    mcq_turns: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="questions of one clip per training MCQ sample, one per turn after one view of the frames",
+    )
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+
+
+class TrainSettings(_Strict):
+    preset: str = Field("tiny", description="model preset: tiny | small | 30b-a3b (keye.model.config)")
+    device: str | None = Field(None, description="cpu | cuda (None: cuda when available)")
+    init_checkpoint: str | None = Field(
+        None, description="start from this checkpoint (e.g. `keye convert hf` output)"
+    )
+    stages: list[StageSettings] = Field(
+        default_factory=list, description="the recipes in order (pipelines.yaml holds the default tiny ones)"
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, v: list[StageSettings]) -> list[StageSettings]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"training stage names must be unique, got {names}")
+        if not v:
+            raise ValueError("at least one training stage is needed")
+        return v
+
+
+class EvalSettings(_Strict):
+    split: str = Field("heldout", description="annotation split the held-out benchmarks are built from")
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="questions per benchmark (None: all)")
+    max_new_tokens: int = Field(24, ge=1)
+    device: str = "cpu"
+    blank_control: bool = Field(
+        True,
+        description="answer the pooled MCQs again with blank frames and test real vs blank (what the pixels add)",
+    )
+    registered_model: str = Field(
+        "keye", description="MLflow registered model the evaluated checkpoint joins"
+    )
+    alias: str = Field("best", description="alias moved to the checkpoint when it beats the current holder")
+
+
+class TrackingSettings(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db")
+    experiment: str = "keye"
+
+
+class RunnerSettings(_Strict):
+    kind: Literal["thread", "process", "ray"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    ray_address: str | None = None
+
+
+class PipelineConfig(_Strict):
+    name: str = "default"
+    workspace: str = "./workspace"
+    seed: int = 0
+    stages: list[str] = Field(default_factory=lambda: list(STAGE_ORDER))
+    sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()])
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    caption: CaptionSettings = Field(default_factory=CaptionSettings)
+    shard: ShardSettings = Field(default_factory=ShardSettings)
+    sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
+    pack: PackSettings = Field(default_factory=PackSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known stages in order: {list(STAGE_ORDER)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice")
+        return sorted(v, key=STAGE_ORDER.index)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _infer_source_kind(cls, v: Any) -> Any:
+        """Let users write `- path: /data/videos` or `- synthetic: {n_videos: 10}` without a `kind` key."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                item = {"kind": "path", "path": item}
+            elif isinstance(item, dict) and "kind" not in item:
+                if "path" in item:
+                    item = {"kind": "path", **item}
+                elif set(item) == {"synthetic"}:
+                    item = {"kind": "synthetic", **(item["synthetic"] or {})}
+            out.append(item)
+        return out
+
+    @field_validator("sources")
+    @classmethod
+    def _some_source(cls, v: list) -> list:
+        if not v:
+            raise ValueError(
+                "at least one source is needed (e.g. `- kind: synthetic` or `- path: /data/videos`)"
+            )
+        return v
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    def stage_settings(self, stage: str) -> BaseModel:
+        return getattr(self, stage)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set ingest.max_clip_seconds=20")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from e
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to the raw mapping (values parsed as YAML scalars)."""
+    if not overrides:
+        return raw
+    items = (
+        [_parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), yaml.safe_load(v) if isinstance(v, str) else v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return raw
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid pipeline config {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see pipelines.yaml for the fields of each section)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    workspace: str | Path | None = None,
+) -> PipelineConfig:
+    """Read and validate a pipeline YAML (None: the built-in default), then overrides, then --workspace."""
+    origin = "(built-in default)"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"pipeline config {p} does not exist (pass a YAML file, e.g. pipelines.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    if workspace is not None:
+        raw["workspace"] = str(workspace)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origin)) from None

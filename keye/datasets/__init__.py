@@ -1,0 +1,1 @@
+"""Datasets the pipeline generates itself (their cards live in the top-level datasets/ folder)."""

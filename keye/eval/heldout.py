@@ -1,0 +1,171 @@
+"""The eval stage: held-out benchmarks built from the VideoSet's annotations, a checkpoint answering them, the report.
+
+The held-out split is written in the published layouts (TimeLens, Video-MME, Video-MME-v2, LongVideoBench) so the
+pipeline's numbers go through the same readers and scorers as the real benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keye.core.atomic import atomic_write_json
+from keye.eval.export import write_heldout_benchmarks
+from keye.eval.metrics import mcq_significance, paired_advantage
+from keye.eval.readers import read_benchmark
+from keye.eval.runner import evaluate, score
+
+
+@dataclass
+class BenchSet:
+    """Benchmark files of one folder of videos: {kind: path}."""
+
+    videos_dir: Path
+    files: dict[str, Path]
+
+
+def heldout_benchmarks(video_paths: list[str], out_dir: Path, split: str = "heldout") -> list[BenchSet]:
+    """Benchmarks from the `<stem>.json` sidecars of the given videos (grouped by folder; benchmarks resolve videos
+    from one folder)."""
+    by_dir: dict[Path, list[Path]] = defaultdict(list)
+    for v in video_paths:
+        ann = Path(v).with_suffix(".json")
+        if ann.is_file():
+            by_dir[Path(v).parent].append(ann)
+    sets = []
+    for i, (videos_dir, anns) in enumerate(sorted(by_dir.items())):
+        files = write_heldout_benchmarks(anns, videos_dir, out_dir / f"set{i}", split=split)
+        if files:
+            sets.append(BenchSet(videos_dir, files))
+    return sets
+
+
+def run_benchmarks(
+    predict_fn: Any, sets: list[BenchSet], out_dir: Path, batch_size: int, limit: int | None
+) -> dict[str, dict[str, Any]]:
+    """{name: metrics} for every benchmark file, each checked against a re-score of its saved predictions."""
+    results: dict[str, dict[str, Any]] = {}
+    for i, bs in enumerate(sets):
+        for kind, path in sorted(bs.files.items()):
+            name = kind if len(sets) == 1 else f"{kind}-{i}"
+            res = evaluate(
+                predict_fn,
+                path,
+                bs.videos_dir,
+                out_dir / name,
+                kind=kind,
+                batch_size=batch_size,
+                limit=limit,
+                report=False,
+            )
+            again = score(path, res.predictions_path, kind=kind, limit=limit)
+            if json.dumps(again, sort_keys=True, default=str) != json.dumps(
+                res.metrics, sort_keys=True, default=str
+            ):
+                raise RuntimeError(
+                    f"{name}: re-scoring {res.predictions_path} does not reproduce metrics.json"
+                )
+            results[name] = {**res.metrics, "_predictions": str(res.predictions_path), "_bench": str(path)}
+    return results
+
+
+# Video-MME holds the held-out split's 4-option MCQs and Video-MME-v2 its 8-option ones; LongVideoBench asks the
+# same 4-option questions again (another prompt), so it is left out of the pool to count each question once.
+POOLED_MCQ_KINDS = ("videomme", "videomme_v2")
+
+
+def _pooled_mcq_rows(
+    results: dict[str, dict[str, Any]], kinds: tuple[str, ...]
+) -> list[tuple[str, str | None, str, int]]:
+    """(question key, parsed letter, answer, options) of every distinct held-out MCQ in an eval's results."""
+    rows_out = []
+    for name, m in sorted(results.items()):
+        if m.get("kind") not in kinds:
+            continue
+        bench = read_benchmark(m["_bench"], None, kind=m["kind"])
+        rows = {}
+        for line in Path(m["_predictions"]).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[str(row["id"])] = row
+        for q in bench.questions:
+            if q.id in rows:  # an eval limit keeps the first questions only
+                rows_out.append((f"{name}/{q.id}", rows[q.id].get("parsed"), q.answer or "", len(q.options)))
+    return rows_out
+
+
+def pooled_mcq_significance(
+    results: dict[str, dict[str, Any]], kinds: tuple[str, ...] = POOLED_MCQ_KINDS
+) -> dict[str, Any]:
+    """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
+    with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
+    return _significance(_pooled_mcq_rows(results, kinds))
+
+
+def _significance(rows: list[tuple[str, str | None, str, int]]) -> dict[str, Any]:
+    return mcq_significance([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def vision_control_path(report_dir: Path) -> Path:
+    """Where an eval's blank-frame control lives, beside its report (blank predictions in the same folder)."""
+    return Path(report_dir) / "blank_frames" / "vision_control.json"
+
+
+def blank_frame_control(
+    predict_fn: Any,
+    sets: list[BenchSet],
+    results: dict[str, dict[str, Any]],
+    out_dir: Path,
+    batch_size: int,
+    limit: int | None,
+    kinds: tuple[str, ...] = POOLED_MCQ_KINDS,
+) -> dict[str, Any]:
+    """Answer the pooled MCQs again with every frame blank (`predict_fn(questions, blank_frames=True)`, as
+    keye_predict_fn offers) and compare question by question with `results` (the real-frame run).
+
+    Why: beating chance is not seeing. A model can beat uniform guessing from the wording alone (each question type
+    has likely answers); only the gap to its own blank-frame answers on the same questions is what it took from the
+    pixels. Blank predictions and the comparison are written under `out_dir` (vision_control.json)."""
+    blank_sets = [BenchSet(bs.videos_dir, {k: p for k, p in bs.files.items() if k in kinds}) for bs in sets]
+
+    def blank_predict(questions: list[Any]) -> list[str]:
+        return predict_fn(questions, blank_frames=True)
+
+    blank = run_benchmarks(blank_predict, blank_sets, out_dir, batch_size, limit)
+    real_rows, blank_rows = _pooled_mcq_rows(results, kinds), _pooled_mcq_rows(blank, kinds)
+    real_right = {r[0]: r[1] == r[2] for r in real_rows}
+    blank_right = {r[0]: r[1] == r[2] for r in blank_rows}
+    keys = sorted(real_right.keys() & blank_right.keys())
+    control = {
+        "real": _significance(real_rows),
+        "blank": _significance(blank_rows),
+        "real_vs_blank": paired_advantage([real_right[k] for k in keys], [blank_right[k] for k in keys]),
+        "blank_predictions": {name: m["_predictions"] for name, m in blank.items()},
+    }
+    atomic_write_json(out_dir / "vision_control.json", control)
+    return control
+
+
+def control_metrics(control: dict[str, Any]) -> dict[str, float]:
+    """The blank-frame control as flat MLflow metrics."""
+    paired = control["real_vs_blank"]
+    return {
+        "vision/mcq_accuracy": float(control["real"]["accuracy"]),
+        "vision/mcq_p_vs_chance": float(control["real"]["p_value"]),
+        "vision/mcq_blank_accuracy": float(control["blank"]["accuracy"]),
+        "vision/mcq_p_real_vs_blank": float(paired["p_value"]),
+    }
+
+
+def describe_control(control: dict[str, Any]) -> str:
+    """One line for the report."""
+    real, blank, paired = control["real"], control["blank"], control["real_vs_blank"]
+    return (
+        f"{real['n']} pooled MCQs: {real['accuracy']:.1f}% with the frames (chance {real['chance']:.1f}%, "
+        f"p {real['p_value']:.2g}), {blank['accuracy']:.1f}% with blank frames; right only with the frames "
+        f"{paired['right_only_here']}, only blank {paired['right_only_in_control']} (sign test p "
+        f"{paired['p_value']:.2g})"
+    )

@@ -1,0 +1,95 @@
+"""The eval stage: the held-out split as TimeLens / Video-MME / Video-MME-v2 / LongVideoBench files, answered by a
+checkpoint; metrics, predictions and an HTML report go to MLflow, the checkpoint to the model registry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from keye.core.hashing import hash_checkpoint_dir, settings_hash
+from keye.core.tracking import best_version, register_checkpoint, stage_curves
+from keye.eval import flat_metrics, keye_predict_fn, write_report
+from keye.eval.heldout import (
+    blank_frame_control,
+    control_metrics,
+    describe_control,
+    heldout_benchmarks,
+    run_benchmarks,
+    vision_control_path,
+)
+from keye.stages.artifact import StageRun
+
+
+@dataclass
+class EvalPlan:
+    eval_id: str
+    build: bool  # False: this checkpoint was already evaluated on this VideoSet with these settings
+    checkpoint_dir: str
+    checkpoint_id: str
+    videoset_id: str
+    out_dir: Path
+
+
+def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> EvalPlan:
+    """Run alone: the newest trained checkpoint and the newest VideoSet."""
+    checkpoint_dir = checkpoint_dir or run.lineage.latest_checkpoint_path()
+    videoset_id = run.input("videoset", videoset_id)
+    sha = hash_checkpoint_dir(checkpoint_dir)
+    ckpt_id = run.lineage.checkpoint_id_for(checkpoint_dir, sha)
+    eval_id = run.key("e", sha, videoset_id, settings_hash(run.config.eval))
+    run.inputs += [ckpt_id, videoset_id]
+    run.outputs.append(eval_id)
+    build = not run.lineage.evals_of(eval_id)
+    return EvalPlan(
+        eval_id, build, str(checkpoint_dir), ckpt_id, videoset_id, run.workspace.reports / eval_id
+    )
+
+
+def evaluate(run: StageRun, plan: EvalPlan) -> None:
+    """Answer every held-out benchmark (and the blank-frame control), write the report, record the evals."""
+    s, lineage, out = run.config.eval, run.lineage, plan.out_dir
+    members = set(lineage.members(plan.videoset_id))
+    videos = [v["path"] for v in lineage.videos("ok") if v["video_id"] in members]
+    sets = heldout_benchmarks(videos, out / "benchmarks", split=s.split)
+    predict = keye_predict_fn(plan.checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens)
+    results = run_benchmarks(predict, sets, out, s.batch_size, s.limit)
+    notes, control = {"checkpoint": plan.checkpoint_dir, "videoset": plan.videoset_id}, None
+    if s.blank_control:
+        control_dir = vision_control_path(out).parent
+        control = blank_frame_control(predict, sets, results, control_dir, s.batch_size, s.limit)
+        notes["blank-frame control"] = describe_control(control)
+    write_report(
+        dict(results),
+        out,
+        previous=lineage.previous_eval_metrics(plan.checkpoint_id, list(results)),
+        predictions={k: v["_predictions"] for k, v in results.items()},
+        notes=notes,
+        curves=stage_curves(run.tracker),
+        control=control,
+        best=best_version(run.tracker, s.registered_model, s.alias),
+    )
+    lineage.record_evals(plan.eval_id, plan.checkpoint_id, results, str(out))
+
+
+def finish(run: StageRun, plan: EvalPlan) -> str:
+    """Metrics to MLflow, the checkpoint to the model registry (alias), the headline score in the summary."""
+    s, out = run.config.eval, plan.out_dir
+    metrics = {row["bench"]: json.loads(row["metrics"]) for row in run.lineage.evals_of(plan.eval_id)}
+    for name, m in metrics.items():
+        run.tracker.log_metrics(
+            flat_metrics({k: v for k, v in m.items() if not k.startswith("_")}, f"{name}/")
+        )
+    control_path = vision_control_path(out)
+    if s.blank_control and control_path.is_file():
+        run.tracker.log_metrics(control_metrics(json.loads(control_path.read_text(encoding="utf-8"))))
+    run.tracker.log_artifact(out)
+    headline = sum(float(m[m["primary"]]) for m in metrics.values()) / max(len(metrics), 1)
+    reg = register_checkpoint(run.tracker, Path(plan.checkpoint_dir), s.registered_model, headline, s.alias)
+    run.summary.update(
+        eval_score=headline,
+        registered_version=reg["version"],
+        report=str(out / "report.html"),
+        **{f"{k}_{m['primary']}": m[m["primary"]] for k, m in metrics.items()},
+    )
+    return plan.eval_id

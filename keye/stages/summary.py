@@ -1,0 +1,144 @@
+"""The end-of-run summary a person reads: videos ok/rejected (and why), clips, captions, shards, bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keye.core.lineage import Lineage
+
+
+def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any]:
+    s: dict[str, Any] = {"artifacts": dict(outputs)}
+    if vs := outputs.get("videoset"):
+        s.update(lineage.videoset_summary(vs))
+    if cs := outputs.get("captionset"):
+        counts = lineage.caption_counts(cs)
+        s.update(captions_ok=counts.get("ok", 0), captions_failed=counts.get("failed", 0))
+    if ss := outputs.get("shardset"):
+        rows = lineage.shards(ss)
+        s.update(
+            shards=len(rows),
+            shard_samples=sum(r["n_samples"] for r in rows),
+            shard_bytes=sum(r["bytes"] for r in rows),
+            shard_dir=str(lineage.workspace.shards / ss),
+        )
+    if ps := outputs.get("packset"):
+        import json
+
+        meta = json.loads(lineage.artifact(ps)["meta"] or "{}")
+        s.update(
+            packs=meta.get("n_packs"),
+            pack_fill=meta.get("fill_ratio"),
+            pack_samples=meta.get("n_samples"),
+            pack_rejected=meta.get("n_rejected"),
+        )
+    if ev := outputs.get("eval"):
+        import json
+
+        for row in lineage.evals_of(ev):
+            m = json.loads(row["metrics"])
+            p = m["primary"]
+            s.setdefault("eval", {})[row["bench"]] = {
+                "metric": p,
+                "value": m[p],
+                "chance": (m.get("chance") or {}).get(p),
+                "n": m.get("n"),
+            }
+        s["report"] = str(lineage.workspace.reports / ev / "report.html")
+        from keye.eval.heldout import vision_control_path
+
+        control = vision_control_path(lineage.workspace.reports / ev)
+        if control.is_file():  # the eval's blank-frame control (keye.eval.heldout.blank_frame_control)
+            c = json.loads(control.read_text(encoding="utf-8"))
+            s["vision_control"] = str(control)
+            s["vision"] = {
+                "n": c["real"]["n"],
+                "accuracy": c["real"]["accuracy"],
+                "chance": c["real"]["chance"],
+                "p_value": c["real"]["p_value"],
+                "blank_accuracy": c["blank"]["accuracy"],
+                "p_real_vs_blank": c["real_vs_blank"]["p_value"],
+            }
+    if ck := outputs.get("checkpoint"):
+        s["checkpoint_dir"] = ck
+    return s
+
+
+HEADLINE_COUNTS = (
+    "videos_ok",
+    "videos_rejected",
+    "clips",
+    "captions_ok",
+    "captions_failed",
+    "shards",
+    "shard_samples",
+    "shard_bytes",
+    "packs",
+    "pack_fill",
+    "pack_samples",
+    "pack_rejected",
+)
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers a parent run shows in the runs table and chart view: counts, each held-out score (and its
+    chance level), the blank-frame control."""
+    out = {k: float(summary[k]) for k in HEADLINE_COUNTS if isinstance(summary.get(k), int | float)}
+    for bench, e in (summary.get("eval") or {}).items():
+        out[f"{bench}/{e['metric']}"] = float(e["value"])
+        if isinstance(e.get("chance"), int | float):
+            out[f"{bench}/chance"] = float(e["chance"])
+    if v := summary.get("vision"):
+        out["vision/mcq_accuracy"] = float(v["accuracy"])
+        out["vision/mcq_chance"] = float(v["chance"])
+        out["vision/mcq_blank_accuracy"] = float(v["blank_accuracy"])
+        out["vision/mcq_p_real_vs_blank"] = float(v["p_real_vs_blank"])
+    return out
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = ["Keye pipeline summary"]
+    if "videos_ok" in summary:
+        lines.append(
+            f"  videos      {summary['videos_ok']} ok, {summary['videos_rejected']} rejected"
+            f" ({summary.get('seconds_ok', 0) / 60:.1f} min of video)"
+        )
+        for reason, n in (summary.get("rejections") or {}).items():
+            lines.append(f"    rejected x{n}: {reason}")
+        lines.append(f"  clips       {summary['clips']}")
+    if "captions_ok" in summary:
+        lines.append(f"  captions    {summary['captions_ok']} ok, {summary['captions_failed']} failed")
+    if "shards" in summary:
+        lines.append(
+            f"  shards      {summary['shards']} ({summary['shard_samples']} samples, "
+            f"{summary['shard_bytes'] / 1e6:.1f} MB) in {summary.get('shard_dir', '')}"
+        )
+    if summary.get("packs") is not None:
+        lines.append(
+            f"  packs       {summary['packs']} (fill {100 * (summary.get('pack_fill') or 0):.1f}%, "
+            f"{summary.get('pack_samples')} samples, {summary.get('pack_rejected')} rejected)"
+        )
+    if summary.get("checkpoint_dir"):
+        lines.append(f"  checkpoint  {summary['checkpoint_dir']}")
+    for bench, e in (summary.get("eval") or {}).items():
+        chance = f" (chance {e['chance']:.1f})" if isinstance(e.get("chance"), int | float) else ""
+        lines.append(
+            f"  eval        {bench:<15} {e['metric']} {e['value']:.1f}{chance} on {e['n']} questions"
+        )
+    if v := summary.get("vision"):
+        lines.append(
+            f"  mcq pooled  {v['accuracy']:.1f} (chance {v['chance']:.1f}, p {v['p_value']:.2g}) on {v['n']} "
+            f"questions; blank frames {v['blank_accuracy']:.1f} (real vs blank p {v['p_real_vs_blank']:.2g})"
+        )
+    if summary.get("report"):
+        lines.append(f"  report      {summary['report']}")
+    for kind, aid in summary.get("artifacts", {}).items():
+        lines.append(f"  {kind:<11} {aid}")
+    return "\n".join(lines)
+
+
+def eval_scores(run: Any) -> dict[str, Any]:
+    """{bench: {metric, value, chance, n}} of an eval stage run's output (the flow-run page's score table)."""
+    if not run.outputs:
+        return {}
+    return pipeline_summary(run.lineage, {"eval": run.outputs[0]}).get("eval") or {}

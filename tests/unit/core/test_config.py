@@ -1,0 +1,91 @@
+"""pipelines.yaml schema: the default validates; bad configs fail before any work with the field path."""
+
+from pathlib import Path
+
+import pytest
+
+from keye.core.config import ConfigError, PathSource, SyntheticSource, load_config
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_repo_default_pipeline_validates():
+    cfg = load_config(ROOT / "pipelines.yaml")
+    assert cfg.stages == ["ingest", "caption", "shard", "pack", "train", "eval"]
+    assert isinstance(cfg.sources[0], SyntheticSource)
+
+
+def test_overrides_and_short_source_forms(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("sources:\n  - path: /data/videos\n  - synthetic: {n_videos: 3}\n")
+    cfg = load_config(p, overrides=["ingest.max_clip_seconds=12", "shard.fps=4"], workspace=tmp_path / "ws")
+    assert isinstance(cfg.sources[0], PathSource) and cfg.sources[0].path == "/data/videos"
+    assert cfg.sources[1].n_videos == 3
+    assert cfg.ingest.max_clip_seconds == 12.0 and cfg.shard.fps == 4.0
+    assert cfg.workspace == str(tmp_path / "ws")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "expected"),
+    [
+        ("caption:\n  backend: magic\n", [], "caption.backend"),
+        ("ingest:\n  max_clip_secs: 3\n", [], "ingest.max_clip_secs: unknown field"),
+        ("stages: [ingest, train_everything]\n", [], "unknown stage(s) ['train_everything']"),
+        ("ingest:\n  min_clip_seconds: 9\n  max_clip_seconds: 3\n", [], "min_clip_seconds must not exceed"),
+        ("sources: []\n", [], "at least one source"),
+        ("sources:\n  - synthetic: {max_objects: 4}\n", [], "sources.0.synthetic.max_objects"),
+        ("", ["pack.mcq_turns=0"], "pack.mcq_turns"),
+        ("", ["shard.target_bytes=-5"], "shard.target_bytes"),
+        ("- just\n- a list\n", [], "top level must be a mapping"),
+        ("a: [unclosed\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides=overrides)
+    assert expected in str(e.value)
+    assert str(p) in str(e.value) or "YAML" in str(e.value) or "top level" in str(e.value)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, overrides=["ingest.max_clip_seconds"])
+
+
+def test_synthetic_set_folder_names_what_changes_its_files(tmp_path):
+    """A synthetic set is generated once per folder name, so every setting that changes the files is in it."""
+    from keye.core.workspace import Workspace
+    from keye.stages.sources import synthetic_dir
+
+    ws = Workspace(tmp_path / "ws")
+    default = synthetic_dir(SyntheticSource(), ws).name
+    assert default.startswith("synthetic-v") and "-seed0-n40-long1" in default
+    names = {
+        synthetic_dir(SyntheticSource(**kw), ws).name
+        for kw in ({}, {"max_objects": 1}, {"color_changes": False}, {"heldout_fraction": 0.3}, {"seed": 2})
+    }
+    assert len(names) == 5
+
+
+def test_pipelines_yaml_states_no_default_twice():
+    """Defaults are stated once: every value pipelines.yaml sets differs from the code default of its field."""
+    import yaml
+
+    from keye.core.config import PipelineConfig
+
+    root = Path(__file__).resolve().parents[3]
+    doc = yaml.safe_load((root / "pipelines.yaml").read_text())
+    repeats = []
+    for section, value in doc.items():
+        field = PipelineConfig.model_fields[section]
+        default = field.default_factory() if field.default_factory else field.default
+        default = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+        if isinstance(value, dict):
+            repeats += [f"{section}.{k}" for k, v in value.items() if default.get(k) == v]
+        elif value == default and section not in ("name", "workspace"):
+            repeats.append(section)
+    assert repeats == []
