@@ -20,18 +20,15 @@ def verify_workspace(workspace: str | Path) -> VerifyReport:
     store = Lineage(workspace, read_only=True)
     report = VerifyReport()
     for row in store.shards():
-        members = [
-            r["key"]
-            for r in store.query("SELECT key FROM shard_members WHERE shard_id = ?", [row["shard_id"]])
-        ]
+        members = store.shard_member_keys(row["shard_id"])
         report.checked += 1
         report.problems += [
             f"shard {row['shard_id']}: {p}"
-            for p in verify_shard(row["path"], row["sha256"], expected_keys=sorted(members))
+            for p in verify_shard(row["path"], row["sha256"], expected_keys=members)
         ]
     from keye.checkpoint_audit import checkpoint_problems, step_checkpoint_dirs
 
-    finals = store.query("SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE sha256 IS NOT NULL")
+    finals = store.hashed_checkpoints()
     for row in finals:
         report.checked += 1
         report.problems += [

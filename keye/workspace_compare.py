@@ -43,16 +43,16 @@ _STAGE_DIRS: dict[str, str] = {
     "checkpoints": "checkpoints",
     "eval": "reports",
 }
-# stage -> (lineage query, id column, the columns that are the artifact; others are paths and times)
+# stage -> (lineage table, id column, the columns that are the artifact; others are paths and times)
 _STAGE_ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "videos": (
-        "SELECT * FROM videos",
+        "videos",
         "video_id",
         ("sha256", "status", "reason", "duration", "fps", "width", "height", "codec", "bytes"),
     ),
-    "clips": ("SELECT * FROM clips", "clip_id", ("video_id", "idx", "start_s", "end_s", "status", "reason")),
+    "clips": ("clips", "clip_id", ("video_id", "idx", "start_s", "end_s", "status", "reason")),
     "captions": (
-        "SELECT * FROM captions",
+        "captions",
         "caption_id",
         ("clip_id", "backend", "model", "prompt_version", "status", "reason", "caption", "record"),
     ),
@@ -166,9 +166,8 @@ def _rows(root: Path, stage: str) -> Iterator[Artifact]:
         return
     from keye.core.lineage import Lineage
 
-    sql, id_col, columns = _STAGE_ROWS[stage]
-    table = sql.split()[-1]
-    for row in sorted(Lineage(root, read_only=True).query(sql), key=lambda r: r[id_col]):
+    table, id_col, columns = _STAGE_ROWS[stage]
+    for row in sorted(Lineage(root, read_only=True).table_rows(table), key=lambda r: r[id_col]):
         loc = f"{root / 'lineage.duckdb'} {table} {row[id_col]}"
         yield Artifact(stage, f"{table}:{row[id_col]}", loc, _row_hash(row, columns, root))
 

@@ -578,6 +578,24 @@ class Lineage:
         """Everything that used `ref` (e.g. the clips, shards, packs and checkpoints a video fed)."""
         return self._walk(self.resolve(ref)["id"], upstream=False)
 
+    # -- what `keye verify` reads ---------------------------------------------------------------------------
+    def shard_member_keys(self, shard_id: str) -> list[str]:
+        """The sample keys lineage says a shard holds, sorted."""
+        rows = self.query("SELECT key FROM shard_members WHERE shard_id = ? ORDER BY key", [shard_id])
+        return [r["key"] for r in rows]
+
+    def hashed_checkpoints(self) -> list[dict[str, Any]]:
+        """Final checkpoints with the sha256 recorded when they were written."""
+        return self.query(
+            "SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE sha256 IS NOT NULL ORDER BY checkpoint_id"
+        )
+
+    def table_rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one artifact table (for comparing two workspaces)."""
+        if table not in ("videos", "clips", "captions"):
+            raise ValueError(f"table_rows: {table!r} is not an artifact table")
+        return self.query(f"SELECT * FROM {table}")
+
     # -- what the stages read and write (the SQL of the stages lives here, nowhere else) --------------------
     def clip_rows(self, videoset_id: str) -> list[dict[str, Any]]:
         """The 'ok' clips of a VideoSet with their video's path and format, in video and clip order."""
