@@ -578,6 +578,27 @@ class Lineage:
         """Everything that used `ref` (e.g. the clips, shards, packs and checkpoints a video fed)."""
         return self._walk(self.resolve(ref)["id"], upstream=False)
 
+    # -- crash recovery ------------------------------------------------------------------------------------
+    def mark_killed(self, reason: str, keep: set[str]) -> list[dict[str, Any]]:
+        """Runs left `running` by a dead process (all but `keep`) -> `killed`, the reason in `run_notes`."""
+        with self.transaction() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS run_notes "
+                "(run_id TEXT NOT NULL, note TEXT NOT NULL, reason TEXT, noted_at TIMESTAMP)"
+            )
+            rows = con.execute(
+                "SELECT run_id, kind, name, mlflow_run_id FROM runs WHERE status = 'running' ORDER BY started_at"
+            ).fetchall()
+            cols = ("run_id", "kind", "name", "mlflow_run_id")
+            stale = [dict(zip(cols, r, strict=True)) for r in rows if r[0] not in keep]
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
+            for r in stale:
+                con.execute(
+                    "UPDATE runs SET status = 'killed', ended_at = ? WHERE run_id = ?", [now, r["run_id"]]
+                )
+                con.execute("INSERT INTO run_notes VALUES (?, 'killed', ?, ?)", [r["run_id"], reason, now])
+        return stale
+
     # -- what `keye verify` reads ---------------------------------------------------------------------------
     def shard_member_keys(self, shard_id: str) -> list[str]:
         """The sample keys lineage says a shard holds, sorted."""

@@ -21,8 +21,6 @@ from typing import Any
 from keye.core.lineage import Lineage
 from keye.core.workspace import Workspace
 
-_NOTES = """CREATE TABLE IF NOT EXISTS run_notes (
-    run_id TEXT NOT NULL, note TEXT NOT NULL, reason TEXT, noted_at TIMESTAMP)"""
 EPHEMERAL_APP = "prefect.server.api.server:create_app"
 
 _own_runs: set[str] = set()  # lineage run ids started by this process: alive by definition
@@ -51,24 +49,8 @@ class Recovery:
 
 
 def mark_stale_runs(lineage: Lineage, reason: str) -> list[dict[str, Any]]:
-    """Stale `running` rows -> `killed`, with the reason noted; returns the rows as they were."""
-    with lineage.transaction() as con:
-        con.execute(_NOTES)
-        rows = con.execute(
-            "SELECT run_id, kind, name, mlflow_run_id FROM runs WHERE status = 'running' ORDER BY started_at"
-        ).fetchall()
-        stale = [
-            dict(zip(("run_id", "kind", "name", "mlflow_run_id"), r, strict=True))
-            for r in rows
-            if r[0] not in _own_runs
-        ]
-        now = time.strftime("%Y-%m-%d %H:%M:%S")
-        for r in stale:
-            con.execute(
-                "UPDATE runs SET status = 'killed', ended_at = ? WHERE run_id = ?", [now, r["run_id"]]
-            )
-            con.execute("INSERT INTO run_notes VALUES (?, 'killed', ?, ?)", [r["run_id"], reason, now])
-    return stale
+    """Stale `running` rows (not started by this process) -> `killed`, with the reason noted."""
+    return lineage.mark_killed(reason, keep=_own_runs)
 
 
 def kill_stale_mlflow_runs(
