@@ -22,6 +22,8 @@ def evaluate(
     """Returns the eval id; the report is <workspace>/reports/<id>/report.html."""
     with open_stage(config, "eval", parent, flow_run.id) as run:
         plan = stage.plan(run, checkpoint_dir, videoset_id)
-        if plan.build:
-            stage.evaluate(run, plan)
+        for (
+            todo
+        ) in plan.todo():  # a post-trained checkpoint's starting point first, for the paired comparison
+            stage.evaluate(run, todo)
         return publish_stage(run, stage.finish(run, plan))

@@ -236,6 +236,26 @@ def train(
     typer.echo(f"final checkpoint: {final}")
 
 
+@app.command("video-rl")
+def video_rl(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="checkpoint to start from (default: the newest trained one)")
+    ] = None,
+    videoset: Annotated[
+        str | None, typer.Option(help="VideoSet id of the prompts (default: the latest)")
+    ] = None,
+) -> None:
+    """Video-RL (GRPO-family, temporal reward, Context-RL) on a checkpoint; a re-run resumes from the last step."""
+    cfg = _stage_config(None, workspace, config, set_, "video_rl")
+    from flows.video_rl import video_rl as video_rl_flow
+
+    final = _run_guarded(lambda: video_rl_flow(cfg, str(checkpoint) if checkpoint else None, videoset))
+    typer.echo(f"RL checkpoint: {final}")
+
+
 @app.command()
 def verify(
     workspace: WorkspaceOpt = Path("./workspace"),
@@ -357,11 +377,19 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="questions per generation batch")] = 8,
     limit: Annotated[int | None, typer.Option(help="evaluate only the first N questions")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 of `keye serve`) instead of --checkpoint"
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="the served model name (with --endpoint)")] = None,
 ) -> None:
-    """keye eval --checkpoint DIR --bench FILE --videos DIR --out DIR"""
+    """keye eval --checkpoint DIR --bench FILE --videos DIR --out DIR  (or --endpoint URL --model NAME)"""
     if ctx.invoked_subcommand is not None:
         return
-    missing = [n for n, v in (("--checkpoint", checkpoint), ("--bench", bench), ("--out", out)) if v is None]
+    source = ("--checkpoint", checkpoint) if endpoint is None else ("--model", model)
+    missing = [n for n, v in (source, ("--bench", bench), ("--out", out)) if v is None]
     if missing:
         _fail(
             f"keye eval needs {', '.join(missing)} (or use `keye eval score --bench FILE --predictions FILE`)"
@@ -369,7 +397,12 @@ def eval_(
     from keye.eval import BenchmarkFormatError, evaluate, keye_predict_fn
 
     try:
-        predict = keye_predict_fn(checkpoint, tokenizer_dir=tokenizer, device=device)
+        if endpoint is not None:
+            from keye.eval.endpoint import endpoint_predict_fn
+
+            predict = endpoint_predict_fn(endpoint, model)
+        else:
+            predict = keye_predict_fn(checkpoint, tokenizer_dir=tokenizer, device=device)
         result = evaluate(
             predict, bench, videos or bench.parent, out, kind=kind, batch_size=batch_size, limit=limit
         )

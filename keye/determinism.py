@@ -13,7 +13,17 @@ import random
 import numpy as np
 
 # Keys of step metrics that measure time, not training: kept out of anything that is hashed.
-TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "wall_s", "latency_s"})
+TIMING_KEYS = frozenset(
+    {
+        "step_time_s",
+        "tokens_per_s",
+        "wall_s",
+        "latency_s",
+        "step_seconds",
+        "rollout_tokens_per_s",
+        "train_tokens_per_s",
+    }
+)
 
 
 def seed_everything(seed: int) -> None:

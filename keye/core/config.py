@@ -16,7 +16,7 @@ from keye.data.sampling import SamplingPolicy
 from keye.train.settings import StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
-STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "eval")
+STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "video_rl", "eval")
 
 
 class ConfigError(ValueError):
@@ -159,6 +159,80 @@ class TrainSettings(_Strict):
         return v
 
 
+class ContextRLConfig(_Strict):
+    enabled: bool = Field(True, description="recover all-failed groups with a context (keye.rl.context_rl)")
+    success_threshold: float = Field(0.5, description="a sample succeeds when its reward >= this")
+    context: Literal["hint", "mistake_report"] = "hint"
+    hint_level: Literal["answer", "partial"] = Field(
+        "partial", description="answer: the reference itself; partial: a coarser hint (docs/TRAINING.md)"
+    )
+    resample_n: int | None = Field(
+        None, ge=1, description="answers drawn with the context (None: group size)"
+    )
+    recovered_weight: float = Field(1.0, ge=0.0, description="multiplies a recovered sample's token losses")
+    max_recovered: int | None = Field(None, ge=1, description="per group (None: group_size // 2)")
+
+
+class VideoRLSettings(_Strict):
+    """Video-RL on the SFT checkpoint (keye.rl): names follow verl / TRL (docs/TRAINING.md "Video-RL")."""
+
+    steps: int = Field(200, ge=1, description="policy updates")
+    lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    prompts_per_step: int = Field(
+        32, ge=1, description="groups with signal per update (dynamic sampling refills)"
+    )
+    group_size: int = Field(8, ge=2, description="rollouts per prompt (GRPO group, G)")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    tasks: list[str] = Field(
+        default_factory=lambda: ["timelens"],
+        description="question kinds of the training split to train on: timelens, videomme, videomme_v2, longvideobench",
+    )
+    rewards: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "timelens": {"time_r1": 1.0},
+            "videomme": {"mcq": 1.0},
+            "videomme_v2": {"mcq": 1.0},
+            "longvideobench": {"mcq": 1.0},
+        },
+        description="per task kind: registered reward name -> weight (keye.rl.rewards; add your own by name)",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_agg_mode: Literal[
+        "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    clip_ratio_low: float = Field(0.2, ge=0)
+    clip_ratio_high: float = Field(0.28, ge=0, description="DAPO clip-higher")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="sequence: GSPO")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen SFT policy (0: no reference model)")
+    filter_groups: bool = Field(True, description="dynamic sampling: drop zero-variance groups and refill")
+    max_num_gen_batches: int = Field(3, ge=1)
+    overlong_buffer_len: int = Field(0, ge=0, description="DAPO soft overlong punishment (0: off)")
+    ppo_epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    engine: Literal["local", "openai"] = Field(
+        "local", description="rollouts: in-process, or an OpenAI server"
+    )
+    base_url: str | None = Field(
+        None, description="openai engine: e.g. http://127.0.0.1:8000/v1 (keye serve)"
+    )
+    served_model: str | None = Field(None, description="openai engine: the served model name")
+    context_rl: ContextRLConfig = Field(default_factory=ContextRLConfig)
+    save_every: int = Field(25, ge=1)
+    device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoRLSettings:
+        missing = [t for t in self.tasks if t not in self.rewards]
+        if missing:
+            raise ValueError(f"video_rl.rewards has no entry for task(s) {missing}")
+        if self.engine == "openai" and not (self.base_url and self.served_model):
+            raise ValueError("video_rl.engine openai needs video_rl.base_url and video_rl.served_model")
+        return self
+
+
 class EvalSettings(_Strict):
     split: str = Field("heldout", description="annotation split the held-out benchmarks are built from")
     batch_size: int = Field(8, ge=1)
@@ -173,6 +247,11 @@ class EvalSettings(_Strict):
         "keye", description="MLflow registered model the evaluated checkpoint joins"
     )
     alias: str = Field("best", description="alias moved to the checkpoint when it beats the current holder")
+    compare_parent: bool = Field(
+        True,
+        description="a post-trained checkpoint (video_rl) is also compared with the one it started from, "
+        "question by question (paired tests; keye.eval.compare)",
+    )
 
 
 class TrackingSettings(_Strict):
@@ -198,6 +277,7 @@ class PipelineConfig(_Strict):
     sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
     pack: PackSettings = Field(default_factory=PackSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    video_rl: VideoRLSettings = Field(default_factory=VideoRLSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)

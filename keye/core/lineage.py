@@ -481,6 +481,19 @@ class Lineage:
             for src in inputs:
                 con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'trained_into')", [src, checkpoint_id])
 
+    def parent_checkpoint(self, checkpoint_id: str, stages: Iterable[str]) -> dict[str, Any] | None:
+        """The checkpoint this one was trained from (checkpoint_id, path, stage), when this one was made by one of
+        `stages`: what a post-training stage (video_rl, ...) is compared with."""
+        rows = self.query(
+            """SELECT p.checkpoint_id, p.path, p.stage FROM checkpoints c
+               JOIN edges e ON e.dst_id = c.checkpoint_id AND e.relation = 'trained_into'
+               JOIN checkpoints p ON p.checkpoint_id = e.src_id
+               WHERE c.checkpoint_id = ? AND c.stage IN (SELECT unnest(?))
+               ORDER BY p.created_at DESC LIMIT 1""",
+            [checkpoint_id, list(stages)],
+        )
+        return rows[0] if rows else None
+
     def latest_checkpoint_path(self) -> str:
         rows = self.query(
             "SELECT path FROM checkpoints WHERE stage IS NOT NULL ORDER BY created_at DESC LIMIT 1"

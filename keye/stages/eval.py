@@ -7,9 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from keye.core.atomic import atomic_write_json
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.core.tracking import best_version, register_checkpoint, stage_curves
 from keye.eval import flat_metrics, keye_predict_fn, write_report
+from keye.eval.compare import compare_results, comparison_metrics, describe
 from keye.eval.heldout import (
     blank_frame_control,
     control_metrics,
@@ -20,6 +22,11 @@ from keye.eval.heldout import (
 )
 from keye.stages.artifact import StageRun
 
+POST_TRAINING_STAGES = (
+    "video_rl",
+)  # checkpoints compared with the one they started from (eval.compare_parent)
+COMPARISON_FILE = "comparison.json"
+
 
 @dataclass
 class EvalPlan:
@@ -29,21 +36,37 @@ class EvalPlan:
     checkpoint_id: str
     videoset_id: str
     out_dir: Path
+    baseline: EvalPlan | None = None  # the checkpoint it was post-trained from, evaluated the same way
+
+    def todo(self) -> list[EvalPlan]:
+        """The evaluations still to run, the baseline first (the report of this one compares with it)."""
+        return [p for p in (self.baseline, self) if p is not None and p.build]
 
 
-def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> EvalPlan:
-    """Run alone: the newest trained checkpoint and the newest VideoSet."""
-    checkpoint_dir = checkpoint_dir or run.lineage.latest_checkpoint_path()
-    videoset_id = run.input("videoset", videoset_id)
+def _one(run: StageRun, checkpoint_dir: str, videoset_id: str) -> EvalPlan:
     sha = hash_checkpoint_dir(checkpoint_dir)
     ckpt_id = run.lineage.checkpoint_id_for(checkpoint_dir, sha)
     eval_id = run.key("e", sha, videoset_id, settings_hash(run.config.eval))
-    run.inputs += [ckpt_id, videoset_id]
+    run.inputs += [i for i in (ckpt_id, videoset_id) if i not in run.inputs]
     run.outputs.append(eval_id)
     build = not run.lineage.evals_of(eval_id)
     return EvalPlan(
         eval_id, build, str(checkpoint_dir), ckpt_id, videoset_id, run.workspace.reports / eval_id
     )
+
+
+def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> EvalPlan:
+    """Run alone: the newest trained checkpoint and the newest VideoSet. A post-trained checkpoint brings the
+    evaluation of the checkpoint it started from (cached like any other) for the paired comparison."""
+    checkpoint_dir = checkpoint_dir or run.lineage.latest_checkpoint_path()
+    videoset_id = run.input("videoset", videoset_id)
+    main = _one(run, checkpoint_dir, videoset_id)
+    parent = run.lineage.parent_checkpoint(main.checkpoint_id, POST_TRAINING_STAGES)
+    if run.config.eval.compare_parent and parent is not None:
+        main.baseline = _one(run, parent["path"], videoset_id)
+        run.outputs.remove(main.eval_id)
+        run.outputs.insert(0, main.eval_id)  # the stage's output is the evaluated checkpoint's eval
+    return main
 
 
 def evaluate(run: StageRun, plan: EvalPlan) -> None:
@@ -55,6 +78,9 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
     predict = keye_predict_fn(plan.checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens)
     results = run_benchmarks(predict, sets, out, s.batch_size, s.limit)
     notes, control = {"checkpoint": plan.checkpoint_dir, "videoset": plan.videoset_id}, None
+    if plan.baseline is not None:
+        comparison = compare_with_baseline(run, plan, results)
+        notes[f"vs {plan.baseline.checkpoint_dir}"] = "; ".join(describe(comparison))
     if s.blank_control:
         control_dir = vision_control_path(out).parent
         control = blank_frame_control(predict, sets, results, control_dir, s.batch_size, s.limit)
@@ -72,6 +98,23 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
     lineage.record_evals(plan.eval_id, plan.checkpoint_id, results, str(out))
 
 
+def _results(run: StageRun, plan: EvalPlan) -> dict[str, dict]:
+    return {row["bench"]: json.loads(row["metrics"]) for row in run.lineage.evals_of(plan.eval_id)}
+
+
+def compare_with_baseline(run: StageRun, plan: EvalPlan, results: dict[str, dict]) -> dict:
+    """Question-by-question comparison with the baseline's eval (keye.eval.compare), written beside the report."""
+    assert plan.baseline is not None
+    comparison = {
+        "checkpoint": plan.checkpoint_dir,
+        "baseline": plan.baseline.checkpoint_dir,
+        "baseline_eval": plan.baseline.eval_id,
+        "scores": compare_results(results, _results(run, plan.baseline)),
+    }
+    atomic_write_json(plan.out_dir / COMPARISON_FILE, comparison)
+    return comparison
+
+
 def finish(run: StageRun, plan: EvalPlan) -> str:
     """Metrics to MLflow, the checkpoint to the model registry (alias), the headline score in the summary."""
     s, out = run.config.eval, plan.out_dir
@@ -83,6 +126,9 @@ def finish(run: StageRun, plan: EvalPlan) -> str:
     control_path = vision_control_path(out)
     if s.blank_control and control_path.is_file():
         run.tracker.log_metrics(control_metrics(json.loads(control_path.read_text(encoding="utf-8"))))
+    comparison_path = out / COMPARISON_FILE
+    if plan.baseline is not None and comparison_path.is_file():
+        run.tracker.log_metrics(comparison_metrics(json.loads(comparison_path.read_text(encoding="utf-8"))))
     run.tracker.log_artifact(out)
     headline = sum(float(m[m["primary"]]) for m in metrics.values()) / max(len(metrics), 1)
     reg = register_checkpoint(run.tracker, Path(plan.checkpoint_dir), s.registered_model, headline, s.alias)

@@ -59,6 +59,10 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "blank_accuracy": c["blank"]["accuracy"],
                 "p_real_vs_blank": c["real_vs_blank"]["p_value"],
             }
+        comparison = lineage.workspace.reports / ev / "comparison.json"
+        if comparison.is_file():  # a post-trained checkpoint vs the one it started from (keye.eval.compare)
+            c = json.loads(comparison.read_text(encoding="utf-8"))
+            s["comparison"] = {"baseline": c["baseline"], "scores": c["scores"], "path": str(comparison)}
     if ck := outputs.get("checkpoint"):
         s["checkpoint_dir"] = ck
     return s
@@ -88,6 +92,10 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out[f"{bench}/{e['metric']}"] = float(e["value"])
         if isinstance(e.get("chance"), int | float):
             out[f"{bench}/chance"] = float(e["chance"])
+    if c := summary.get("comparison"):
+        from keye.eval.compare import comparison_metrics
+
+        out.update(comparison_metrics(c))
     if v := summary.get("vision"):
         out["vision/mcq_accuracy"] = float(v["accuracy"])
         out["vision/mcq_chance"] = float(v["chance"])
@@ -130,6 +138,11 @@ def render(summary: dict[str, Any]) -> str:
             f"  mcq pooled  {v['accuracy']:.1f} (chance {v['chance']:.1f}, p {v['p_value']:.2g}) on {v['n']} "
             f"questions; blank frames {v['blank_accuracy']:.1f} (real vs blank p {v['p_real_vs_blank']:.2g})"
         )
+    if c := summary.get("comparison"):
+        from keye.eval.compare import describe
+
+        lines.append(f"  vs start    {c['baseline']}")
+        lines += [f"    {line}" for line in describe(c)]
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")
     for kind, aid in summary.get("artifacts", {}).items():

@@ -4,6 +4,7 @@ nothing again: same artifact ids, no new artifact, checkpoint or eval rows."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -20,7 +21,7 @@ def _config(tmp_path: Path) -> Path:
             f"""
             name: stagestest
             workspace: {tmp_path / "ws"}
-            stages: [ingest, caption, shard, pack, train, eval]
+            stages: [ingest, caption, shard, pack, train, video_rl, eval]
             sources:
               - {{kind: synthetic, n_videos: 4, n_long: 0, seed: 1, heldout_fraction: 0.5}}
             ingest: {{max_clip_seconds: 6}}
@@ -31,6 +32,8 @@ def _config(tmp_path: Path) -> Path:
               stages:
                 - {{name: align, kind: align, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
                 - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
+            video_rl: {{steps: 2, lr: 1.0e-4, prompts_per_step: 2, group_size: 2, max_new_tokens: 4,
+                        filter_groups: false, save_every: 1, context_rl: {{enabled: false}}}}
             eval: {{limit: 2, max_new_tokens: 4, batch_size: 2, blank_control: false}}
             runner: {{kind: thread, max_workers: 2}}
             """
@@ -67,7 +70,17 @@ def test_all_stages_then_a_rerun_that_makes_nothing(tmp_path):
     store = Lineage(tmp_path / "ws", read_only=True)
     assert {t: store.scalar(f"SELECT count(*) FROM {t}") for t in tables} == counts
     ckpts = store.query("SELECT stage, step FROM checkpoints WHERE stage IS NOT NULL ORDER BY stage")
-    assert [(r["stage"], r["step"]) for r in ckpts] == [("align", 2), ("sft", 2)]
+    assert [(r["stage"], r["step"]) for r in ckpts] == [("align", 2), ("sft", 2), ("video_rl", 2)]
+    # the RL checkpoint walks back to the SFT checkpoint and the VideoSet its prompts came from, and the eval
+    # compared it with the SFT checkpoint question by question (both evals recorded)
+    rl = store.query("SELECT checkpoint_id FROM checkpoints WHERE stage = 'video_rl'")[0]["checkpoint_id"]
+    sft = store.query("SELECT checkpoint_id FROM checkpoints WHERE stage = 'sft'")[0]["checkpoint_id"]
+    up = [r["id"] for r in store.upstream(rl)]
+    assert sft in up and art["videoset"] in up
+    assert Path(art["checkpoint"]).parent.name == rl
+    comparison = json.loads((Path(first["report"]).parent / "comparison.json").read_text())
+    assert comparison["baseline"].endswith("final") and "timelens" in comparison["scores"]
+    assert store.scalar("SELECT count(DISTINCT checkpoint_id) FROM evals") == 2
     # the PackSet, the train runs and the eval all name their inputs in lineage
     ck = store.query("SELECT artifact_id FROM artifacts WHERE kind = 'training' AND name = 'sft'")[0][
         "artifact_id"

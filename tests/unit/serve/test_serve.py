@@ -386,3 +386,39 @@ def test_openai_rollout_engine_against_keye_serve_matches_local_engine(server):
         seed=3,
     )
     assert m["groups"] == 2 and all(v == v for v in m.values())  # no NaN with the sampler-mismatch weights on
+
+
+def test_keye_eval_against_the_endpoint_answers_as_the_checkpoint_in_process(server, tmp_path):
+    """`keye eval --endpoint`: the same prompts through the server give the same answers and metrics as the
+    checkpoint loaded in process (one template, one frame sampler, greedy)."""
+    from keye.eval import evaluate, keye_predict_fn
+    from keye.eval.endpoint import endpoint_predict_fn
+    from keye.eval.readers import Question
+
+    _, base, d, name = server
+    bench = tmp_path / "timelens.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "clip": {
+                    "duration": 3.0,
+                    "spans": [[0.5, 1.5], [1.0, 2.5]],
+                    "queries": ["a red bar is visible", "the colour changes"],
+                }
+            }
+        )
+    )
+    served = evaluate(
+        endpoint_predict_fn(base + "/v1", name, max_new_tokens=8),
+        bench,
+        d,
+        tmp_path / "served",
+        kind="timelens",
+    )
+    local = evaluate(
+        keye_predict_fn(d / name, max_new_tokens=8), bench, d, tmp_path / "local", kind="timelens"
+    )
+    assert served.predictions_path.read_text() == local.predictions_path.read_text()
+    assert served.metrics["mIoU"] == local.metrics["mIoU"] and served.metrics["n"] == 2
+    with pytest.raises(ValueError, match="refused question"):
+        endpoint_predict_fn(base + "/v1", "no-such-model")([Question("q", "timelens", d / "clip.mp4", "x")])

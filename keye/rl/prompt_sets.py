@@ -1,0 +1,75 @@
+"""RL prompt sets from the sidecar annotations of a split: the same benchmark files and prompt wordings as the
+evaluation (keye.eval.export, keye.data.prompts), so the policy is trained on exactly the question form it is
+scored on, only on other videos. Each prompt carries the reference its reward needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from keye.data.prompts import SYSTEM_PROMPT
+from keye.eval.export import write_heldout_benchmarks
+from keye.eval.prompts import build_prompt
+from keye.eval.readers import Question, read_benchmark
+from keye.rl.rollouts import RolloutPrompt
+
+TASK_KINDS = ("timelens", "videomme", "videomme_v2", "longvideobench")
+
+
+def question_reference(q: Question) -> dict[str, Any]:
+    """What the rewards of keye.rl.rewards read: a span and the duration (grounding), or the answer letter and
+    the options (multiple choice); `kind` lets a per-task reward pick its function."""
+    if q.is_grounding:
+        if not q.spans or q.duration is None:
+            raise ValueError(f"grounding question {q.id} of {q.video} has no span or duration")
+        return {"kind": q.kind, "span": list(q.spans[0]), "duration": float(q.duration)}
+    return {"kind": q.kind, "answer": q.answer, "options": list(q.options), "n_options": len(q.options)}
+
+
+def question_prompt(q: Question, system_prompt: str | None = SYSTEM_PROMPT) -> RolloutPrompt:
+    """The chat keye.eval.predict builds for the question (system prompt, the whole video's frames, the
+    benchmark's wording), as OpenAI messages: ChatModel plans the frames with the checkpoint's own policy."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_url", "video_url": {"url": str(Path(q.video).resolve())}},
+                {"type": "text", "text": build_prompt(q)},
+            ],
+        }
+    )
+    return RolloutPrompt(messages, question_reference(q), f"{q.kind}/{q.id}")
+
+
+def split_prompts(
+    video_paths: Sequence[str | Path],
+    work_dir: Path,
+    split: str = "train",
+    kinds: Sequence[str] = ("timelens",),
+    system_prompt: str | None = SYSTEM_PROMPT,
+) -> list[RolloutPrompt]:
+    """Prompts for every question of `kinds` over the videos whose sidecar annotation (`<stem>.json`) is in
+    `split`; benchmark files are written under work_dir. Order: by video folder, kind, then the file's order."""
+    unknown = [k for k in kinds if k not in TASK_KINDS]
+    if unknown:
+        raise ValueError(f"unknown RL task kind(s) {unknown}; known: {list(TASK_KINDS)}")
+    by_dir: dict[Path, list[Path]] = {}
+    for v in video_paths:
+        ann = Path(v).with_suffix(".json")
+        if ann.is_file():
+            by_dir.setdefault(Path(v).parent, []).append(ann)
+    prompts: list[RolloutPrompt] = []
+    for i, (videos_dir, anns) in enumerate(sorted(by_dir.items())):
+        files = write_heldout_benchmarks(anns, videos_dir, Path(work_dir) / f"set{i}", split=split)
+        for kind in kinds:
+            if kind in files:
+                bench = read_benchmark(files[kind], videos_dir, kind=kind)
+                prompts += [question_prompt(q, system_prompt) for q in bench.questions]
+    if not prompts:
+        raise ValueError(
+            f"no {list(kinds)} questions in the {split!r} split of {len(video_paths)} videos: the RL stage needs "
+            "annotated videos (sidecar <stem>.json with grounding / mcq entries) in that split"
+        )
+    return prompts

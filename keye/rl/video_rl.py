@@ -1,0 +1,203 @@
+"""Video-RL training: GRPO-family updates (keye.rl.grpo) on a checkpoint's policy over a prompt set, with step
+checkpoints that resume bit for bit and a final/ directory laid out as every other trained checkpoint (weights,
+tokenizer, frame policy), so `keye eval`, `keye serve` and the next stage load it unchanged.
+
+Determinism: the prompt order is a seeded permutation per epoch and the cursor is saved; rollouts are seeded per
+step (keye.serve.batching.seeded_generator), so a run killed at any point continues with the same prompts, the
+same samples and the same updates as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keye.core.atomic import atomic_dir
+from keye.determinism import seed_everything, without_timings
+from keye.rl.freezing import freeze_vision_and_projector
+from keye.rl.grpo import GRPOSettings, grpo_step
+from keye.rl.rewards import combined_reward
+from keye.rl.rollouts import RolloutPrompt, make_engine
+from keye.train import checkpointing as ckpt
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class VideoRLSchedule:
+    steps: int = 100
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    prompts_per_step: int = 32  # groups with signal wanted per update (dynamic sampling refills)
+    save_every: int = 25
+    keep_last: int = 2
+    seed: int = 0
+
+
+@dataclass
+class VideoRLResult:
+    checkpoint_dir: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def task_reward(
+    rewards: Mapping[str, Mapping[str, float] | str],
+) -> Callable[[str, Mapping[str, Any]], float]:
+    """One reward function over a mixed prompt set: the reference's `kind` picks that task's combination of
+    registered rewards ({"timelens": {"time_r1": 1.0}, "videomme": "mcq"}); a kind without one is an error."""
+    by_kind = {kind: combined_reward(spec) for kind, spec in rewards.items()}
+
+    def reward(completion: str, reference: Mapping[str, Any]) -> float:
+        kind = reference.get("kind", "")
+        if kind not in by_kind:
+            raise KeyError(f"no reward configured for task {kind!r}; rewards are set for {sorted(by_kind)}")
+        return by_kind[kind](completion, reference)
+
+    return reward
+
+
+class PromptCursor:
+    """Prompts in a seeded permutation per epoch; `position` (prompts handed out so far) is the whole state."""
+
+    def __init__(self, prompts: Sequence[RolloutPrompt], seed: int, position: int = 0) -> None:
+        if not prompts:
+            raise ValueError("the RL prompt set is empty")
+        self.prompts, self.seed, self.position = list(prompts), seed, position
+
+    def take(self, n: int) -> list[RolloutPrompt]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.prompts))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+            out.append(self.prompts[int(order[i])])
+            self.position += 1
+        return out
+
+
+def _lr_lambda(warmup: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _load_step(chat: Any, opt: torch.optim.Optimizer, sched: Any, step_dir: Path) -> dict[str, Any]:
+    from keye.model.checkpoint import read_state
+
+    state = read_state(step_dir / "model")
+    missing, unexpected = chat.model.load_state_dict(state, strict=False)
+    missing = [
+        m for m in missing if not (m.endswith("lm_head.weight") and chat.model.config.lm.tie_word_embeddings)
+    ]
+    if missing or unexpected:
+        raise KeyError(f"step checkpoint {step_dir} does not match the model: {missing=} {unexpected=}")
+    trainer = ckpt.read_trainer_state(step_dir)
+    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
+    opt.load_state_dict(optim_state)
+    sched.load_state_dict(trainer["scheduler"])
+    ckpt.set_rng_state(rng)
+    return trainer
+
+
+def _save_step(
+    chat: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    out_dir: Path,
+    step: int,
+    trainer: dict[str, Any],
+    keep: int,
+) -> None:
+    from keye.model.checkpoint import save_checkpoint
+
+    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
+        raise FloatingPointError(f"[video_rl] weights are not finite at step {step}; checkpoint not written")
+    tmp = ckpt.temp_dir_for(out_dir, step)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.write_rank_files(tmp, 0, opt.state_dict())
+    save_checkpoint(chat.model, tmp / "model")
+    meta = {"step": step, "stage": "video_rl", "kind": "video_rl", "world_size": 1}
+    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), {**trainer, "scheduler": sched.state_dict()}, meta, keep)
+
+
+def _export(chat: Any, init_checkpoint: Path, final: Path) -> None:
+    from keye.model.checkpoint import save_checkpoint
+    from keye.train.bundle import bundle_checkpoint
+
+    with atomic_dir(final) as build:
+        save_checkpoint(chat.model, build)
+        bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
+
+
+def train_video_rl(
+    init_checkpoint: str | Path,
+    prompts: Sequence[RolloutPrompt],
+    out_dir: str | Path,
+    schedule: VideoRLSchedule,
+    grpo: GRPOSettings,
+    rewards: Mapping[str, Mapping[str, float] | str],
+    *,
+    engine: str = "local",
+    engine_options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    log_metrics: LogFn | None = None,
+) -> VideoRLResult:
+    """Train into out_dir (step-N/ checkpoints, final/); re-running with the same out_dir resumes from the newest
+    complete step checkpoint, and a finished run returns at once."""
+    from keye.serve.chat import ChatModel
+
+    init_checkpoint, out_dir = Path(init_checkpoint), Path(out_dir)
+    final = out_dir / "final"
+    latest = ckpt.latest_checkpoint(out_dir)
+    if (final / "config.json").is_file() and latest is not None and latest[0] >= schedule.steps:
+        return VideoRLResult(final, latest[0], ckpt.read_trainer_state(latest[1]).get("last_metrics", {}))
+    seed_everything(schedule.seed)
+    chat = ChatModel.from_checkpoint(init_checkpoint, device=device)
+    freeze_vision_and_projector(chat.model)
+    params = [p for p in chat.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.999), weight_decay=schedule.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule.warmup_steps))
+    ref = None
+    if grpo.kl_coef > 0:
+        ref = ChatModel.from_checkpoint(init_checkpoint, device=device).model.requires_grad_(False)
+    trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
+    if latest is not None:
+        trainer = _load_step(chat, opt, sched, latest[1])
+        print(f"[video_rl] resuming from {latest[1]} (step {trainer['step']})", flush=True)
+    cursor = PromptCursor(prompts, schedule.seed, int(trainer["cursor"]))
+    rollout = make_engine(engine, chat, **dict(engine_options or {}))
+    reward = task_reward(rewards)
+    step = int(trainer["step"])
+    while step < schedule.steps:
+        t0 = time.perf_counter()
+        m = grpo_step(
+            chat,
+            opt,
+            rollout,
+            lambda: cursor.take(schedule.prompts_per_step),
+            reward,
+            grpo,
+            want_groups=schedule.prompts_per_step,
+            ref_model=ref,
+            seed=schedule.seed * 1_000_003 + step * 7919,
+        )
+        sched.step()
+        step += 1
+        m = {**m, "lr": opt.param_groups[0]["lr"], "step_seconds": time.perf_counter() - t0}
+        if not all(math.isfinite(v) for v in m.values()):
+            raise FloatingPointError(f"[video_rl] non-finite metrics at step {step}: {m}")
+        if log_metrics is not None:
+            log_metrics(m, step)
+        trainer = {"step": step, "cursor": cursor.position, "last_metrics": without_timings(m)}
+        if step % schedule.save_every == 0 or step == schedule.steps:
+            _save_step(chat, opt, sched, out_dir, step, trainer, schedule.keep_last)
+    _export(chat, init_checkpoint, final)
+    return VideoRLResult(final, step, trainer["last_metrics"])
