@@ -131,6 +131,82 @@ def _variant_kernel(
         tl.store(CNT + r_loc, best.to(tl.int32, bitcast=True), mask=rmask)
 
 
+@triton.jit
+def _compact2_kernel(
+    QI, KI, W, ROW_START, TAU, SCR_S, SCR_I, SCR_P, CNT, KS,
+    row0, n_rows, n_keys, scale,
+    stride_qt, stride_qh, stride_kt, stride_wt,
+    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
+    HAS_KS: tl.constexpr, PACK: tl.constexpr,
+):  # fmt: skip
+    """The library kernel with row-base pointers + int32 slot offsets (fewer 64-bit address ops per pair), the
+    scale folded into W, and PACK: one int64 store per candidate (fp32 score bits << 32 | key index)."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    r_loc = pid * BM + tl.arange(0, BM)
+    rmask = r_loc < n_rows
+    rows = (row0 + r_loc).to(tl.int64)
+    starts = tl.load(ROW_START + rows, mask=rmask, other=2147483647)
+    tau = tl.load(TAU + rows, mask=rmask, other=float("inf"))
+    lo = tl.min(starts)
+    hi = row0 + tl.minimum(pid * BM + BM, n_rows) - 1
+    offs_d = tl.arange(0, DI)
+    row_off = r_loc.to(tl.int64) * CAP
+    ps = SCR_S + row_off
+    pi = SCR_I + row_off
+    pp = SCR_P + row_off
+    cnt = tl.zeros([BM], tl.int32)
+    for c0 in range(lo, hi + 1, BN):
+        cols = c0 + tl.arange(0, BN)
+        kt = tl.load(
+            KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+            mask=(cols < n_keys)[None, :],
+            other=0.0,
+        )
+        acc = tl.zeros([BM, BN], tl.float32)
+        for j in range(H):
+            qj = tl.load(QI + rows[:, None] * stride_qt + j * stride_qh + offs_d[None, :], mask=rmask[:, None],
+                         other=0.0)  # fmt: skip
+            wj = tl.load(W + rows * stride_wt + j, mask=rmask, other=0.0).to(tl.float32)
+            acc += wj[:, None] * tl.maximum(tl.dot(qj, kt), 0.0)
+        if HAS_KS:
+            acc = acc * tl.load(KS + cols, mask=cols < n_keys, other=0.0)[None, :]
+        inwin = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
+        take = inwin & (acc >= tau[:, None])
+        take_i = take.to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(take_i, 1) - 1
+        keep = take & (pos < CAP)
+        if PACK:
+            comp = (acc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
+            tl.store(pp[:, None] + pos, comp, mask=keep)
+        else:
+            tl.store(ps[:, None] + pos, acc, mask=keep)
+            tl.store(pi[:, None] + pos, cols[None, :] + tl.zeros([BM, BN], tl.int32), mask=keep)
+        cnt += tl.sum(take_i, 1)
+    tl.store(CNT + r_loc, cnt, mask=rmask)
+
+
+@triton.jit
+def _select_packed_kernel(
+    SCR_P, CNT, ROW_START, OUT_IDX, OUT_SCORE, MISS, row0,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    t = row0 + r
+    a = tl.load(ROW_START + t)
+    need = tl.minimum(t - a + 1, TOPK)
+    cnt = tl.load(CNT + r)
+    if (cnt >= need) and (cnt <= CAP):
+        slots = tl.arange(0, CAP)
+        valid = slots < cnt
+        comp = tl.load(SCR_P + r.to(tl.int64) * CAP + slots, mask=valid, other=0)
+        score = (comp >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        keys = it._order_key(score)
+        gidx = (comp & 4294967295).to(tl.int32)
+        it._emit_selected(keys, gidx, valid, need, OUT_IDX, OUT_SCORE, t.to(tl.int64), TOPK, KP)
+    else:
+        tl.store(MISS + r, 1)
+
+
 def prepare(qi, ki, w, cu, k_scale, cap: int):
     """The library's sample + threshold for every row (one chunk), as `_fused_rows` computes them; timed."""
     t = qi.shape[0]
@@ -170,11 +246,19 @@ def prepare(qi, ki, w, cu, k_scale, cap: int):
 
 
 def run_variant(qi, ki, w, starts, tau, k_scale, cap, bufs, v: dict) -> None:
-    scr_s, scr_i, cnt = bufs
+    scr_s, scr_i, cnt = bufs[:3]
     t = qi.shape[0]
     w_in = w
-    if v.get("fold"):
+    if v.get("fold") or v.get("k2"):
         w_in = (w.float() * DI**-0.5).contiguous()
+    if v.get("k2"):
+        _compact2_kernel[(triton.cdiv(t, v["bm"]),)](
+            qi, ki, w_in, starts, tau, scr_s, scr_i, bufs[3], cnt, w if k_scale is None else k_scale,
+            0, t, t, DI**-0.5, qi.stride(0), qi.stride(1), ki.stride(0), w_in.stride(0),
+            H=HI, DI=DI, BM=v["bm"], BN=v["bn"], CAP=cap, HAS_KS=k_scale is not None, PACK=v.get("pack", False),
+            num_warps=v["warps"], num_stages=v.get("stages", 3),
+        )  # fmt: skip
+        return
     _variant_kernel[(triton.cdiv(t, v["bm"]),)](
         qi, ki, w_in, starts, tau, scr_s, scr_i, cnt, w if k_scale is None else k_scale,
         0, t, t, DI**-0.5, qi.stride(0), qi.stride(1), ki.stride(0), w_in.stride(0),
@@ -183,10 +267,15 @@ def run_variant(qi, ki, w, starts, tau, k_scale, cap, bufs, v: dict) -> None:
     )  # fmt: skip
 
 
-def select(scr_s, scr_i, cnt, starts, t, cap, warps):
+def select(scr_s, scr_i, cnt, starts, t, cap, warps, packed=None):
     idx = torch.full((t, TOPK), -1, dtype=torch.int32, device=DEV)
     sc = torch.full((t, TOPK), float("-inf"), dtype=torch.float32, device=DEV)
     miss = torch.zeros(t, device=DEV, dtype=torch.int32)
+    if packed is not None:
+        _select_packed_kernel[(t,)](
+            packed, cnt, starts, idx, sc, miss, 0, TOPK=TOPK, KP=TOPK, CAP=cap, num_warps=warps
+        )
+        return idx, miss
     it._select_candidates_kernel[(t,)](
         scr_s, scr_i, cnt, starts, idx, sc, miss, 0, TOPK=TOPK, KP=TOPK, CAP=cap, num_warps=warps
     )
@@ -216,7 +305,12 @@ def profile(out: str, t: int, dtype: str, variants: list[dict], select_warps: li
     scr_s = torch.empty((t, cap), device=DEV, dtype=torch.float32)  # 4 GiB at 128K
     scr_i = torch.empty((t, cap), device=DEV, dtype=torch.int32)
     cnt = torch.empty(t, device=DEV, dtype=torch.int32)
-    bufs = (scr_s, scr_i, cnt)
+    packed = (
+        torch.empty((t, cap), device=DEV, dtype=torch.int64)
+        if any(v.get("pack") for v in variants)
+        else scr_s
+    )
+    bufs = (scr_s, scr_i, cnt, packed)
     base = dict(bm=64, bn=128, warps=4, stages=3)
     run_variant(qi, ki, w, starts, tau, k_scale, cap, bufs, base)
     cnt0 = cnt.clone()
@@ -235,7 +329,9 @@ def profile(out: str, t: int, dtype: str, variants: list[dict], select_warps: li
         row = dict(dtype=dtype, T=t, op="score_compact", variant=v, ms=ms_v)
         if v.get("mode", 0) == 0:
             same_cnt = bool(torch.equal(cnt, cnt0))
-            idx, miss = select(scr_s, scr_i, cnt, starts, t, cap, 8)
+            idx, miss = select(scr_s, scr_i, cnt, starts, t, cap, 4, packed if v.get("pack") else None)
+            if v.get("pack"):
+                row["select_packed_ms"] = timeit(lambda: select(scr_s, scr_i, cnt, starts, t, cap, 4, packed))
             row.update(same_counts=same_cnt, topk_rows_identical=round(float((idx == lib_idx).all(1).float().mean()), 6),
                        misses=int(miss.sum()))  # fmt: skip
             if dtype == "fp8":
@@ -252,6 +348,9 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=131072)
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--quick", action="store_true", help="a few variants only")
+    ap.add_argument(
+        "--set2", action="store_true", help="second round: tiles without unrolling, packed stores"
+    )
     ap.add_argument(
         "--cpu-smoke", action="store_true", help="TRITON_INTERPRET=1 on CPU, small T (checks only)"
     )
@@ -272,13 +371,19 @@ def main() -> None:
         {**b, "unroll": True, "fold": True},
         {**b, "unroll": True, "fold": True, "mode": 1},
     ]
-    if not args.quick:
+    if args.set2:
+        variants = [b, {**b, "warps": 8}, {**b, "stages": 2}, {**b, "bm": 128, "warps": 8}, {**b, "bm": 128, "stages": 2},
+                    {**b, "bn": 64, "warps": 4}, {**b, "k2": True}, {**b, "k2": True, "pack": True},
+                    {**b, "k2": True, "pack": True, "warps": 8}, {**b, "k2": True, "pack": True, "stages": 2},
+                    {**b, "k2": True, "pack": True, "bm": 128, "warps": 8},
+                    {**b, "k2": True, "pack": True, "bm": 128, "warps": 8, "stages": 2}]  # fmt: skip
+    elif not args.quick:
         for bm, bn, warps, stages in [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 256, 8, 3),
                                       (128, 64, 8, 3), (64, 128, 4, 2), (64, 128, 4, 4), (32, 128, 4, 3),
                                       (128, 128, 4, 3)]:  # fmt: skip
             variants.append(dict(bm=bm, bn=bn, warps=warps, stages=stages, unroll=True, fold=True))
     if DEV == "cpu":
-        variants = [variants[0], variants[5]]
+        variants = [variants[0], {**b, "k2": True}, {**b, "k2": True, "pack": True}]
     for dtype in args.dtypes.split(","):
         profile(args.out, args.t, dtype, variants, [4, 8, 16] if DEV == "cuda" else [8])
 
