@@ -188,7 +188,7 @@ def _compact2_kernel(
 @triton.jit
 def _select_packed_kernel(
     SCR_P, CNT, ROW_START, OUT_IDX, OUT_SCORE, MISS, row0,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, VIEW32: tl.constexpr = False,
 ):  # fmt: skip
     r = tl.program_id(0)
     t = row0 + r
@@ -198,10 +198,15 @@ def _select_packed_kernel(
     if (cnt >= need) and (cnt <= CAP):
         slots = tl.arange(0, CAP)
         valid = slots < cnt
-        comp = tl.load(SCR_P + r.to(tl.int64) * CAP + slots, mask=valid, other=0)
-        score = (comp >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        keys = it._order_key(score)
-        gidx = (comp & 4294967295).to(tl.int32)
+        if VIEW32:  # the int64 slots read as two int32 words (little endian: index, then score bits)
+            base = SCR_P + r.to(tl.int64) * (2 * CAP) + 2 * slots
+            gidx = tl.load(base, mask=valid, other=0)
+            score = tl.load(base + 1, mask=valid, other=0).to(tl.float32, bitcast=True)
+        else:
+            comp = tl.load(SCR_P + r.to(tl.int64) * CAP + slots, mask=valid, other=0)
+            score = (comp >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            gidx = (comp & 4294967295).to(tl.int32)
+        keys = it._order_key(tl.where(valid, score, float("-inf")))
         it._emit_selected(keys, gidx, valid, need, OUT_IDX, OUT_SCORE, t.to(tl.int64), TOPK, KP)
     else:
         tl.store(MISS + r, 1)
@@ -267,14 +272,15 @@ def run_variant(qi, ki, w, starts, tau, k_scale, cap, bufs, v: dict) -> None:
     )  # fmt: skip
 
 
-def select(scr_s, scr_i, cnt, starts, t, cap, warps, packed=None):
+def select(scr_s, scr_i, cnt, starts, t, cap, warps, packed=None, view32=False):
     idx = torch.full((t, TOPK), -1, dtype=torch.int32, device=DEV)
     sc = torch.full((t, TOPK), float("-inf"), dtype=torch.float32, device=DEV)
     miss = torch.zeros(t, device=DEV, dtype=torch.int32)
     if packed is not None:
         _select_packed_kernel[(t,)](
-            packed, cnt, starts, idx, sc, miss, 0, TOPK=TOPK, KP=TOPK, CAP=cap, num_warps=warps
-        )
+            packed.view(torch.int32) if view32 else packed, cnt, starts, idx, sc, miss, 0,
+            TOPK=TOPK, KP=TOPK, CAP=cap, VIEW32=view32, num_warps=warps,
+        )  # fmt: skip
         return idx, miss
     it._select_candidates_kernel[(t,)](
         scr_s, scr_i, cnt, starts, idx, sc, miss, 0, TOPK=TOPK, KP=TOPK, CAP=cap, num_warps=warps
@@ -332,6 +338,11 @@ def profile(out: str, t: int, dtype: str, variants: list[dict], select_warps: li
             idx, miss = select(scr_s, scr_i, cnt, starts, t, cap, 4, packed if v.get("pack") else None)
             if v.get("pack"):
                 row["select_packed_ms"] = timeit(lambda: select(scr_s, scr_i, cnt, starts, t, cap, 4, packed))
+                row["select_packed_view32_ms"] = timeit(
+                    lambda: select(scr_s, scr_i, cnt, starts, t, cap, 4, packed, True)
+                )
+                idx32, miss32 = select(scr_s, scr_i, cnt, starts, t, cap, 4, packed, True)
+                row["view32_rows_identical"] = round(float((idx32 == lib_idx).all(1).float().mean()), 6)
             row.update(same_counts=same_cnt, topk_rows_identical=round(float((idx == lib_idx).all(1).float().mean()), 6),
                        misses=int(miss.sum()))  # fmt: skip
             if dtype == "fp8":
@@ -350,6 +361,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few variants only")
     ap.add_argument(
         "--set2", action="store_true", help="second round: tiles without unrolling, packed stores"
+    )
+    ap.add_argument(
+        "--set3", action="store_true", help="last round: baseline, k2, k2 + packed (both selects)"
     )
     ap.add_argument(
         "--cpu-smoke", action="store_true", help="TRITON_INTERPRET=1 on CPU, small T (checks only)"
@@ -371,7 +385,9 @@ def main() -> None:
         {**b, "unroll": True, "fold": True},
         {**b, "unroll": True, "fold": True, "mode": 1},
     ]
-    if args.set2:
+    if args.set3:
+        variants = [b, {**b, "k2": True}, {**b, "k2": True, "pack": True}]
+    elif args.set2:
         variants = [b, {**b, "warps": 8}, {**b, "stages": 2}, {**b, "bm": 128, "warps": 8}, {**b, "bm": 128, "stages": 2},
                     {**b, "bn": 64, "warps": 4}, {**b, "k2": True}, {**b, "k2": True, "pack": True},
                     {**b, "k2": True, "pack": True, "warps": 8}, {**b, "k2": True, "pack": True, "stages": 2},
