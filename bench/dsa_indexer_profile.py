@@ -12,7 +12,10 @@ compact kernel written here (a superset of the library's `_scores_compact_kernel
 Every full variant must reproduce the library's candidate lists exactly (same counts, same candidate indices; FOLD
 may move scores by an ulp, so it is checked on the selected top-k instead).
 
-  python bench/dsa_indexer_profile.py --out OUT_DIR [--t 131072] [--quick]
+  python bench/dsa_indexer_profile.py --out OUT_DIR [--t 131072] [--dtypes fp8,bf16] [--quick]
+      # --set2: tiles without unrolled heads, "k2" (scale folded into the weights, int32 slot offsets, as the
+      # library now does), "pack" (one int64 store per candidate); --set3: baseline, k2, k2 + pack with both selects
+  TRITON_INTERPRET=1 python bench/dsa_indexer_profile.py --out OUT_DIR --cpu-smoke   # checks only, T=300
 """
 
 from __future__ import annotations
