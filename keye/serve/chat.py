@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from keye.agent.tool_calls import tool_name
 from keye.data.sampling import SamplingPolicy
 
 POLICY_FILE = "sampling_policy.json"  # written beside the weights by keye.train.bundle
@@ -245,11 +246,31 @@ class ChatModel:
             )
 
     # ------------------------------------------------------------------------------------------ prompt
+    @staticmethod
+    def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+        """An assistant message's OpenAI tool_calls, checked for the fields the template renders."""
+        if not isinstance(calls, list):
+            raise ChatRequestError(f"{where}: must be a list of tool calls")
+        out = []
+        for k, c in enumerate(calls):
+            fn = c.get("function", c) if isinstance(c, Mapping) else None
+            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+                raise ChatRequestError(f"{where}[{k}]: need {{'function': {{'name', 'arguments'}}}}")
+            out.append({"function": {"name": fn["name"], "arguments": fn.get("arguments", {})}})
+        return out
+
     def build_prompt(
-        self, messages: Sequence[Mapping[str, Any]], *, continue_final: str | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        continue_final: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> Any:
         """The Prompt (token ids with the model's placeholder id, patches, grids) for `messages` followed by the
-        assistant generation prompt. `continue_final` appends text after it (an answer to score, no generation)."""
+        assistant generation prompt. `continue_final` appends text after it (an answer to score, no generation);
+        `tools` (OpenAI function specs) are offered in the system message, assistant `tool_calls` and "tool"
+        messages render as keye.data.tokenizer lays them out."""
         import torch
 
         from keye.data.captioners.keye_checkpoint import frames_to_patches
@@ -264,22 +285,29 @@ class ChatModel:
             if not isinstance(msg, Mapping):
                 raise ChatRequestError(f"{where}: a message must be an object with role and content")
             role = msg.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ChatRequestError(f"{where}.role: must be system, user or assistant, got {role!r}")
+            if role not in ("system", "user", "assistant", "tool"):
+                raise ChatRequestError(f"{where}.role: must be system, user, assistant or tool, got {role!r}")
             content = msg.get("content")
             if content is None:
                 content = ""
+            extra = {}
+            if role == "assistant" and msg.get("tool_calls"):
+                extra["tool_calls"] = self._tool_calls(msg["tool_calls"], f"{where}.tool_calls")
             if isinstance(content, str):
-                rendered.append({"role": role, "content": content})
+                rendered.append({"role": role, "content": content, **extra})
                 continue
             if not isinstance(content, list):
                 raise ChatRequestError(f"{where}.content: must be a string or a list of parts")
             mine = _Built()
             for j, part in enumerate(content):
                 self._part(part, f"{where}.content[{j}]", mine)
-            rendered.append({"role": role, "content": mine.parts})
+            rendered.append({"role": role, "content": mine.parts, **extra})
             built.frames.extend(mine.frames)
-        enc = encode_chat(self.tok, rendered, add_generation_prompt=True)
+        if tools is not None and (not isinstance(tools, Sequence) or not all(tool_name(t) for t in tools)):
+            raise ChatRequestError('tools: need a list of {"type": "function", "function": {"name", ...}}')
+        enc = encode_chat(
+            self.tok, rendered, add_generation_prompt=add_generation_prompt, tools=tools or None
+        )
         ids = torch.from_numpy(enc.ids.copy())
         for start, length in enc.visual_runs:  # the model fills its own placeholder id with visual tokens
             ids[start : start + length] = self.model.config.image_token_id
