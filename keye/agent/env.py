@@ -64,8 +64,10 @@ class ToolEnv:
             t.reset(task)
         return [dict(m) for m in task.messages]
 
-    def _finish(self, text: str) -> StepResult:
-        assert self.task is not None
+    def finish(self, text: str) -> StepResult:
+        """End the episode now (a budget ran out) with the reward of `text`."""
+        if self.task is None:
+            raise RuntimeError("call reset(task) before finish()")
         try:
             reward = float(self.reward_fn(text, self.task.reference))
         except Exception:  # a reward that cannot read the answer scores it 0 (keye.rl.rewards' contract)
@@ -79,7 +81,7 @@ class ToolEnv:
         self.turns += 1
         turn = parse_tool_calls(assistant_text, self.tool_specs(), id_prefix=f"call_{self.turns}")
         if truncated or not turn.has_calls or self.turns >= self.limits.max_turns:
-            result = self._finish(assistant_text)
+            result = self.finish(assistant_text)
             result.calls = [
                 {
                     "name": getattr(c, "name", None),
