@@ -13,6 +13,8 @@ Content parts accepted (OpenAI chat-completions format plus two keye extensions)
         client, each stamped with its time
 In process (rollouts) a video part may also carry decoded frames: {"type": "video", "frames": uint8 [N,H,W,3],
 "times": [...]}. Any error in a message is a ChatRequestError naming the message and part (a 400 when served).
+Tool use: assistant messages may carry OpenAI `tool_calls`, "tool" messages carry the tools' answers (frames too),
+and `build_prompt(..., tools=[...])` offers the tools; the template lays them out (keye.data.tokenizer).
 """
 
 from __future__ import annotations
