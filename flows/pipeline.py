@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import caption, evaluate, ingest, pack, shard, train
+from flows import agent_rl, caption, evaluate, ingest, pack, shard, train
 from flows.artifacts import publish_pipeline
 from flows.runners import task_runner
 from keye.core.config import load_config
@@ -17,6 +17,7 @@ STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipe
     ("shard", shard.shard, "shardset", ("captionset",)),
     ("pack", pack.pack, "packset", ("shardset",)),
     ("train", train.train, "checkpoint", ("packset",)),
+    ("agent_rl", agent_rl.agent_rl, "checkpoint", ("checkpoint", "videoset")),
     ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
 )
 
@@ -32,8 +33,7 @@ def pipeline(
     stage_list = {"stages": list(stages)} if stages else {}
     config = load_config(config_path, overrides={**(overrides or {}), **stage_list}, workspace=workspace)
     with open_pipeline(config, flow_run.id, origin=str(config_path)) as ctx:
-        out: dict[str, str] = {}
+        out, runner = {}, task_runner(config.runner)
         for _, stage_flow, output, reads in (s for s in STEPS if s[0] in config.stages):
-            run = stage_flow.with_options(task_runner=task_runner(config.runner))
-            out[output] = run(config, *[out.get(r) for r in reads], ctx.ref)
+            out[output] = stage_flow.with_options(task_runner=runner)(config, *map(out.get, reads), ctx.ref)
         return publish_pipeline(ctx, ctx.finish(out))

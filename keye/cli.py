@@ -236,6 +236,23 @@ def train(
     typer.echo(f"final checkpoint: {final}")
 
 
+@app.command("agent-rl")
+def agent_rl(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="checkpoint to start from (default: the latest)")
+    ] = None,
+) -> None:
+    """Agent RL with the frames / search / python tools (docs/AGENT_RL.md); a re-run resumes."""
+    cfg = _stage_config(None, workspace, config, set_, "agent_rl")
+    from flows.agent_rl import agent_rl as agent_rl_flow
+
+    final = _run_guarded(lambda: agent_rl_flow(cfg, checkpoint))
+    typer.echo(f"final checkpoint: {final}")
+
+
 @app.command()
 def verify(
     workspace: WorkspaceOpt = Path("./workspace"),

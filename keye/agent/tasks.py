@@ -176,13 +176,23 @@ def corpus(annotations: Iterable[Mapping[str, Any]]) -> list[Document]:
 
 
 def derive_tasks(
-    video_dir: str | Path, policy: SamplingPolicy, first_fps: float = 0.5, split: str | None = None
+    videos: str | Path | Sequence[str | Path],
+    policy: SamplingPolicy,
+    first_fps: float = 0.5,
+    split: str | None = None,
 ) -> list[AgentTask]:
-    """Every task of every annotated video in `video_dir` (optionally one split), read-only on the directory."""
+    """Every task of the annotated videos (a directory, or video paths whose `<stem>.json` sidecars are read),
+    optionally of one split; read-only on the files."""
     from keye.data.video import probe
 
+    if isinstance(videos, (str, Path)):
+        sides = sorted(Path(videos).glob("*.json"))
+    else:
+        sides = sorted(
+            {Path(v).with_suffix(".json") for v in videos if Path(v).with_suffix(".json").is_file()}
+        )
     out = []
-    for side in sorted(Path(video_dir).glob("*.json")):
+    for side in sides:
         ann = json.loads(side.read_text(encoding="utf-8"))
         if ann.get("schema") != "keye.annotations/v1" or (split is not None and ann.get("split") != split):
             continue
@@ -192,6 +202,13 @@ def derive_tasks(
         out += frames_tasks(ann, str(video), size, policy, first_fps, info.fps or None, info.duration)
         out += search_tasks(ann) + python_tasks(ann)
     return out
+
+
+def annotations_of(videos: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The sidecar annotations of the given videos (those that have one)."""
+    sides = sorted({Path(v).with_suffix(".json") for v in videos if Path(v).with_suffix(".json").is_file()})
+    anns = [json.loads(p.read_text(encoding="utf-8")) for p in sides]
+    return [a for a in anns if a.get("schema") == "keye.annotations/v1"]
 
 
 # ------------------------------------------------------------------------------------------------ files
