@@ -3,11 +3,13 @@ keye.annotations/v1) without touching the videos or the held-out benchmark files
 
 Three kinds, each built so that its tool is what answers it well:
   frames   a multiple-choice question about an object whose whole life falls between the frames of the first,
-           low-fps view (the same frame sampler as training plans that view), so only looking again shows it
+           low-fps view (the same frame sampler as training plans that view), so only looking again shows it; and
+           "when does <event> happen?" for events the first view only brackets between two frames (the answer
+           within 0.25 s needs a closer look at a higher rate)
   search   a question answered by the dense captions (the "transcript"); the opening has no video at all, so
            the answer must come from the `search` tool over the corpus of that video
   python   arithmetic over the listed visible spans (total time with at least one object visible: a union of
-           intervals), which a code cell computes exactly
+           intervals; with one object, the percentage of the video it is visible in), which a cell computes exactly
 The reward `agent_task` checks each kind: the option letter (mcq), a span with IoU >= 0.5, a number within 0.05.
 """
 
@@ -110,6 +112,56 @@ def frames_tasks(
     return out
 
 
+_MOMENT = {
+    "appear": "does the {name} appear",
+    "disappear": "does the {name} disappear",
+    "grows": "does the {name} start to grow",
+    "shrinks": "does the {name} start to shrink",
+    "color_change": "does the {name} change colour",
+    "scene_cut": "does the background change",
+}
+
+
+def moment_tasks(
+    ann: Mapping[str, Any],
+    video: str,
+    size: tuple[int, int],
+    policy: SamplingPolicy,
+    first_fps: float = 0.5,
+    video_fps: float | None = None,
+    duration: float | None = None,
+    tolerance: float = 0.25,
+) -> list[AgentTask]:
+    """'When does <event> happen?' for events no frame of the first view comes within 2 x tolerance of: the first
+    view only brackets the moment between two frames; a closer look at a higher rate pins it (answer in seconds,
+    within `tolerance`)."""
+    shown = first_view_times(
+        float(duration or ann["duration"]), size[0], size[1], policy, first_fps, video_fps
+    )
+    names = {
+        e["object"]: f"{e['color']} {e['shape']}" for e in ann.get("events", []) if e.get("type") == "appear"
+    }
+    out = []
+    for i, e in enumerate(ann.get("events", [])):
+        what = _MOMENT.get(e.get("type", ""))
+        if what is None or e["t"] < 2 * tolerance or any(abs(e["t"] - t) < 2 * tolerance for t in shown):
+            continue
+        phrase = what.format(name=names.get(e.get("object"), "shape"))
+        question = f"When {phrase}? Answer with the time in seconds, to one decimal."
+        video_part = {"type": "video_url", "video_url": {"url": video, "fps": first_fps}}
+        out.append(
+            AgentTask(
+                id=f"{Path(ann['video']).stem}:moment:{i}",
+                messages=[{"role": "user", "content": [video_part, {"type": "text", "text": question}]}],
+                reference={"type": "number", "value": round(float(e["t"]), 3), "tolerance": tolerance},
+                video=video,
+                video_id=str(ann["video"]),
+                kind="frames",
+            )
+        )
+    return out
+
+
 def search_tasks(ann: Mapping[str, Any]) -> list[AgentTask]:
     """'When does <the object> disappear?' answered from the dense captions only (no video in the opening)."""
     out = []
@@ -146,6 +198,21 @@ def _union_length(spans: Sequence[tuple[float, float]]) -> float:
 def python_tasks(ann: Mapping[str, Any]) -> list[AgentTask]:
     """Total time with at least one object visible, from the listed spans (videos with 2+ objects)."""
     spans = [(g["start"], g["end"]) for g in ann.get("grounding", []) if g["query"].endswith(" is visible")]
+    if len(spans) == 1:  # one object: the share of the video it is visible in
+        (a, b), dur = spans[0], float(ann["duration"])
+        question = (
+            f"The video lasts {dur:.2f} seconds and an object is visible from {a:.2f} to {b:.2f} seconds. What "
+            "percentage of the video shows it? Answer with the percentage to one decimal."
+        )
+        return [
+            AgentTask(
+                id=f"{Path(ann['video']).stem}:python:0",
+                messages=[{"role": "user", "content": question}],
+                reference={"type": "number", "value": round(100 * (b - a) / dur, 1), "tolerance": 0.15},
+                video_id=str(ann["video"]),
+                kind="python",
+            )
+        ]
     if len(spans) < 2:
         return []
     listed = "; ".join(f"{s:.2f} - {e:.2f} s" for s, e in spans)
@@ -200,6 +267,7 @@ def derive_tasks(
         info = probe(video, min_duration=0.0)
         size = (info.width, info.height)
         out += frames_tasks(ann, str(video), size, policy, first_fps, info.fps or None, info.duration)
+        out += moment_tasks(ann, str(video), size, policy, first_fps, info.fps or None, info.duration)
         out += search_tasks(ann) + python_tasks(ann)
     return out
 

@@ -67,7 +67,9 @@ def test_a_frames_task_asks_about_what_the_opening_view_never_shows(tasks, datas
     chat = ChatModel(
         build_model("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_id, seed=0), tok, POLICY
     )
-    for t in [t for t in tasks if t.kind == "frames"]:
+    looks = [t for t in tasks if ":frames:" in t.id]
+    assert looks
+    for t in looks:
         ann = json.loads((dataset / (t.video_id.rsplit(".", 1)[0] + ".json")).read_text())
         prompt = chat.build_prompt(t.messages)
         text = tok.decode(prompt.input_ids.tolist(), skip_special_tokens=False)
@@ -98,6 +100,25 @@ def test_a_frames_task_asks_about_what_the_opening_view_never_shows(tasks, datas
         assert agent_task_reward(f"<answer>{wrong}</answer>", t.reference) == 0.0
 
 
+def test_a_moment_task_asks_for_a_time_the_opening_view_only_brackets(tasks):
+    import torch
+
+    torch.set_num_threads(1)
+    tok = train_bpe(["seconds 0123456789."] * 5, 300, 1)
+    chat = ChatModel(
+        build_model("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_id, seed=0), tok, POLICY
+    )
+    moments = [t for t in tasks if ":moment:" in t.id]
+    assert moments and all(t.kind == "frames" for t in moments)
+    for t in moments:
+        text = tok.decode(chat.build_prompt(t.messages).input_ids.tolist(), skip_special_tokens=False)
+        shown = [float(x) for x in re.findall(r"<\|time_start\|>([0-9.]+) seconds", text)]
+        when, tol = t.reference["value"], t.reference["tolerance"]
+        assert shown and all(abs(when - s) >= 2 * tol - 0.051 for s in shown), (t.id, when, shown)
+        assert agent_task_reward(f"<answer>{when + 0.2:.1f}</answer>", t.reference) == 1.0
+        assert agent_task_reward(f"<answer>{when + 0.4:.1f} seconds</answer>", t.reference) == 0.0
+
+
 def test_a_search_task_is_answered_by_the_search_tool(tasks, dataset):
     anns = [json.loads(p.read_text()) for p in sorted(dataset.glob("*.json"))]
     env = ToolEnv(
@@ -115,7 +136,7 @@ def test_a_search_task_is_answered_by_the_search_tool(tasks, dataset):
 
 
 def test_a_python_task_is_answered_by_a_cell(tasks):
-    t = next(t for t in tasks if t.kind == "python")
+    t = next(t for t in tasks if t.kind == "python" and "spans:" in t.messages[0]["content"])
     spans = [tuple(map(float, m)) for m in re.findall(r"([0-9.]+) - ([0-9.]+) s", t.messages[0]["content"])]
     code = (
         f"spans = sorted({spans!r})\ntotal, end = 0.0, -1.0\nfor s, e in spans:\n"
