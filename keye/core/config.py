@@ -185,6 +185,11 @@ class AgentRLSettings(_Strict):
     lr: float = Field(1e-6, gt=0)
     tasks_per_step: int = Field(8, ge=1, description="tasks (GRPO groups) per update")
     save_every: int = Field(25, ge=1, description="steps between step checkpoints")
+    warmup_steps: int = Field(
+        0, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
+        "tool gives GRPO nothing to compare)",
+    )  # fmt: skip
+    warmup_lr: float = Field(1e-4, gt=0)
     group_size: int = Field(8, ge=2, description="episodes per task (GRPO group)")
     max_new_tokens: int = Field(256, ge=1, description="tokens per model turn")
     max_response_tokens: int = Field(2048, ge=1, description="model + tool tokens after the prompt")

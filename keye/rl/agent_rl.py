@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from keye.agent.demos import demonstration
 from keye.agent.env import AgentTask, EnvLimits, ToolEnv
 from keye.agent.sandbox import SandboxLimits
 from keye.agent.search import Document, SearchIndex
@@ -45,6 +46,8 @@ class AgentRLSchedule:
     save_every: int = 25
     keep_last: int = 2
     seed: int = 0
+    warmup_steps: int = 0  # supervised steps on tool-use demonstrations before RL (0: none)
+    warmup_lr: float = 1e-4
 
 
 @dataclass
@@ -87,12 +90,65 @@ def env_factory(chat: Any, docs: Sequence[Document], settings: AgentToolSettings
     return make
 
 
+def demonstrations(tasks: Sequence[AgentTask], make_env: Callable[[], ToolEnv]) -> list[dict[str, Any]]:
+    """The teacher's solved conversations for the tasks it has a script for (unsolved ones dropped)."""
+    demos = (demonstration(t, make_env) for t in tasks)
+    return [d for d in demos if d is not None and d["reward"] == 1.0]
+
+
 def _take(tasks: Sequence[AgentTask], seed: int, position: int, n: int) -> list[AgentTask]:
     out = []
     for p in range(position, position + n):
         epoch, i = divmod(p, len(tasks))
         out.append(tasks[int(np.random.default_rng([seed, epoch]).permutation(len(tasks))[i])])
     return out
+
+
+def demo_warmup(
+    chat: Any, demos: Sequence[dict[str, Any]], steps: int, lr: float, seed: int, batch_size: int = 4
+) -> dict[str, float]:
+    """Supervised steps on tool-use demonstrations (keye.agent.demos): cross-entropy on the assistant tokens only
+    (calls and answers; tool turns and prompts masked), so the policy writes calls RL can then reward."""
+    from keye.rl.policy import _positions
+
+    model = chat.model
+    examples = [chat.encode(d["messages"], tools=d["tools"], add_generation_prompt=False) for d in demos]
+    if not examples or steps <= 0:
+        return {}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 19])
+    model.train()
+    losses = []
+    for _ in range(steps):
+        pick = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
+        ids, pos, labels, patches, grids, lens = [], [], [], [], [], []
+        for i in pick:
+            prompt, mask = examples[int(i)]
+            ids.append(prompt.input_ids)
+            pos.append(_positions(model, prompt.input_ids, prompt.patch_grids))
+            labels.append(torch.where(mask, prompt.input_ids, torch.full_like(prompt.input_ids, -100)))
+            lens.append(len(prompt.input_ids))
+            if prompt.pixel_patches is not None:
+                patches.append(prompt.pixel_patches)
+                grids.append(prompt.patch_grids)
+        cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+        out = model(
+            input_ids=torch.cat(ids).to(model.device),
+            position_ids=torch.cat(pos, dim=1).to(model.device),
+            cu_seqlens=cu.to(model.device),
+            labels=torch.cat(labels).to(model.device),
+            pixel_patches=torch.cat(patches).to(model.device, model.dtype) if patches else None,
+            patch_grids=torch.cat(grids).to(model.device) if grids else None,
+        )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    return {
+        "warmup_loss_first": losses[0],
+        "warmup_loss_last": losses[-1],
+        "warmup_demos": float(len(examples)),
+    }
 
 
 def _save_step(chat: Any, opt: Any, out_dir: Path, step: int, trainer: dict[str, Any], keep: int) -> None:
@@ -165,6 +221,14 @@ def train_agent_rl(
         trainer = _load_step(chat, opt, latest[1])
         print(f"[agent_rl] resuming from {latest[1]} (step {trainer['step']})", flush=True)
     make_env = env_factory(chat, docs, tools or AgentToolSettings())
+    if latest is None and schedule.warmup_steps > 0:
+        warm = demo_warmup(
+            chat, demonstrations(tasks, make_env), schedule.warmup_steps, schedule.warmup_lr, schedule.seed
+        )
+        print(f"[agent_rl] demonstration warm-up: {warm}", flush=True)
+        with atomic_dir(out_dir / "warmup") as build:  # the warm-up alone, so RL's own gain can be measured
+            save_checkpoint(chat.model, build)
+            bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
     step, cursor = int(trainer["step"]), int(trainer["cursor"])
     while step < schedule.steps:
         t0 = time.perf_counter()

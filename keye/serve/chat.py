@@ -273,6 +273,25 @@ class ChatModel:
         assistant generation prompt. `continue_final` appends text after it (an answer to score, no generation);
         `tools` (OpenAI function specs) are offered in the system message, assistant `tool_calls` and "tool"
         messages render as keye.data.tokenizer lays them out."""
+        import dataclasses
+
+        import torch
+
+        prompt, _ = self.encode(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        if continue_final:
+            extra = torch.tensor(self.tok.encode(continue_final), dtype=torch.int64)
+            prompt = dataclasses.replace(prompt, input_ids=torch.cat([prompt.input_ids, extra]))
+        return prompt
+
+    def encode(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> tuple[Any, Any]:
+        """(Prompt, loss mask [L] bool): `build_prompt` plus which ids are assistant tokens (training on a
+        conversation, e.g. tool-use demonstrations)."""
         import torch
 
         from keye.data.captioners.keye_checkpoint import frames_to_patches
@@ -313,18 +332,18 @@ class ChatModel:
         ids = torch.from_numpy(enc.ids.copy())
         for start, length in enc.visual_runs:  # the model fills its own placeholder id with visual tokens
             ids[start : start + length] = self.model.config.image_token_id
-        if continue_final:
-            ids = torch.cat([ids, torch.tensor(self.tok.encode(continue_final), dtype=torch.int64)])
+        mask = torch.from_numpy(enc.loss_mask.copy())
         if not built.frames:
-            return Prompt(input_ids=ids)
+            return Prompt(input_ids=ids), mask
         patch = self.model.config.vision.patch_size
         all_patches, all_grids = [], []
         for f in built.frames:  # frames may differ in size (images vs video), so patchify one at a time
             p, g = frames_to_patches(f[None], patch)
             all_patches.append(p)
             all_grids.append(g)
-        return Prompt(
+        prompt = Prompt(
             input_ids=ids,
             pixel_patches=torch.cat(all_patches).to(self.model.dtype),
             patch_grids=torch.cat(all_grids),
         )
+        return prompt, mask

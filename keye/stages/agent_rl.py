@@ -88,7 +88,10 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     write_tasks(plan.out_dir / "tasks" / "heldout.jsonl", heldout)
     device = s.device or cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
     grpo, agent, tools = settings(s)
-    schedule = AgentRLSchedule(s.steps, s.lr, s.tasks_per_step, s.save_every, seed=cfg.seed)
+    schedule = AgentRLSchedule(
+        s.steps, s.lr, s.tasks_per_step, s.save_every, seed=cfg.seed, warmup_steps=s.warmup_steps,
+        warmup_lr=s.warmup_lr,
+    )  # fmt: skip
     result = train_agent_rl(
         plan.init, tasks, docs, plan.out_dir, schedule, grpo, agent, tools,
         device=device, log_metrics=run.tracker.log_metrics,
@@ -121,13 +124,18 @@ def _heldout_comparison(
     from keye.serve.chat import ChatModel
 
     rows = {}
-    for name, path in (("before", init), ("after", final)):
+    warmup = Path(final).parent / "warmup"
+    named = [("before", init), ("after", final)] + ([("warmup", str(warmup))] if warmup.is_dir() else [])
+    for name, path in named:
         chat = ChatModel.from_checkpoint(path, device=device)
         rows[name] = evaluate_agent(
             chat, tasks, env_factory(chat, docs, tools), max_new_tokens=s.max_new_tokens,
             max_response_tokens=s.max_response_tokens,
         )  # fmt: skip
-    return {**compare(rows["before"], rows["after"]), "rows": rows}
+    out = {**compare(rows["before"], rows["after"]), "rows": rows}
+    if "warmup" in rows:  # RL's own gain, over the demonstration warm-up it started from
+        out["rl_over_warmup"] = compare(rows["warmup"], rows["after"])
+    return out
 
 
 def _headline(comparison: dict[str, Any]) -> dict[str, float]:
@@ -136,6 +144,11 @@ def _headline(comparison: dict[str, Any]) -> dict[str, float]:
     out["heldout_success_gain"] = comparison["success_gain"]
     out["heldout_tool_call_rate_gain"] = comparison["tool_call_rate_gain"]
     out["heldout_sign_test_p"] = float(comparison["sign_test"]["p_value"])
+    if "rl_over_warmup" in comparison:
+        w = comparison["rl_over_warmup"]
+        out.update({f"heldout_{k}_warmup": v for k, v in w["before"].items()})
+        out["heldout_rl_over_warmup_success_gain"] = w["success_gain"]
+        out["heldout_rl_over_warmup_sign_test_p"] = float(w["sign_test"]["p_value"])
     return out
 
 

@@ -36,7 +36,8 @@ def _config(tmp_path: Path) -> Path:
                 - {{name: align, kind: align, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
                 - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
             agent_rl: {{steps: 2, lr: 1.0e-3, tasks_per_step: 2, save_every: 1, group_size: 2, max_new_tokens: 8,
-                        max_response_tokens: 64, max_turns: 2, micro_batch_size: 4, eval_limit: 4}}
+                        max_response_tokens: 64, max_turns: 2, micro_batch_size: 4, eval_limit: 4,
+                        warmup_steps: 2, warmup_lr: 1.0e-3}}
             runner: {{kind: thread, max_workers: 2}}
             """
         )
@@ -89,6 +90,8 @@ def test_agent_rl_stage_then_a_rerun_that_makes_nothing(tmp_path):
     assert [(r["stage"], r["step"]) for r in row] == [("agent_rl", 2)]
     meta = json.loads(row[0]["meta"])
     assert {"heldout_success_rate_after", "heldout_sign_test_p", "tool_call_rate", "reward_mean"} <= set(meta)
+    assert {"heldout_success_rate_warmup", "heldout_rl_over_warmup_sign_test_p"} <= set(meta)
+    assert (out / "warmup" / "config.json").is_file() and "rl_over_warmup" in comparison
     ck = store.query("SELECT artifact_id FROM artifacts WHERE kind = 'training' AND name = 'agent_rl'")[0]
     ups = {r["id"] for r in store.upstream(ck["artifact_id"])}
     assert first["artifacts"]["videoset"] in ups

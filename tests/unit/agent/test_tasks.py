@@ -156,3 +156,44 @@ def test_task_files_round_trip_and_bad_files_name_the_line(tasks, tmp_path):
     path.write_text(path.read_text() + '{"schema": "other"}\n')
     with pytest.raises(ValueError, match=rf"agent_tasks.jsonl:{len(tasks) + 1}: not an agent task"):
         read_tasks(path)
+
+
+def test_teacher_demonstrations_solve_every_kind_through_the_real_tools(tasks, dataset):
+    import torch
+
+    from keye.agent.demos import demonstration
+    from keye.agent.env import EnvLimits
+    from keye.agent.sandbox import SandboxLimits
+    from keye.agent.tools import FramesTool, PythonTool
+
+    torch.set_num_threads(1)
+    anns = [json.loads(p.read_text()) for p in sorted(dataset.glob("*.json"))]
+    index = SearchIndex(corpus(anns))
+
+    def make_env():
+        tools = [FramesTool(POLICY), SearchTool(index, max_results=1), PythonTool(SandboxLimits(time_s=5))]
+        return ToolEnv(tools, get_reward("agent_task"), EnvLimits(3, 1))
+
+    picked = {}
+    for t in tasks:
+        key = t.id.split(":")[1]
+        picked.setdefault(key, t)
+    assert set(picked) == {"frames", "moment", "search", "python"}
+    tok = train_bpe(["seconds 0123456789. <tool_call> search frames python answer"] * 5, 320, 1)
+    chat = ChatModel(
+        build_model("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_id, seed=0), tok, POLICY
+    )
+    for key, t in picked.items():
+        demo = demonstration(t, make_env)
+        assert demo is not None and demo["reward"] == 1.0, (key, demo and demo["messages"][-3:])
+        roles = [m["role"] for m in demo["messages"]]
+        assert (
+            roles[-3:] == ["assistant", "tool", "assistant"]
+            and "<tool_call>" in demo["messages"][-3]["content"]
+        )
+        tool_turn = demo["messages"][-2]["content"]
+        assert not (isinstance(tool_turn, str) and tool_turn.startswith("Error")), (key, tool_turn)
+        # the demonstration lays out through the one template (frames of the tool turn included)
+        p = chat.build_prompt(demo["messages"], tools=demo["tools"], add_generation_prompt=False)
+        if key in ("frames", "moment"):
+            assert len(p.patch_grids) > len(chat.build_prompt(t.messages).patch_grids)
