@@ -238,6 +238,8 @@ def train(
 
 @app.command("video-rl")
 def video_rl(
+@app.command("agent-rl")
+def agent_rl(
     workspace: WorkspaceOpt = Path("./workspace"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -254,6 +256,15 @@ def video_rl(
 
     final = _run_guarded(lambda: video_rl_flow(cfg, str(checkpoint) if checkpoint else None, videoset))
     typer.echo(f"RL checkpoint: {final}")
+        str | None, typer.Option(help="checkpoint to start from (default: the latest)")
+    ] = None,
+) -> None:
+    """Agent RL with the frames / search / python tools (docs/AGENT_RL.md); a re-run resumes."""
+    cfg = _stage_config(None, workspace, config, set_, "agent_rl")
+    from flows.agent_rl import agent_rl as agent_rl_flow
+
+    final = _run_guarded(lambda: agent_rl_flow(cfg, checkpoint))
+    typer.echo(f"final checkpoint: {final}")
 
 
 @app.command()

@@ -16,7 +16,9 @@ from keye.data.sampling import SamplingPolicy
 from keye.train.settings import StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
-STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "video_rl", "eval")
+STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "video_rl", "agent_rl", "eval")
+# Stages a config runs only when it lists them (`stages:`): not yet part of the default pipeline's budget.
+OPT_IN_STAGES: tuple[str, ...] = ("agent_rl",)
 
 
 class ConfigError(ValueError):
@@ -254,6 +256,41 @@ class EvalSettings(_Strict):
     )
 
 
+class AgentRLSettings(_Strict):
+    """Agent RL (docs/AGENT_RL.md): GRPO over multi-turn episodes with the frames / search / python tools, on tasks
+    derived from the training split's annotations; evaluated on the held-out split's agent tasks."""
+
+    steps: int = Field(100, ge=1, description="policy updates")
+    lr: float = Field(1e-6, gt=0)
+    tasks_per_step: int = Field(8, ge=1, description="tasks (GRPO groups) per update")
+    save_every: int = Field(25, ge=1, description="steps between step checkpoints")
+    warmup_steps: int = Field(
+        0, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
+        "tool gives GRPO nothing to compare)",
+    )  # fmt: skip
+    warmup_lr: float = Field(1e-4, gt=0)
+    group_size: int = Field(8, ge=2, description="episodes per task (GRPO group)")
+    max_new_tokens: int = Field(256, ge=1, description="tokens per model turn")
+    max_response_tokens: int = Field(2048, ge=1, description="model + tool tokens after the prompt")
+    max_turns: int = Field(4, ge=1)
+    max_calls_per_turn: int = Field(2, ge=1)
+    tools: list[Literal["frames", "search", "python"]] = Field(
+        default_factory=lambda: ["frames", "search", "python"]
+    )
+    first_fps: float = Field(0.5, gt=0, description="frame rate of the opening view of frames tasks")
+    frames_max: int = Field(8, ge=1, description="frames one `frames` call may return")
+    python_time_s: float = Field(5.0, gt=0)
+    python_memory_mb: int = Field(512, ge=128)
+    temperature: float = Field(1.0, gt=0)
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    kl_coef: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(16, ge=1)
+    eval_limit: int | None = Field(None, ge=1, description="held-out agent tasks evaluated (None: all)")
+    device: str | None = Field(None, description="cpu | cuda (None: train.device)")
+
+
 class TrackingSettings(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db")
     experiment: str = "keye"
@@ -269,7 +306,7 @@ class PipelineConfig(_Strict):
     name: str = "default"
     workspace: str = "./workspace"
     seed: int = 0
-    stages: list[str] = Field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[str] = Field(default_factory=lambda: [s for s in STAGE_ORDER if s not in OPT_IN_STAGES])
     sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()])
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     caption: CaptionSettings = Field(default_factory=CaptionSettings)
@@ -278,6 +315,7 @@ class PipelineConfig(_Strict):
     pack: PackSettings = Field(default_factory=PackSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     video_rl: VideoRLSettings = Field(default_factory=VideoRLSettings)
+    agent_rl: AgentRLSettings = Field(default_factory=AgentRLSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)

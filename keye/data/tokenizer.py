@@ -46,6 +46,10 @@ SPECIAL_TOKENS: dict[str, str] = {
     "answer_end": "</answer>",
 }
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# Tool use (Qwen2.5 / Hermes): plain-text tags, not special tokens, so the vocabulary (and every existing prompt's
+# ids) stays as it is. An assistant message may carry "tool_calls"; a "tool" message is rendered inside a user turn.
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 META_FILE = "keye_tokenizer.json"
 TOKENIZER_FILE = "tokenizer.json"
 # Qwen2-style pre-tokenisation regex (contractions, letters, single digits, punctuation runs, newlines, spaces).
@@ -205,19 +209,78 @@ def load_tokenizer(directory: str | Path) -> KeyeTokenizer:
 # (every frame is its own image grid for the ViT, so frames use the model's one placeholder id, image_pad;
 # video_pad is kept for Qwen compatibility only).
 # add_generation_prompt appends "<|im_start|>assistant\n". Loss falls on assistant content and its <|im_end|>.
+# Tool use: an assistant message's "tool_calls" follow its text as <tool_call>\n{json}\n</tool_call> lines (loss on
+# them: the model writes them); a run of "tool" messages is one user turn of <tool_response>\n...\n</tool_response>
+# blocks joined by "\n" (no loss; their content may hold frames).
 
 
-def _segments(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> list[tuple[str, Any, bool]]:
+def _tool_call_text(call: dict[str, Any]) -> str:
+    """One call as the model writes it (Qwen / Hermes): <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>.
+    Accepts the OpenAI wire form too ({"function": {"name", "arguments": JSON string}})."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # kept as the string the model wrote: a malformed call is re-rendered as it was
+    body = json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+    return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
+
+
+def tools_system_text(tools: Sequence[dict[str, Any]]) -> str:
+    """The tool block appended to the system message when tools are offered (Qwen2.5 / Hermes wording)."""
+    lines = "\n".join(json.dumps(t, ensure_ascii=False, sort_keys=True) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+        f"within {TOOL_CALL_START}{TOOL_CALL_END} XML tags:\n{TOOL_CALL_START}\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n'
+        f"{TOOL_CALL_END}"
+    )
+
+
+def _with_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The system message with the tool block after its text (a new system message when there is none)."""
+    block = tools_system_text(tools)
+    msgs = list(messages)
+    if msgs and msgs[0].get("role") == "system":
+        content = msgs[0].get("content", "")
+        if isinstance(content, str):
+            text = f"{content}\n\n{block}" if content else block
+            msgs[0] = {**msgs[0], "content": text}
+        else:
+            msgs[0] = {**msgs[0], "content": [*content, {"type": "text", "text": f"\n\n{block}"}]}
+        return msgs
+    return [{"role": "system", "content": block}, *msgs]
+
+
+def _segments(
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> list[tuple[str, Any, bool]]:
     """The conversation as (kind, value, loss) pieces: ("text", str, loss) or ("pad", (token_name, n), False)."""
     sp = SPECIAL_TOKENS
     out: list[tuple[str, Any, bool]] = []
-    for msg in messages:
+    if tools:
+        messages = _with_tools(messages, tools)
+    for k, msg in enumerate(messages):
         role = msg.get("role")
-        if role not in ROLES:
-            raise ValueError(f"message role must be one of {ROLES}, got {role!r}")
-        out.append(("text", f"{sp['im_start']}{role}\n", False))
+        if role not in ROLES and role != "tool":
+            raise ValueError(f"message role must be one of {(*ROLES, 'tool')}, got {role!r}")
+        if role == "tool":  # tool responses: consecutive ones share one user turn (Qwen2.5 / Hermes)
+            first = k == 0 or messages[k - 1].get("role") != "tool"
+            last = k == len(messages) - 1 or messages[k + 1].get("role") != "tool"
+            out.append(("text", f"{sp['im_start']}user\n" if first else "\n", False))
+            out.append(("text", f"{TOOL_RESPONSE_START}\n", False))
+        else:
+            out.append(("text", f"{sp['im_start']}{role}\n", False))
         loss = role == "assistant" and not msg.get("no_loss", False)
         content = msg.get("content", "")
+        if content is None:
+            content = ""
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         for part in parts:
             kind = part.get("type")
@@ -235,6 +298,14 @@ def _segments(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -
                     out.append(("text", sp["vision_end"] + sp["frame_end"], False))
             else:
                 raise ValueError(f"unknown content part type {kind!r}")
+        if role == "assistant" and msg.get("tool_calls"):
+            calls = "\n".join(_tool_call_text(c) for c in msg["tool_calls"])
+            has_text = any(p.get("type") == "text" and p["text"] for p in parts) or len(parts) > 1
+            out.append(("text", ("\n" if has_text else "") + calls, loss))
+        if role == "tool":
+            out.append(("text", f"\n{TOOL_RESPONSE_END}", False))
+            if not last:
+                continue
         out.append(("text", sp["im_end"], loss))
         out.append(("text", "\n", False))
     if add_generation_prompt:
@@ -242,10 +313,15 @@ def _segments(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -
     return out
 
 
-def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    """The conversation as one string, visual placeholders expanded (one pad token per visual token)."""
+def render_chat(
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The conversation as one string, visual placeholders expanded (one pad token per visual token); `tools`
+    (OpenAI function specs) adds the tool block to the system message."""
     pieces = []
-    for kind, val, _ in _segments(messages, add_generation_prompt):
+    for kind, val, _ in _segments(messages, add_generation_prompt, tools):
         pieces.append(val if kind == "text" else SPECIAL_TOKENS[val[0]] * val[1])
     return "".join(pieces)
 
@@ -265,13 +341,16 @@ class ChatEncoding:
 
 
 def encode_chat(
-    tok: KeyeTokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
+    tok: KeyeTokenizer,
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> ChatEncoding:
     """Equal to `tok.encode(render_chat(...))` (tested), but placeholder runs are written directly (a 200K-token
     video is not tokenised) and a loss mask marks assistant tokens. The text between two placeholder runs always
     borders special tokens, so encoding it alone gives the same ids as encoding the whole string; a token's loss
     flag is that of its first character."""
-    segs = _segments(messages, add_generation_prompt)
+    segs = _segments(messages, add_generation_prompt, tools)
     # chunks: ("text", str, per-char loss) between placeholder runs, or ("pad", (name, n))
     chunks: list[tuple[str, Any, Any]] = []
     buf: list[str] = []

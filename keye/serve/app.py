@@ -3,7 +3,9 @@ checkpoint, so the `openai` captioner, `keye eval`, RL rollouts and any OpenAI c
 
 Request fields: model, messages (see keye.serve.chat for the content parts), n, temperature, top_p, max_tokens
 (or max_completion_tokens), stop, seed, logprobs, top_logprobs, and vLLM's return_tokens_as_token_ids (then each
-logprobs token reads "token_id:<id>"). Every choice also carries `token_ids` (the generated ids, eos included),
+logprobs token reads "token_id:<id>"); tools + tool_choice "auto" | "none" (the Qwen / Hermes tool block of the
+chat template; an answer whose every <tool_call> block is a well-formed call of an offered tool comes back as the
+choice's `tool_calls` with finish_reason "tool_calls", anything else as plain content). Every choice also carries `token_ids` (the generated ids, eos included),
 as vLLM's `return_token_ids` gives them; logprobs are those of the sampled distribution (after temperature,
 before top-p), what RL needs to correct for the sampler. A request that cannot be served as given is answered 400
 (404 for an unknown model) with an OpenAI-style {"error": {"message", "type", "param"}} body; streaming is not
@@ -13,6 +15,7 @@ offered (400). Requests are batched by keye.serve.batching.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -45,6 +48,8 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     return_tokens_as_token_ids: bool = False
     stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +67,26 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
         status_code=status,
         content={"error": {"message": message, "type": kind, "param": param, "code": status}},
     )
+
+
+def _tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]] | None:
+    """(content, OpenAI tool_calls) when the answer holds calls and every one is a well-formed call of an offered
+    tool; None otherwise (the answer is returned as plain text, as vLLM's hermes parser does)."""
+    from keye.agent.tool_calls import ToolCall, parse_tool_calls, tool_name
+
+    turn = parse_tool_calls(text, None)
+    names = {tool_name(t) for t in tools}
+    if not turn.calls or not all(isinstance(c, ToolCall) and c.name in names for c in turn.calls):
+        return None
+    return turn.content, [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
+        }
+        for c in turn.calls
+        if isinstance(c, ToolCall)
+    ]
 
 
 def create_app(
@@ -128,10 +153,16 @@ def create_app(
             )
         if req.top_logprobs and not req.logprobs:
             return _error(400, "top_logprobs: requires logprobs=true", "top_logprobs")
+        if req.tool_choice not in (None, "auto", "none"):
+            return _error(
+                400,
+                'tool_choice: only "auto" and "none" are supported (no constrained decoding)',
+                "tool_choice",
+            )
         try:
-            base = await run_in_threadpool(chat.build_prompt, req.messages)
+            base = await run_in_threadpool(chat.build_prompt, req.messages, tools=req.tools)
         except ChatRequestError as e:
-            return _error(400, str(e), "messages")
+            return _error(400, str(e), "tools" if str(e).startswith("tools") else "messages")
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
         limit = chat.model.config.lm.max_position_embeddings
         if len(base.input_ids) + max_new > limit:
@@ -173,14 +204,18 @@ def create_app(
                     )
                     content.append(entry)
                 logprobs = {"content": content}
+            text = r.text if r.text is not None else chat.decode(r.token_ids)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish = "length" if r.finish_reason == "length" else "stop"
+            calls = _tool_calls(text, req.tools) if req.tools and req.tool_choice != "none" else None
+            if calls is not None and finish != "length":
+                message = {"role": "assistant", "content": calls[0] or None, "tool_calls": calls[1]}
+                finish = "tool_calls"
             choices.append(
                 {
                     "index": k,
-                    "message": {
-                        "role": "assistant",
-                        "content": r.text if r.text is not None else chat.decode(r.token_ids),
-                    },
-                    "finish_reason": "length" if r.finish_reason == "length" else "stop",
+                    "message": message,
+                    "finish_reason": finish,
                     "logprobs": logprobs,
                     "token_ids": list(r.token_ids),
                 }

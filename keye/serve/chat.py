@@ -13,6 +13,8 @@ Content parts accepted (OpenAI chat-completions format plus two keye extensions)
         client, each stamped with its time
 In process (rollouts) a video part may also carry decoded frames: {"type": "video", "frames": uint8 [N,H,W,3],
 "times": [...]}. Any error in a message is a ChatRequestError naming the message and part (a 400 when served).
+Tool use: assistant messages may carry OpenAI `tool_calls`, "tool" messages carry the tools' answers (frames too),
+and `build_prompt(..., tools=[...])` offers the tools; the template lays them out (keye.data.tokenizer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from keye.agent.tool_calls import tool_name
 from keye.data.sampling import SamplingPolicy
 
 POLICY_FILE = "sampling_policy.json"  # written beside the weights by keye.train.bundle
@@ -245,11 +248,50 @@ class ChatModel:
             )
 
     # ------------------------------------------------------------------------------------------ prompt
+    @staticmethod
+    def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+        """An assistant message's OpenAI tool_calls, checked for the fields the template renders."""
+        if not isinstance(calls, list):
+            raise ChatRequestError(f"{where}: must be a list of tool calls")
+        out = []
+        for k, c in enumerate(calls):
+            fn = c.get("function", c) if isinstance(c, Mapping) else None
+            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+                raise ChatRequestError(f"{where}[{k}]: need {{'function': {{'name', 'arguments'}}}}")
+            out.append({"function": {"name": fn["name"], "arguments": fn.get("arguments", {})}})
+        return out
+
     def build_prompt(
-        self, messages: Sequence[Mapping[str, Any]], *, continue_final: str | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        continue_final: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> Any:
         """The Prompt (token ids with the model's placeholder id, patches, grids) for `messages` followed by the
-        assistant generation prompt. `continue_final` appends text after it (an answer to score, no generation)."""
+        assistant generation prompt. `continue_final` appends text after it (an answer to score, no generation);
+        `tools` (OpenAI function specs) are offered in the system message, assistant `tool_calls` and "tool"
+        messages render as keye.data.tokenizer lays them out."""
+        import dataclasses
+
+        import torch
+
+        prompt, _ = self.encode(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        if continue_final:
+            extra = torch.tensor(self.tok.encode(continue_final), dtype=torch.int64)
+            prompt = dataclasses.replace(prompt, input_ids=torch.cat([prompt.input_ids, extra]))
+        return prompt
+
+    def encode(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> tuple[Any, Any]:
+        """(Prompt, loss mask [L] bool): `build_prompt` plus which ids are assistant tokens (training on a
+        conversation, e.g. tool-use demonstrations)."""
         import torch
 
         from keye.data.captioners.keye_checkpoint import frames_to_patches
@@ -264,37 +306,44 @@ class ChatModel:
             if not isinstance(msg, Mapping):
                 raise ChatRequestError(f"{where}: a message must be an object with role and content")
             role = msg.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ChatRequestError(f"{where}.role: must be system, user or assistant, got {role!r}")
+            if role not in ("system", "user", "assistant", "tool"):
+                raise ChatRequestError(f"{where}.role: must be system, user, assistant or tool, got {role!r}")
             content = msg.get("content")
             if content is None:
                 content = ""
+            extra = {}
+            if role == "assistant" and msg.get("tool_calls"):
+                extra["tool_calls"] = self._tool_calls(msg["tool_calls"], f"{where}.tool_calls")
             if isinstance(content, str):
-                rendered.append({"role": role, "content": content})
+                rendered.append({"role": role, "content": content, **extra})
                 continue
             if not isinstance(content, list):
                 raise ChatRequestError(f"{where}.content: must be a string or a list of parts")
             mine = _Built()
             for j, part in enumerate(content):
                 self._part(part, f"{where}.content[{j}]", mine)
-            rendered.append({"role": role, "content": mine.parts})
+            rendered.append({"role": role, "content": mine.parts, **extra})
             built.frames.extend(mine.frames)
-        enc = encode_chat(self.tok, rendered, add_generation_prompt=True)
+        if tools is not None and (not isinstance(tools, Sequence) or not all(tool_name(t) for t in tools)):
+            raise ChatRequestError('tools: need a list of {"type": "function", "function": {"name", ...}}')
+        enc = encode_chat(
+            self.tok, rendered, add_generation_prompt=add_generation_prompt, tools=tools or None
+        )
         ids = torch.from_numpy(enc.ids.copy())
         for start, length in enc.visual_runs:  # the model fills its own placeholder id with visual tokens
             ids[start : start + length] = self.model.config.image_token_id
-        if continue_final:
-            ids = torch.cat([ids, torch.tensor(self.tok.encode(continue_final), dtype=torch.int64)])
+        mask = torch.from_numpy(enc.loss_mask.copy())
         if not built.frames:
-            return Prompt(input_ids=ids)
+            return Prompt(input_ids=ids), mask
         patch = self.model.config.vision.patch_size
         all_patches, all_grids = [], []
         for f in built.frames:  # frames may differ in size (images vs video), so patchify one at a time
             p, g = frames_to_patches(f[None], patch)
             all_patches.append(p)
             all_grids.append(g)
-        return Prompt(
+        prompt = Prompt(
             input_ids=ids,
             pixel_patches=torch.cat(all_patches).to(self.model.dtype),
             patch_grids=torch.cat(all_grids),
         )
+        return prompt, mask

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBRARIES = ("data", "datasets", "model", "kernels", "train", "eval", "rl", "serve")
+LIBRARIES = ("data", "datasets", "model", "kernels", "train", "eval", "rl", "serve", "agent")
 STAGE_LAYER = ("keye.core.lineage", "keye.core.config", "keye.core.tracking", "keye.stages", "flows")
 
 

@@ -1,0 +1,17 @@
+"""The pipeline's stages in order: each stage's flow, the output it adds and the outputs it reads (one row per
+stage; flows/pipeline.py runs the rows a config lists)."""
+
+from __future__ import annotations
+
+from flows import agent_rl, caption, evaluate, ingest, pack, shard, train, video_rl
+
+STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipeline order
+    ("ingest", ingest.ingest, "videoset", ()),
+    ("caption", caption.caption, "captionset", ("videoset",)),
+    ("shard", shard.shard, "shardset", ("captionset",)),
+    ("pack", pack.pack, "packset", ("shardset",)),
+    ("train", train.train, "checkpoint", ("packset",)),
+    ("video_rl", video_rl.video_rl, "checkpoint", ("checkpoint", "videoset")),
+    ("agent_rl", agent_rl.agent_rl, "checkpoint", ("checkpoint", "videoset")),
+    ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
+)

@@ -1,0 +1,93 @@
+"""Tool-use demonstrations for agent SFT: each derived task solved by a scripted teacher that calls the right tool
+through the real environment (so the tool turns hold real frames, search hits and cell output) and then answers.
+
+Why: agent RL only learns from episodes that differ in reward; a model that never writes a <tool_call> gives
+none (measured: a tiny model from scratch makes 0 calls in 32 episodes). A few demonstrations in the SFT mix
+teach the call format and when each tool helps; RL then sharpens the choice. The teacher reads the task's
+reference (it is a teacher), never the tool outputs' ground truth beyond what the tool returned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from keye.agent.env import AgentTask, ToolEnv
+from keye.data.tokenizer import TOOL_CALL_END, TOOL_CALL_START
+
+_NUM = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def _call(name: str, **arguments: Any) -> str:
+    return f"{TOOL_CALL_START}\n{json.dumps({'name': name, 'arguments': arguments})}\n{TOOL_CALL_END}"
+
+
+def _text(task: AgentTask) -> str:
+    content = task.messages[-1]["content"]
+    return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+
+
+def teacher_turns(task: AgentTask) -> list[str] | None:
+    """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for."""
+    q, ref = _text(task), task.reference
+    if task.kind == "frames" and ref.get("type") == "number":  # a moment: look closely around it, then answer
+        t = float(ref["value"])
+        look = _call("frames", start=round(max(0.0, t - 1.0), 1), end=round(t + 1.0, 1), fps=4.0)
+        return ["Let me look closer at that moment. " + look, f"<answer>{t:.1f}</answer>"]
+    if task.kind == "frames" and ref.get("type") == "mcq":  # a missed object: look where it appears
+        m = re.search(r"appears briefly at " + _NUM, q)
+        if m is None:
+            return None
+        start = float(m.group(1))
+        return ["I did not see it; let me look again. " + _call("frames", start=start, end=start + 1.0, fps=2.0),
+                f"<answer>{ref['answer']}</answer>"]  # fmt: skip
+    if task.kind == "search":
+        m = re.search(r"does (.+) disappear", q)
+        if m is None:
+            return None
+        s, e = ref["span"]
+        return [
+            _call("search", query=f"{m.group(1)} disappears", k=1),
+            f"<answer>{s:.1f} - {e:.1f} seconds</answer>",
+        ]
+    if task.kind == "python":
+        spans = re.findall(_NUM + r" - " + _NUM + " s", q)
+        if spans:
+            code = f"spans = sorted({[(float(a), float(b)) for a, b in spans]})\ntotal, end = 0.0, -1.0\n"
+            code += "for s, e in spans:\n    if e > end:\n        total += e - max(s, end)\n        end = e\nround(total, 2)"
+        else:
+            m = re.search(
+                r"lasts " + _NUM + r" seconds and an object is visible from " + _NUM + " to " + _NUM, q
+            )
+            if m is None:
+                return None
+            dur, a, b = (float(x) for x in m.groups())
+            code = f"round(100 * ({b} - {a}) / {dur}, 1)"
+        return [_call("python", code=code), f"<answer>{ref['value']}</answer>"]
+    return None
+
+
+def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str, Any] | None:
+    """{"messages", "tools", "reward"}: the teacher's conversation with the real tool turns (frames as decoded
+    arrays, as keye.serve.chat takes them), or None without a script. `reward` is the environment's for the final
+    answer, so a demonstration that does not solve its task can be dropped."""
+    turns = teacher_turns(task)
+    if turns is None:
+        return None
+    env = make_env()
+    try:
+        messages = env.reset(task)
+        tools = env.tool_specs()
+        reward = None
+        for text in turns:
+            step = env.step(text)
+            messages.append({"role": "assistant", "content": text})
+            if step.done:
+                reward = step.reward
+                break
+            messages.extend(step.messages)
+        return {"messages": messages, "tools": tools, "reward": reward}
+    finally:
+        env.close()

@@ -1,0 +1,261 @@
+"""Agent-RL training: agent GRPO updates (keye.rl.agent_grpo) of a checkpoint's policy over agent tasks with the
+`frames`, `search` and `python` tools, step checkpoints that resume bit for bit, the trajectories of every step as
+Parquet (what the stage logs to MLflow), and a final/ directory laid out as every trained checkpoint (weights,
+tokenizer, frame policy) so `keye eval` / `keye serve` / the next stage load it unchanged.
+
+Determinism: tasks come in a seeded permutation per epoch with the cursor saved, and each step's rollouts are
+seeded by the step, so a run stopped at any step checkpoint continues exactly as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keye.agent.demos import demonstration
+from keye.agent.env import AgentTask, EnvLimits, ToolEnv
+from keye.agent.sandbox import SandboxLimits
+from keye.agent.search import Document, SearchIndex
+from keye.agent.tools import FramesTool, PythonTool, SearchTool
+from keye.core.atomic import atomic_dir
+from keye.determinism import seed_everything, without_timings
+from keye.rl.agent_grpo import agent_grpo_step
+from keye.rl.agent_rollouts import AgentSettings, trajectory_rows, write_trajectories
+from keye.rl.freezing import freeze_vision_and_projector
+from keye.rl.grpo import GRPOSettings
+from keye.rl.rewards import get_reward
+from keye.train import checkpointing as ckpt
+
+LogFn = Callable[[dict[str, float], int], None]
+TOOLS = ("frames", "search", "python")
+
+
+@dataclass
+class AgentRLSchedule:
+    steps: int = 100
+    lr: float = 1e-6
+    tasks_per_step: int = 8
+    save_every: int = 25
+    keep_last: int = 2
+    seed: int = 0
+    warmup_steps: int = 0  # supervised steps on tool-use demonstrations before RL (0: none)
+    warmup_lr: float = 1e-4
+
+
+@dataclass
+class AgentToolSettings:
+    tools: tuple[str, ...] = TOOLS
+    max_turns: int = 4
+    max_calls_per_turn: int = 2
+    frames_max: int = 8  # frames one `frames` call may return
+    python: SandboxLimits = field(default_factory=SandboxLimits)
+    reward: str = "agent_task"
+
+
+@dataclass
+class AgentRLResult:
+    checkpoint_dir: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    trajectories: list[Path] = field(default_factory=list)
+
+
+def env_factory(chat: Any, docs: Sequence[Document], settings: AgentToolSettings) -> Callable[[], ToolEnv]:
+    """A fresh environment per episode (the python tool's scratch directory is per episode)."""
+    index = SearchIndex(list(docs))
+    reward = get_reward(settings.reward)
+    limits = EnvLimits(settings.max_turns, settings.max_calls_per_turn)
+    unknown = sorted(set(settings.tools) - set(TOOLS))
+    if unknown:
+        raise ValueError(f"unknown agent tool(s) {unknown}; choose from {list(TOOLS)}")
+
+    def make() -> ToolEnv:
+        tools: list[Any] = []
+        if "frames" in settings.tools:
+            tools.append(FramesTool(chat.policy, max_frames=settings.frames_max))
+        if "search" in settings.tools:
+            tools.append(SearchTool(index))
+        if "python" in settings.tools:
+            tools.append(PythonTool(settings.python))
+        return ToolEnv(tools, reward, limits)
+
+    return make
+
+
+def demonstrations(tasks: Sequence[AgentTask], make_env: Callable[[], ToolEnv]) -> list[dict[str, Any]]:
+    """The teacher's solved conversations for the tasks it has a script for (unsolved ones dropped)."""
+    demos = (demonstration(t, make_env) for t in tasks)
+    return [d for d in demos if d is not None and d["reward"] == 1.0]
+
+
+def _take(tasks: Sequence[AgentTask], seed: int, position: int, n: int) -> list[AgentTask]:
+    out = []
+    for p in range(position, position + n):
+        epoch, i = divmod(p, len(tasks))
+        out.append(tasks[int(np.random.default_rng([seed, epoch]).permutation(len(tasks))[i])])
+    return out
+
+
+def demo_warmup(
+    chat: Any, demos: Sequence[dict[str, Any]], steps: int, lr: float, seed: int, batch_size: int = 4
+) -> dict[str, float]:
+    """Supervised steps on tool-use demonstrations (keye.agent.demos): cross-entropy on the assistant tokens only
+    (calls and answers; tool turns and prompts masked), so the policy writes calls RL can then reward."""
+    from keye.rl.policy import _positions
+
+    model = chat.model
+    examples = [chat.encode(d["messages"], tools=d["tools"], add_generation_prompt=False) for d in demos]
+    if not examples or steps <= 0:
+        return {}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 19])
+    model.train()
+    losses = []
+    for _ in range(steps):
+        pick = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
+        ids, pos, labels, patches, grids, lens = [], [], [], [], [], []
+        for i in pick:
+            prompt, mask = examples[int(i)]
+            ids.append(prompt.input_ids)
+            pos.append(_positions(model, prompt.input_ids, prompt.patch_grids))
+            labels.append(torch.where(mask, prompt.input_ids, torch.full_like(prompt.input_ids, -100)))
+            lens.append(len(prompt.input_ids))
+            if prompt.pixel_patches is not None:
+                patches.append(prompt.pixel_patches)
+                grids.append(prompt.patch_grids)
+        cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+        out = model(
+            input_ids=torch.cat(ids).to(model.device),
+            position_ids=torch.cat(pos, dim=1).to(model.device),
+            cu_seqlens=cu.to(model.device),
+            labels=torch.cat(labels).to(model.device),
+            pixel_patches=torch.cat(patches).to(model.device, model.dtype) if patches else None,
+            patch_grids=torch.cat(grids).to(model.device) if grids else None,
+        )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    return {
+        "warmup_loss_first": losses[0],
+        "warmup_loss_last": losses[-1],
+        "warmup_demos": float(len(examples)),
+    }
+
+
+def _save_step(chat: Any, opt: Any, out_dir: Path, step: int, trainer: dict[str, Any], keep: int) -> None:
+    from keye.model.checkpoint import save_checkpoint
+
+    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
+        raise FloatingPointError(f"[agent_rl] weights are not finite at step {step}; checkpoint not written")
+    tmp = ckpt.temp_dir_for(out_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.write_rank_files(tmp, 0, opt.state_dict())
+    save_checkpoint(chat.model, tmp / "model")
+    meta = {"step": step, "stage": "agent_rl", "kind": "agent_rl", "world_size": 1}
+    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), trainer, meta, keep)
+
+
+def _load_step(chat: Any, opt: Any, step_dir: Path) -> dict[str, Any]:
+    from keye.model.checkpoint import read_state
+
+    missing, unexpected = chat.model.load_state_dict(read_state(step_dir / "model"), strict=False)
+    tied = chat.model.config.lm.tie_word_embeddings
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied)]
+    if missing or unexpected:
+        raise KeyError(f"step checkpoint {step_dir} does not match the model: {missing=} {unexpected=}")
+    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
+    opt.load_state_dict(optim_state)
+    ckpt.set_rng_state(rng)
+    return ckpt.read_trainer_state(step_dir)
+
+
+def train_agent_rl(
+    init_checkpoint: str | Path,
+    tasks: Sequence[AgentTask],
+    docs: Sequence[Document],
+    out_dir: str | Path,
+    schedule: AgentRLSchedule,
+    grpo: GRPOSettings,
+    agent: AgentSettings,
+    tools: AgentToolSettings | None = None,
+    *,
+    device: str = "cpu",
+    log_metrics: LogFn | None = None,
+) -> AgentRLResult:
+    """Train into out_dir (step-N/ checkpoints, trajectories/step-N.parquet, final/); re-running with the same
+    out_dir resumes from the newest complete step checkpoint, and a finished run returns at once."""
+    from keye.model.checkpoint import save_checkpoint
+    from keye.serve.chat import ChatModel
+    from keye.train.bundle import bundle_checkpoint
+
+    if not tasks:
+        raise ValueError("the agent task set is empty (derive it with keye.agent.tasks.derive_tasks)")
+    init_checkpoint, out_dir = Path(init_checkpoint), Path(out_dir)
+    final, traj_dir = out_dir / "final", out_dir / "trajectories"
+    latest = ckpt.latest_checkpoint(out_dir)
+    if (final / "config.json").is_file() and latest is not None and latest[0] >= schedule.steps:
+        done = ckpt.read_trainer_state(latest[1])
+        return AgentRLResult(
+            final, latest[0], done.get("last_metrics", {}), sorted(traj_dir.glob("*.parquet"))
+        )
+    seed_everything(schedule.seed)
+    chat = ChatModel.from_checkpoint(init_checkpoint, device=device)
+    freeze_vision_and_projector(chat.model)
+    opt = torch.optim.AdamW(
+        [p for p in chat.model.parameters() if p.requires_grad], lr=schedule.lr, weight_decay=0.0
+    )
+    ref = None
+    if grpo.kl_coef > 0:
+        ref = ChatModel.from_checkpoint(init_checkpoint, device=device).model.requires_grad_(False)
+    trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
+    if latest is not None:
+        trainer = _load_step(chat, opt, latest[1])
+        print(f"[agent_rl] resuming from {latest[1]} (step {trainer['step']})", flush=True)
+    make_env = env_factory(chat, docs, tools or AgentToolSettings())
+    if latest is None and schedule.warmup_steps > 0:
+        warm = demo_warmup(
+            chat, demonstrations(tasks, make_env), schedule.warmup_steps, schedule.warmup_lr, schedule.seed
+        )
+        print(f"[agent_rl] demonstration warm-up: {warm}", flush=True)
+        with atomic_dir(out_dir / "warmup") as build:  # the warm-up alone, so RL's own gain can be measured
+            save_checkpoint(chat.model, build)
+            bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
+    step, cursor = int(trainer["step"]), int(trainer["cursor"])
+    while step < schedule.steps:
+        t0 = time.perf_counter()
+        batch = _take(tasks, schedule.seed, cursor, schedule.tasks_per_step)
+        cursor += len(batch)
+        m, groups = agent_grpo_step(
+            chat,
+            opt,
+            batch,
+            make_env,
+            grpo,
+            agent,
+            ref_model=ref,
+            seed=schedule.seed * 1_000_003 + step * 7919,
+        )
+        step += 1
+        write_trajectories(traj_dir / f"step-{step:06d}.parquet", trajectory_rows(groups, step))
+        m = {**m, "lr": opt.param_groups[0]["lr"], "step_seconds": time.perf_counter() - t0}
+        if not all(math.isfinite(v) for v in m.values()):
+            raise FloatingPointError(f"[agent_rl] non-finite metrics at step {step}: {m}")
+        if log_metrics is not None:
+            log_metrics(m, step)
+        stable = {k: v for k, v in without_timings(m).items() if not k.endswith(("_seconds", "_per_s"))}
+        trainer = {"step": step, "cursor": cursor, "last_metrics": stable}
+        if step % schedule.save_every == 0 or step == schedule.steps:
+            _save_step(chat, opt, out_dir, step, trainer, schedule.keep_last)
+    with atomic_dir(final) as build:
+        save_checkpoint(chat.model, build)
+        bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
+    return AgentRLResult(final, step, trainer["last_metrics"], sorted(traj_dir.glob("*.parquet")))
