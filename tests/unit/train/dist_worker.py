@@ -1,0 +1,115 @@
+"""One rank of the multi-process tests (run by tests/unit/train/test_sharded_checkpoint.py and test_expert_parallel.py
+with RANK/WORLD_SIZE/MASTER_* set; gloo, CPU, float32, one thread).
+
+    python dist_worker.py SPEC.json   -> writes {"losses": [...], ...} to SPEC["out"] (rank 0)
+
+The training loop is the trainer's loss rule in miniature: the step loss is the mean over all target tokens of the
+global batch; rank r takes samples r, r+W, ...; every sample gets its own forward, so its loss is computed the same
+way on any world size, and the logged step loss is the float64 sum of the per-sample sums in global sample order
+(the same bits on 1, 2 or 4 ranks for the same weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from keye.model import build_model
+from keye.model.config import preset
+
+N_SAMPLES, SEQ, VOCAB = 4, 24, 512
+
+
+def tiny_config(layers: int = 2, experts: int = 4):
+    cfg = preset("tiny", vocab_size=VOCAB, image_token_id=VOCAB - 1)
+    cfg.lm.num_layers = layers
+    cfg.lm.num_experts = experts
+    cfg.lm.attention_modes = []
+    return cfg
+
+
+def batch(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(0, VOCAB - 1, (SEQ - i,), generator=g) for i in range(N_SAMPLES)]
+
+
+def sample_loss(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    out = model(input_ids=ids, labels=ids)
+    n = int(out.num_tokens)
+    return out.lm_loss * n + model.config.lm.router_aux_loss_coef * out.aux_loss, n
+
+
+def train_steps(model, opt, steps: range, rank: int, world: int) -> list[float]:
+    losses = []
+    for s in steps:
+        samples = batch(s)
+        total_targets = sum(len(x) - 1 for x in samples)
+        mine = list(range(rank, N_SAMPLES, world))
+        sums = torch.zeros(N_SAMPLES, dtype=torch.float64)
+        for i in mine:
+            loss, n = sample_loss(model, samples[i])
+            (loss * world / total_targets).backward()  # FSDP averages gradients over ranks: undo it
+            sums[i] = loss.detach().double()
+        if world > 1:
+            dist.all_reduce(sums)  # exactly one rank holds each entry; the others add 0.0
+        losses.append(float(sums.sum()) / total_targets)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def eval_loss(model) -> float:
+    """Float64 mean target loss over batch(99), sample by sample (the same bits wherever the weights are equal)."""
+    samples = batch(99)
+    return sum(float(sample_loss(model, x)[0].double()) for x in samples) / sum(len(x) - 1 for x in samples)
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from keye.train.fsdp import shard_model
+    from keye.train.sharded_checkpoint import export_full, load_sharded, save_sharded
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+    model = build_model(tiny_config(spec.get("layers", 2)), seed=0).train()
+    shard_model(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    result: dict = {"world": world}
+    start = 0
+    if spec.get("resume"):
+        extra = load_sharded(spec["resume"], model, None if spec.get("drop_optimizer") else opt)
+        start = int(extra["step"])
+    losses = train_steps(model, opt, range(start, spec.get("save_at", spec["steps"])), rank, world)
+    if "save_at" in spec:
+        group = dist.new_group(
+            backend="gloo"
+        )  # the background writer's own group (training keeps the default)
+        pending = save_sharded(
+            spec["ckpt"], model, opt, {"step": spec["save_at"]}, async_save=True, process_group=group
+        )
+        losses += train_steps(model, opt, range(spec["save_at"], spec["steps"]), rank, world)
+        pending.wait()
+        result["files"] = sorted(p.name for p in Path(spec["ckpt"]).iterdir())
+    if spec.get("export"):
+        export_full(model, model.config, spec["export"])
+        result["eval_loss"] = eval_loss(model.eval())
+    result["losses"] = losses
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
