@@ -462,11 +462,11 @@ def down(workspace: WorkspaceOpt = Path("./workspace")) -> None:
 
 
 @app.command()
-def doctor(workspace: WorkspaceOpt = Path("./workspace")) -> None:
-    """Check the environment: torch/triton/CUDA, versions, ports, disk; say how to fix what is missing."""
+def doctor(workspace: WorkspaceOpt = Path("./workspace"), config: ConfigOpt = None) -> None:
+    """Check the environment: torch/triton/CUDA, versions, ports, disk, the device mesh; say how to fix it."""
     from keye.doctor import render, run_checks
 
-    checks = run_checks(workspace)
+    checks = run_checks(workspace, config)
     typer.echo(render(checks))
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 

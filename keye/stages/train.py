@@ -35,8 +35,16 @@ def recipes(config: PipelineConfig) -> list[StageSettings]:
 
 
 def params(run_config: Any, recipe: StageSettings) -> dict[str, Any]:
-    """What the recipe's MLflow run records as its params."""
-    return {"preset": run_config.train.preset, **recipe.model_dump(mode="json")}
+    """What the recipe's MLflow run records as its params (the mesh as resolved for this job's world size)."""
+    import os
+
+    from keye.model.config import preset
+    from keye.train.parallel import resolve_mesh
+
+    t = run_config.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh = resolve_mesh(t.parallel, world, preset(t.preset).lm.num_experts)
+    return {"preset": t.preset, **recipe.model_dump(mode="json"), **mesh.as_params()}
 
 
 def plan(
