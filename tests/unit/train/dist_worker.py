@@ -70,12 +70,57 @@ def eval_loss(model) -> float:
     return sum(float(sample_loss(model, x)[0].double()) for x in samples) / sum(len(x) - 1 for x in samples)
 
 
+def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
+    """One forward/backward of the packed batch split over `world` EP ranks (experts sharded when world > 1):
+    the summed loss, the expert counts and every gradient (dense: summed over ranks; experts: concatenated)."""
+    from safetensors.torch import save_file
+
+    from keye.model.expert_parallel import shard_experts
+
+    model = build_model(tiny_config(spec.get("layers", 2), spec.get("experts", 4)), seed=0).train()
+    if world > 1:
+        shard_experts(model)
+    samples = batch(0)
+    mine = samples[rank::world]
+    ids = torch.cat(mine)
+    cu = torch.tensor([0, *torch.tensor([len(x) for x in mine]).cumsum(0).tolist()], dtype=torch.int32)
+    out = model(input_ids=ids, cu_seqlens=cu, labels=ids)
+    n_all = sum(len(x) - 1 for x in samples)
+    coef = model.config.lm.router_aux_loss_coef
+    loss = out.lm_loss * out.num_tokens / n_all + coef * out.aux_loss / world  # the ranks' losses add up
+    loss.backward()
+    total = loss.detach().double().reshape(1)
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.contiguous()
+        if name.endswith(("w_gate", "w_up", "w_down")) and world > 1:
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g)
+            g = torch.cat(parts)
+        elif world > 1:
+            dist.all_reduce(g)
+        grads[name] = g
+    if world > 1:
+        dist.all_reduce(total)
+    if rank == 0:
+        save_file(grads, spec["grads"])
+    return {"loss": float(total), "expert_counts": out.expert_counts.tolist(), "aux": float(out.aux_loss)}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if spec.get("mode") == "ep":
+        result = expert_parallel_grads(spec, rank, world)
+        if rank == 0:
+            Path(spec["out"]).write_text(json.dumps(result))
+        dist.destroy_process_group()
+        return
     from torch.distributed.device_mesh import init_device_mesh
 
     from keye.train.fsdp import shard_model

@@ -1,0 +1,30 @@
+"""Expert parallelism (keye.model.expert_parallel) on 2 gloo CPU processes: tokens dispatched to the rank owning
+their expert by all-to-all and combined back; loss, balance statistics and every gradient equal one process
+holding all experts and the whole batch (float32 tolerance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist_launch import launch
+from safetensors.torch import load_file
+
+
+@pytest.mark.slow
+def test_ep2_loss_and_gradients_equal_one_process(tmp_path: Path) -> None:
+    spec = {"mode": "ep", "layers": 2, "experts": 4}
+    one = launch({**spec, "grads": str(tmp_path / "g1.safetensors")}, 1, tmp_path, "ep1")
+    two = launch({**spec, "grads": str(tmp_path / "g2.safetensors")}, 2, tmp_path, "ep2")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6, abs=0)
+    assert two["aux"] == pytest.approx(one["aux"], rel=1e-6, abs=0)  # balance loss over the EP group's batch
+    assert two["expert_counts"] == one["expert_counts"]  # load statistics aggregated over the group
+    assert min(min(c) for c in one["expert_counts"]) > 0  # every expert got tokens: both ranks did work
+    g1, g2 = load_file(tmp_path / "g1.safetensors"), load_file(tmp_path / "g2.safetensors")
+    assert sorted(g1) == sorted(g2)
+    assert any(k.endswith("w_down") for k in g1) and any(k.endswith("mlp.gate.weight") for k in g1)
+    for name in g1:
+        scale = float(g1[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
