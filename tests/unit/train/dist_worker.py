@@ -109,14 +109,57 @@ def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
     return {"loss": float(total), "expert_counts": out.expert_counts.tolist(), "aux": float(out.aux_loss)}
 
 
+def context_parallel_grads(spec: dict, rank: int, world: int) -> dict:
+    """One forward/backward of a 96-row pack of 4 samples split over `world` CP ranks (load-balanced chunks that
+    cut through samples): the summed loss and every gradient summed over the ranks."""
+    from safetensors.torch import save_file
+
+    from keye.model.context_parallel import CPContext, set_context
+    from keye.model.lm import chunked_cross_entropy, default_position_ids, shifted_targets
+
+    cfg = tiny_config(spec.get("layers", 2), spec.get("experts", 4))
+    cfg.lm.router_aux_loss_coef = (
+        0.0  # the balance loss over a CP group is expert_parallel's, not tested here
+    )
+    cfg.lm.dsa.topk = spec.get("topk", 8)
+    cfg.set_attention_mode(spec["attention"])
+    model = build_model(cfg, seed=0).train()
+    cu = torch.tensor([0, 30, 47, 72, 96], dtype=torch.int32)
+    ids = torch.randint(0, VOCAB - 1, (96,), generator=torch.Generator().manual_seed(7))
+    pos, targets = default_position_ids(cu), shifted_targets(ids, cu)
+    rows = torch.arange(96)
+    if world > 1:
+        cpc = CPContext.balanced(cu)
+        set_context(model, cpc)
+        rows = cpc.rows
+    out = model.lm(model.lm.embed_tokens(ids[rows]), pos[:, rows], cu)
+    total, _ = chunked_cross_entropy(out.hidden, model.lm.lm_head.weight, targets[rows])
+    loss = total / int((targets != -100).sum())
+    if out.indexer_loss is not None:
+        loss = loss + out.indexer_loss
+    loss.backward()
+    sums = torch.stack(
+        [loss.detach(), out.indexer_loss.detach() if out.indexer_loss is not None else loss * 0]
+    )
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    if world > 1:
+        dist.all_reduce(sums)
+        for g in grads.values():
+            dist.all_reduce(g)
+    if rank == 0:
+        save_file(grads, spec["grads"])
+    return {"loss": float(sums[0]), "indexer_loss": float(sums[1]), "rows": rows.tolist()}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if spec.get("mode") == "ep":
-        result = expert_parallel_grads(spec, rank, world)
+    if spec.get("mode") in ("ep", "cp"):
+        fn = expert_parallel_grads if spec["mode"] == "ep" else context_parallel_grads
+        result = fn(spec, rank, world)
         if rank == 0:
             Path(spec["out"]).write_text(json.dumps(result))
         dist.destroy_process_group()
