@@ -16,7 +16,7 @@ def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True) -> n
     for layer in lm.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     vision = getattr(model, "vision", None)
-    for block in getattr(vision, "layers", []):
+    for block in vision.encoder.layers if vision is not None else []:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model

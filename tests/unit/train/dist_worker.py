@@ -151,14 +151,67 @@ def context_parallel_grads(spec: dict, rank: int, world: int) -> dict:
     return {"loss": float(sums[0]), "indexer_loss": float(sums[1]), "rows": rows.tolist()}
 
 
+# frames (patch grid h x w) of the 4 samples: sample 0 is a "long video", the others short
+FRAMES = [[(4, 4), (6, 4), (8, 8), (4, 6), (2, 2)], [(4, 4)], [(6, 6)], []]
+
+
+def vit_apart_grads(spec: dict, rank: int, world: int) -> dict:
+    """Samples r, r+W, ... on rank r; the ViT encodes frames dealt over all ranks (keye.model.vision_parallel)
+    when world > 1. Returns the summed loss, each rank's frame and patch counts encoded; grads summed over ranks."""
+    from safetensors.torch import save_file
+
+    from keye.model.lm import chunked_cross_entropy, default_position_ids, shifted_targets
+    from keye.model.vision_parallel import deal_frames, embed_apart
+
+    cfg = tiny_config(spec.get("layers", 2), spec.get("experts", 4))
+    cfg.lm.router_aux_loss_coef = 0.0  # a per-rank statistic under data parallelism (the trainer's rule)
+    model = build_model(cfg, seed=0).train()
+    g = torch.Generator().manual_seed(3)
+    dim = cfg.vision.in_channels * cfg.vision.patch_size**2
+    samples = []
+    for i, frames in enumerate(FRAMES):
+        n_vis = sum((h // 2) * (w // 2) for h, w in frames)
+        text = torch.randint(0, VOCAB - 1, (10 + i,), generator=g)
+        ids = torch.cat([text[:4], torch.full((n_vis,), cfg.image_token_id), text[4:]])
+        pix = torch.randn(sum(h * w for h, w in frames), dim, generator=g)
+        samples.append((ids, pix, frames))
+    n_all = sum(int((shifted_targets(s[0], torch.tensor([0, len(s[0])])) != -100).sum()) for s in samples)
+    mine = samples[rank::world]
+    ids = torch.cat([s[0] for s in mine])
+    pix = torch.cat([s[1] for s in mine])
+    grids = torch.tensor([[1, h, w] for s in mine for h, w in s[2]], dtype=torch.int64).reshape(-1, 3)
+    cu = torch.tensor([0, *torch.tensor([len(s[0]) for s in mine]).cumsum(0).tolist()], dtype=torch.int32)
+    labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+    if world > 1:
+        x = embed_apart(model, ids, pix, grids)
+    else:
+        x = model.embed(ids, pix, grids)
+    out = model.lm(x, default_position_ids(cu), cu)
+    total, _ = chunked_cross_entropy(out.hidden, model.lm.lm_head.weight, shifted_targets(labels, cu))
+    loss = total / n_all
+    loss.backward()
+    sums = loss.detach().reshape(1)
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    if world > 1:
+        dist.all_reduce(sums)
+        for t in grads.values():
+            dist.all_reduce(t)
+    if rank == 0:
+        save_file(grads, spec["grads"])
+    every = [hw for s in samples[0::world] for hw in s[2]] + [hw for s in samples[1::world] for hw in s[2]]
+    owners = deal_frames([h * w for h, w in every], world) if world > 1 else [0] * len(every)
+    encoded = [sum(h * w for (h, w), o in zip(every, owners, strict=True) if o == r) for r in range(world)]
+    return {"loss": float(sums[0]), "patches_encoded": encoded, "frames_held": [len(grids)]}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if spec.get("mode") in ("ep", "cp"):
-        fn = expert_parallel_grads if spec["mode"] == "ep" else context_parallel_grads
+    if spec.get("mode") in ("ep", "cp", "vit"):
+        fn = {"ep": expert_parallel_grads, "cp": context_parallel_grads, "vit": vit_apart_grads}[spec["mode"]]
         result = fn(spec, rank, world)
         if rank == 0:
             Path(spec["out"]).write_text(json.dumps(result))
