@@ -33,6 +33,25 @@ def tiny_config(layers: int = 2, experts: int = 4):
     return cfg
 
 
+def shaped_30b_config(layers: int = 4):
+    """30B-A3B's structure at CPU widths: 32 query / 4 KV heads (GQA 8), 128 experts top-8, the indexer's 16
+    heads; hidden 128, head_dim 16, expert width 16, vocab 512 (the real widths need GBs per layer)."""
+    cfg = preset("30b-a3b", vocab_size=VOCAB, image_token_id=VOCAB - 1)
+    lm = cfg.lm
+    lm.num_layers, lm.hidden_size, lm.head_dim, lm.mrope_section = layers, 128, 16, [2, 3, 3]
+    lm.moe_intermediate_size, lm.dsa.index_dim = 16, 16
+    v = cfg.vision
+    v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size, v.pos_grid = 64, 1, 2, 128, 16
+    cfg.validate()
+    return cfg
+
+
+def model_config(spec: dict):
+    if spec.get("shape") == "30b":
+        return shaped_30b_config(spec.get("layers", 4))
+    return tiny_config(spec.get("layers", 2), spec.get("experts", 4))
+
+
 def batch(step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     return [torch.randint(0, VOCAB - 1, (SEQ - i,), generator=g) for i in range(N_SAMPLES)]
@@ -77,7 +96,7 @@ def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
 
     from keye.model.expert_parallel import shard_experts
 
-    model = build_model(tiny_config(spec.get("layers", 2), spec.get("experts", 4)), seed=0).train()
+    model = build_model(model_config(spec), seed=0).train()
     if world > 1:
         shard_experts(model)
     samples = batch(0)

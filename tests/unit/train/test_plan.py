@@ -4,9 +4,6 @@ suggested meshes for 30B-A3B."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from keye.model.config import preset
@@ -74,12 +71,12 @@ def test_30b_meshes_at_32k_and_256k() -> None:
 
 
 def test_cli() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "keye.cli", "plan", "--preset", "30b-a3b", "--gpus", "64", "--seq", "262144"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert "mesh: dp_shard=4 x ep=8 x cp=2 = 64 GPUs" in out.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "keye.cli", "plan", "--gpus", "8", "--ep", "3"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "does not divide --gpus 8" in bad.stderr
+    from typer.testing import CliRunner
+
+    from keye.cli import app
+
+    out = CliRunner().invoke(app, ["plan", "--preset", "30b-a3b", "--gpus", "64", "--seq", "262144"])
+    assert out.exit_code == 0, out.output
+    assert "mesh: dp_shard=4 x ep=8 x cp=2 = 64 GPUs" in out.output
+    bad = CliRunner().invoke(app, ["plan", "--gpus", "8", "--ep", "3"])
+    assert bad.exit_code == 2 and "does not divide --gpus 8" in bad.output
