@@ -104,22 +104,33 @@ def group_balance_stats(probs: Tensor, topk_idx: Tensor, num_experts: int, group
     return loss, c.detach().round().to(torch.int64)
 
 
-def shard_experts(model: nn.Module, group=None) -> nn.Module:  # noqa: ANN001
-    """Keep only this rank's experts in every MoE layer of `model` and route through `group` (default: WORLD).
-    The balance loss each rank returns is the group's; a caller summing the ranks' losses weighs it by 1/ep."""
+def shard_experts(model: nn.Module, mesh=None) -> nn.Module:  # noqa: ANN001 - a 1-D DeviceMesh (the ep dim)
+    """Keep only this rank's experts in every MoE layer of `model` and route through the mesh's group (default:
+    a 1-D mesh over WORLD). The expert weights become DTensors sharded on dim 0 over the ep mesh, so
+    torch.distributed.checkpoint saves each rank's experts with their global offsets and loads them on another ep
+    (or into a plain model). The balance loss each rank returns is the group's; a caller summing the ranks'
+    losses weighs it by 1/ep."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     from keye.model.moe import MoE
 
-    group = group or dist.group.WORLD
-    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    if mesh is None:
+        mesh = init_device_mesh("cpu" if not torch.cuda.is_available() else "cuda", (dist.get_world_size(),))
+    ep = mesh.size()
     for m in model.modules():
         if not isinstance(m, MoE):
             continue
-        e = m.cfg.num_experts
-        if e % ep:
-            raise ValueError(f"expert parallel degree {ep} does not divide {e} experts")
-        lo, hi = rank * (e // ep), (rank + 1) * (e // ep)
+        if m.cfg.num_experts % ep:
+            raise ValueError(f"expert parallel degree {ep} does not divide {m.cfg.num_experts} experts")
         for name in ("w_gate", "w_up", "w_down"):
             full = getattr(m, name)
-            setattr(m, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
-        m.ep_group = group
+            shard = distribute_tensor(full.detach(), mesh, [Shard(0)], src_data_rank=None)
+            setattr(m, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+        m.ep_group = mesh.get_group()
     return model
+
+
+def local_experts(*weights: Tensor) -> tuple[Tensor, ...]:
+    """This rank's expert weights as plain tensors (DTensor shards under EP; autograd flows back to the DTensor)."""
+    return tuple(w.to_local() if hasattr(w, "to_local") else w for w in weights)

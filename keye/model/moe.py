@@ -44,7 +44,7 @@ class MoE(nn.Module):
         if self.ep_group is not None:
             from keye.model import expert_parallel as ep
 
-            w = (self.w_gate, self.w_up, self.w_down)
+            w = ep.local_experts(self.w_gate, self.w_up, self.w_down)
             y = ep.dispatch_combine(x, topk_idx, topk_weight, *w, e, self.ep_group)
             balance, counts = ep.group_balance_stats(probs, topk_idx, e, self.ep_group)
             return y, MoEAux(load_balance_loss=balance, expert_counts=counts, router_probs=probs)

@@ -91,29 +91,46 @@ def eval_loss(model) -> float:
 
 def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
     """One forward/backward of the packed batch split over `world` EP ranks (experts sharded when world > 1):
-    the summed loss, the expert counts and every gradient (dense: summed over ranks; experts: concatenated)."""
+    the summed loss, the expert counts and every gradient (dense: summed over ranks; experts: concatenated).
+    Optional: "load" a DCP checkpoint first; "update" (an SGD step of that lr, then "post_loss"); "save" after."""
     from safetensors.torch import save_file
 
     from keye.model.expert_parallel import shard_experts
+    from keye.train.sharded_checkpoint import load_sharded, save_sharded
 
     model = build_model(model_config(spec), seed=0).train()
     if world > 1:
         shard_experts(model)
+    if spec.get("load"):
+        load_sharded(spec["load"], model)
     samples = batch(0)
     mine = samples[rank::world]
     ids = torch.cat(mine)
     cu = torch.tensor([0, *torch.tensor([len(x) for x in mine]).cumsum(0).tolist()], dtype=torch.int32)
-    out = model(input_ids=ids, cu_seqlens=cu, labels=ids)
     n_all = sum(len(x) - 1 for x in samples)
     coef = model.config.lm.router_aux_loss_coef
-    loss = out.lm_loss * out.num_tokens / n_all + coef * out.aux_loss / world  # the ranks' losses add up
+
+    def step_loss():  # noqa: ANN202
+        out = model(input_ids=ids, cu_seqlens=cu, labels=ids)
+        return (
+            out,
+            out.lm_loss * out.num_tokens / n_all + coef * out.aux_loss / world,
+        )  # the ranks' losses add up
+
+    def summed(x: torch.Tensor) -> float:
+        x = x.detach().double().reshape(1)
+        if world > 1:
+            dist.all_reduce(x)
+        return float(x[0])
+
+    out, loss = step_loss()
     loss.backward()
-    total = loss.detach().double().reshape(1)
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = p.grad.contiguous()
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        g = g.contiguous().clone()  # the reductions below must not touch p.grad
         if name.endswith(("w_gate", "w_up", "w_down")) and world > 1:
             parts = [torch.empty_like(g) for _ in range(world)]
             dist.all_gather(parts, g)
@@ -121,11 +138,23 @@ def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
         elif world > 1:
             dist.all_reduce(g)
         grads[name] = g
-    if world > 1:
-        dist.all_reduce(total)
-    if rank == 0:
+    result = {"loss": summed(loss), "expert_counts": out.expert_counts.tolist(), "aux": float(out.aux_loss)}
+    if rank == 0 and spec.get("grads"):
         save_file(grads, spec["grads"])
-    return {"loss": float(total), "expert_counts": out.expert_counts.tolist(), "aux": float(out.aux_loss)}
+    if spec.get("update"):
+        with torch.no_grad():
+            for p in model.parameters():
+                if (
+                    p.grad is not None
+                ):  # DDP's rule for the dense weights: every rank applies the summed gradient
+                    g = p.grad
+                    if not hasattr(g, "to_local") and world > 1:
+                        dist.all_reduce(g)
+                    p -= spec["update"] * g
+        result["post_loss"] = summed(step_loss()[1])
+    if spec.get("save"):
+        save_sharded(spec["save"], model, None).wait()
+    return result
 
 
 def context_parallel_grads(spec: dict, rank: int, world: int) -> dict:

@@ -31,3 +31,15 @@ def test_ep2_loss_and_gradients_equal_one_process(tmp_path: Path, shape: str) ->
         scale = float(g1[name].abs().max())
         assert scale > 0, name
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_loads_into_one_process_without_ep(tmp_path: Path) -> None:
+    """Experts are DTensor shards: DCP writes each rank's experts at their global offsets, and a plain model on
+    one process reads the whole tensors back (resharding ep=2 -> 1)."""
+    ck = str(tmp_path / "ep-step")
+    two = launch({"mode": "ep", "update": 0.5, "save": ck}, 2, tmp_path, "ep2save")
+    loaded = launch({"mode": "ep", "load": ck}, 1, tmp_path, "ep1load")
+    assert abs(two["post_loss"] - two["loss"]) > 1e-3  # the update moved the weights (experts included)
+    # the updated ep=2 weights, read by one process without EP, give the loss the EP ranks measured after it
+    assert loaded["loss"] == pytest.approx(two["post_loss"], rel=1e-6, abs=0)
