@@ -62,6 +62,11 @@ def plan(
 def train(run: StageRun, plan: TrainPlan) -> None:
     """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
     t, lineage = run.config.train, run.lineage
+    if t.parallel.ep > 1 or t.parallel.cp > 1:  # validated and planned, not yet run by the trainer: say so
+        raise ConfigError(
+            f"train.parallel: ep={t.parallel.ep}, cp={t.parallel.cp}: expert and context parallelism are not wired "
+            "into the trainer yet (docs/TRAINING.md 'What is not wired yet'); set ep: 1 and cp: 1"
+        )
     tok_dir = Path(run.meta(plan.packset_id)["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
     shards = shard_map(lineage, lineage.input_of_kind(plan.packset_id, "shardset"))
