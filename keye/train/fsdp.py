@@ -8,9 +8,15 @@ from __future__ import annotations
 from torch import nn
 
 
-def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:  # mesh: DeviceMesh
-    """Apply fully_shard in place (decoder layers, ViT blocks, then the root) and return the model."""
+def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:  # noqa: ANN001
+    """Apply fully_shard in place (decoder layers, ViT blocks, then the root) and return the model. mp_policy: an
+    FSDP2 MixedPrecisionPolicy (None: compute in the parameters' dtype)."""
+    from functools import partial
+
     from torch.distributed.fsdp import fully_shard
+
+    if mp_policy is not None:
+        fully_shard = partial(fully_shard, mp_policy=mp_policy)
 
     lm = getattr(model, "lm", model)
     for layer in lm.layers:

@@ -95,6 +95,7 @@ def save_sharded(
     *,
     async_save: bool = False,
     process_group: Any = None,
+    meta: dict[str, Any] | None = None,
 ) -> PendingSave:
     """Write model + optimizer shards of every rank to `path` (a directory, committed by `.wait()`).
 
@@ -115,7 +116,7 @@ def save_sharded(
     save_state_file(rng_state(), tmp / f"rng-rank{_rank()}.safetensors")
     if _rank() == 0:
         save_state_file(extra or {}, tmp / "extra.safetensors")
-    meta = {"format": FORMAT, "world_size": _world(), "optimizer": optimizer is not None}
+    meta = {**(meta or {}), "format": FORMAT, "world_size": _world(), "optimizer": optimizer is not None}
     if async_save:
         fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=process_group)
         return PendingSave(tmp, final, meta, fut)
@@ -136,7 +137,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_sharded(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Load model (+ optimizer) shards into an already sharded (or plain) model on any world size; returns the
     `extra` dict. RNG streams are restored only when the world size is the one that wrote them (otherwise the
@@ -156,9 +160,26 @@ def load_sharded(
     set_model_state_dict(model, state["model"])  # strict: every weight must come from the checkpoint
     if optimizer is not None:  # not strict: parameters that never had a gradient have no saved state
         set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
-    if meta["world_size"] == _world():
-        set_rng_state(load_state_file(path / f"rng-rank{_rank()}.safetensors"))
-    return load_state_file(path / "extra.safetensors")
+    if restore_rng:
+        restore_rng_state(path)
+    return read_extra(path)
+
+
+def restore_rng_state(path: str | Path) -> bool:
+    """This rank's RNG streams, when the checkpoint was written by as many ranks as there are now."""
+    if read_meta(path)["world_size"] != _world():
+        return False
+    set_rng_state(load_state_file(Path(path) / f"rng-rank{_rank()}.safetensors"))
+    return True
+
+
+def read_extra(path: str | Path) -> dict[str, Any]:
+    """What the caller saved beside the shards (the trainer: step, scheduler, loader cursors, metrics)."""
+    return load_state_file(Path(path) / "extra.safetensors")
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / "extra.safetensors").is_file() and (Path(path) / ".metadata").is_file()
 
 
 def _only_saved(optim_sd: dict[str, Any], path: Path) -> dict[str, Any]:
