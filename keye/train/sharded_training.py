@@ -39,12 +39,12 @@ def check_parallel(parallel: Mapping[str, Any] | ParallelSettings, world: int) -
 
 def shard(model: nn.Module, world: int, device: torch.device, bf16: bool) -> nn.Module:
     """fully_shard over all ranks (fp32 shards; bf16 compute and fp32 gradient reduction on GPU)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from keye.train.fsdp import shard_model
+    from keye.train.parallel import MeshShape, build_mesh
 
-    mesh = init_device_mesh(torch.device(device).type, (world,), mesh_dim_names=("dp_shard",))
+    mesh = build_mesh(MeshShape(world, 1, 1), torch.device(device).type)["dp_shard"]
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     if not _CKPT_GROUP:
         _CKPT_GROUP.append(dist.new_group(backend="gloo"))

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["tiny", "30b"])
-def test_ep2_loss_and_gradients_equal_one_process(tmp_path: Path, shape: str) -> None:
-    """tiny: 2 layers, 4 experts top-2; 30b: 4 layers of 30B-A3B's structure (128 experts top-8, GQA 32/4)."""
-    spec = {"mode": "ep", "shape": shape}
+def test_ep2_loss_and_gradients_equal_one_process(tmp_path: Path) -> None:
+    """4 layers of 30B-A3B's structure (128 experts top-8, GQA 32/4) at CPU widths; 64 experts per rank. (The
+    tiny preset's 4 experts top-2 go through the same code: the checkpoint test below runs it under EP.)"""
+    spec = {"mode": "ep", "shape": "30b"}
     one = launch({**spec, "grads": str(tmp_path / "g1.safetensors")}, 1, tmp_path, "ep1")
     two = launch({**spec, "grads": str(tmp_path / "g2.safetensors")}, 2, tmp_path, "ep2")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6, abs=0)
