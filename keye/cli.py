@@ -459,6 +459,36 @@ def eval_score(
 
 
 @app.command()
+def plan(
+    preset: Annotated[str, typer.Option(help="model preset: tiny | small | 30b-a3b")] = "30b-a3b",
+    gpus: Annotated[int, typer.Option(help="number of GPUs (the world size)")] = 8,
+    seq: Annotated[int, typer.Option(help="tokens of one packed sequence per data-parallel rank")] = 32768,
+    ep: Annotated[int | None, typer.Option(help="expert-parallel degree (default: suggested)")] = None,
+    cp: Annotated[int | None, typer.Option(help="context-parallel degree (default: suggested)")] = None,
+    attention: Annotated[str, typer.Option(help="dense | dsa")] = "dsa",
+    act_ckpt: Annotated[bool, typer.Option(help="activation checkpointing")] = True,
+    precision: Annotated[str, typer.Option(help="mixed (fp32 states, bf16 compute) | bf16")] = "mixed",
+    budget_gib: Annotated[float, typer.Option(help="memory per GPU to plan for (GiB)")] = 0.85 * 139.8,
+) -> None:
+    """Memory per GPU of a training step and the mesh (dp_shard x ep x cp) to run it on (keye.train.plan)."""
+    from keye.train.plan import memory_plan, render, suggest_mesh
+
+    kw = {"attention": attention, "act_ckpt": act_ckpt, "precision": precision}
+    try:
+        if ep is None and cp is None:
+            chosen, tried = suggest_mesh(preset, gpus, seq, budget_gib, **kw)
+        else:
+            e, c = ep or 1, cp or 1
+            if gpus % (e * c):
+                _fail(f"--ep {e} x --cp {c} does not divide --gpus {gpus}")
+            chosen, tried = memory_plan(preset, gpus, seq, (gpus // (e * c), e, c), **kw), []
+    except (KeyError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(render(chosen, tried, budget_gib))
+    raise typer.Exit(0 if chosen.fits(budget_gib) else 1)
+
+
+@app.command()
 def up(
     workspace: WorkspaceOpt = Path("./workspace"),
     prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
@@ -506,11 +536,11 @@ def down(workspace: WorkspaceOpt = Path("./workspace")) -> None:
 
 
 @app.command()
-def doctor(workspace: WorkspaceOpt = Path("./workspace")) -> None:
-    """Check the environment: torch/triton/CUDA, versions, ports, disk; say how to fix what is missing."""
+def doctor(workspace: WorkspaceOpt = Path("./workspace"), config: ConfigOpt = None) -> None:
+    """Check the environment: torch/triton/CUDA, versions, ports, disk, the device mesh; say how to fix it."""
     from keye.doctor import render, run_checks
 
-    checks = run_checks(workspace)
+    checks = run_checks(workspace, config)
     typer.echo(render(checks))
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 

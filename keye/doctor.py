@@ -256,7 +256,37 @@ def check_commands() -> Check:
     return Check("commands", False, f"not found: {', '.join(missing)}", "pip install -e .")
 
 
-def run_checks(workspace: Path) -> list[Check]:
+def job_world_size() -> int:
+    """Ranks of the job this machine would run: WORLD_SIZE (under torchrun), else its CUDA devices, else 1."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def check_mesh(config: Path | None = None, world: int | None = None) -> Check:
+    """The device mesh (dp_shard x ep x cp) that train.parallel gives for this job's world size."""
+    from keye.core.config import ConfigError, load_config
+    from keye.model.config import preset
+    from keye.train.parallel import MeshError, resolve_mesh
+
+    if config is None and Path("pipelines.yaml").is_file():
+        config = Path("pipelines.yaml")
+    world = world or job_world_size()
+    try:
+        t = load_config(config).train
+        shape = resolve_mesh(t.parallel, world, preset(t.preset).lm.num_experts)
+    except (ConfigError, MeshError) as e:
+        return Check(
+            "mesh", False, str(e), "set train.parallel (dp_shard, ep, cp) so their product is the world size"
+        )
+    return Check(
+        "mesh", True, f"{t.preset}: {shape.describe()} (train.parallel of {config or 'the built-in config'})"
+    )
+
+
+def run_checks(workspace: Path, config: Path | None = None) -> list[Check]:
     """Every check, in the order a person would fix them; never raises for a failing check."""
     workspace = Path(workspace)
     ranges = known_good_ranges()
@@ -271,6 +301,7 @@ def run_checks(workspace: Path) -> list[Check]:
         ("services", lambda: check_services(workspace)),
         ("disk", lambda: check_disk(workspace)),
         ("workspace", lambda: check_writable(workspace)),
+        ("mesh", lambda: check_mesh(config)),
     ]
     out = []
     for name, step in steps:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keye.data.sampling import SamplingPolicy
+from keye.train.parallel import ParallelSettings
 from keye.train.settings import StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
@@ -148,6 +149,10 @@ class TrainSettings(_Strict):
     )
     stages: list[StageSettings] = Field(
         default_factory=list, description="the recipes in order (pipelines.yaml holds the default tiny ones)"
+    )
+    parallel: ParallelSettings = Field(
+        default_factory=ParallelSettings,
+        description="device mesh dp_shard x ep x cp (keye.train.parallel; `keye plan` suggests one)",
     )
 
     @field_validator("stages")

@@ -38,6 +38,9 @@ class Attention(nn.Module):
         self.indexer = LightningIndexer(cfg.hidden_size, cfg.dsa)
         self.scale = d**-0.5
         self.force_indexer_loss = False  # compute the KL in eval mode too (diagnostics)
+        self.cp = (
+            None  # keye.model.context_parallel.CPContext: x holds this rank's rows of a pack split over cp
+        )
 
     @property
     def mode(self) -> str:
@@ -62,6 +65,8 @@ class Attention(nn.Module):
         if mode != "dense":
             q_idx, k_idx, w = self.indexer(x.detach(), *rope_idx)
 
+        if self.cp is not None:
+            return self._context_parallel(x, q, k, v, q_idx, k_idx, w, cache)
         if cache is not None and cache.decoding:
             cache.write_decode(self.layer_idx, k, v, k_idx)
             o = self._decode(q, cache, q_idx, w)
@@ -96,6 +101,23 @@ class Attention(nn.Module):
             kl = dispatch.indexer_kl(
                 q.detach(), k.detach(), cu_seqlens, self.scale, q_idx, k_idx, w, indices, block
             )
+        return self.o_proj(o.reshape(t, hq * d)), kl
+
+    def _context_parallel(self, x, q, k, v, q_idx, k_idx, w, cache) -> tuple[Tensor, Tensor | None]:  # noqa: ANN001
+        """Attention of this rank's rows over the whole pack's keys (keye.model.context_parallel)."""
+        from keye.model import context_parallel
+
+        if cache is not None or self.cfg.dsa.selection == "block":
+            raise NotImplementedError(
+                "context parallelism covers training with token selection (no cache, no block)"
+            )
+        mode, dsa = self.mode, self.cfg.dsa
+        want_kl = mode != "dense" and ((self.training and torch.is_grad_enabled()) or self.force_indexer_loss)
+        covers = int(torch.diff(self.cp.cu_seqlens).max()) <= dsa.topk
+        o, kl = context_parallel.attention(
+            q, k, v, self.cp, self.scale, mode, dsa.topk, dsa.block, q_idx, k_idx, w, want_kl, covers
+        )
+        t, hq, d = q.shape
         return self.o_proj(o.reshape(t, hq * d)), kl
 
     def _decode(self, q: Tensor, cache: KVCache, q_idx: Tensor | None, w: Tensor | None) -> Tensor:

@@ -25,6 +25,9 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(e, h, f))
         self.w_down = nn.Parameter(torch.empty(e, f, h))
         self.register_buffer("router_bias", torch.zeros(e), persistent=cfg.router_bias)
+        self.ep_group = (
+            None  # set by keye.model.expert_parallel.shard_experts: this rank holds E / ep experts
+        )
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self, std: float = 0.02) -> None:
@@ -37,8 +40,15 @@ class MoE(nn.Module):
         logits = self.gate(x)
         bias = self.router_bias if self.cfg.router_bias else None
         topk_idx, topk_weight, probs = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, bias)
-        y = dispatch.moe_experts(x, topk_idx, topk_weight.to(x.dtype), self.w_gate, self.w_up, self.w_down)
         e = self.cfg.num_experts
+        if self.ep_group is not None:
+            from keye.model import expert_parallel as ep
+
+            w = ep.local_experts(self.w_gate, self.w_up, self.w_down)
+            y = ep.dispatch_combine(x, topk_idx, topk_weight, *w, e, self.ep_group)
+            balance, counts = ep.group_balance_stats(probs, topk_idx, e, self.ep_group)
+            return y, MoEAux(load_balance_loss=balance, expert_counts=counts, router_probs=probs)
+        y = dispatch.moe_experts(x, topk_idx, topk_weight.to(x.dtype), self.w_gate, self.w_up, self.w_down)
         aux = MoEAux(
             load_balance_loss=load_balance_loss(probs, topk_idx, e),
             expert_counts=torch.bincount(topk_idx.reshape(-1), minlength=e),

@@ -35,8 +35,16 @@ def recipes(config: PipelineConfig) -> list[StageSettings]:
 
 
 def params(run_config: Any, recipe: StageSettings) -> dict[str, Any]:
-    """What the recipe's MLflow run records as its params."""
-    return {"preset": run_config.train.preset, **recipe.model_dump(mode="json")}
+    """What the recipe's MLflow run records as its params (the mesh as resolved for this job's world size)."""
+    import os
+
+    from keye.model.config import preset
+    from keye.train.parallel import resolve_mesh
+
+    t = run_config.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh = resolve_mesh(t.parallel, world, preset(t.preset).lm.num_experts)
+    return {"preset": t.preset, **recipe.model_dump(mode="json"), **mesh.as_params()}
 
 
 def plan(
@@ -54,6 +62,11 @@ def plan(
 def train(run: StageRun, plan: TrainPlan) -> None:
     """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
     t, lineage = run.config.train, run.lineage
+    if t.parallel.ep > 1 or t.parallel.cp > 1:  # validated and planned, not yet run by the trainer: say so
+        raise ConfigError(
+            f"train.parallel: ep={t.parallel.ep}, cp={t.parallel.cp}: expert and context parallelism are not wired "
+            "into the trainer yet (docs/TRAINING.md 'What is not wired yet'); set ep: 1 and cp: 1"
+        )
     tok_dir = Path(run.meta(plan.packset_id)["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
     shards = shard_map(lineage, lineage.input_of_kind(plan.packset_id, "shardset"))

@@ -9,6 +9,7 @@ Public API (the orchestrator wires MLflow, lineage and Prefect around it; nothin
         image_token_id: int | None, pack_index: Path, shards: dict[str, str] | Path, tokenizer_dir: Path,
         policy: SamplingPolicy, out_dir: Path,
         log_metrics: Callable[[dict[str, float], int], None] | None = None, device: str | None = None,
+        parallel: dict | None = None,  # train.parallel; on several ranks: FSDP2 + sharded DCP step checkpoints
     ) -> TrainResult(checkpoint_dir=out_dir/"final", steps, metrics (last logged), resumed_from_step)
 
 - StageSettings (keye.train.settings): one stage recipe as data; `kind` fills trainable / attention_mode /

@@ -162,7 +162,10 @@ def _load_weights(model: KeyeVL, model_dir: Path) -> None:
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """This rank's weights (its shards under FSDP2) are finite."""
+    return all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters()
+    )
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -197,6 +200,7 @@ class Trainer:
         out_dir: Path,
         log_metrics: LogFn | None = None,
         device: str | torch.device | None = None,
+        parallel: Mapping[str, Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
@@ -213,8 +217,21 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        # `parallel` (train.parallel) on several ranks: FSDP2 fully_shard over a dp_shard mesh and sharded DCP
+        # step checkpoints (keye.train.sharded_training) instead of accelerate's DDP and rank-0 gathers
+        self.sharded = parallel is not None and self.world > 1
+        if self.sharded:
+            from keye.train import sharded_training
+
+            sharded_training.check_parallel(parallel, self.world)
+        self.pending_save = None
         self.log_fn = log_metrics if (log_metrics is not None and self.acc.is_main_process) else None
         self.latest = ckpt.latest_checkpoint(self.out_dir)
+        if self.latest is not None and not self.sharded and _is_sharded(self.latest[1]):
+            raise ValueError(
+                f"{self.latest[1]} is a sharded (DCP) step checkpoint: resume it with `parallel` set and the "
+                "number of ranks that wrote it (meta.json world_size)"
+            )
         self.step_no, self.bad_steps, self.consecutive_bad = 0, 0, 0
         self.last: dict[str, float] = {}
         if self.finished() is None:
@@ -225,7 +242,7 @@ class Trainer:
         """The result of a stage already trained to its last step in out_dir (then there is nothing to do)."""
         latest, final = self.latest, self.final_dir
         if latest is not None and latest[0] >= self.settings.steps and (final / "config.json").is_file():
-            meta = ckpt.read_trainer_state(latest[1])
+            meta = _trainer_state(latest[1])
             return TrainResult(final, latest[0], dict(meta.get("last_metrics", {})), latest[0])
         return None
 
@@ -233,15 +250,22 @@ class Trainer:
         s = self.settings
         seed_everything(s.seed)
         model = _prepare_model(s, init_checkpoint, model_preset, vocab_size, image_token_id)
-        if self.latest is not None:
+        if self.latest is not None and not self.sharded:  # sharded: loaded into the shards by resume()
             _load_weights(model, self.latest[1] / "model")
         apply_trainable(model, s.trainable or "all", s.attention_mode or "dense")
         model.to(self.acc.device)
+        if self.sharded:
+            from keye.train import sharded_training
+
+            sharded_training.shard(model, self.world, self.acc.device, bf16=not self.want_cpu)
         optimizer = torch.optim.AdamW(
             param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, foreach=False
         )
         self.model = model
-        self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.sharded:
+            self.wrapped, self.optimizer = model, optimizer
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
         self.inner_opt = getattr(self.optimizer, "optimizer", self.optimizer)
         self.scheduler = build_scheduler(
             self.inner_opt, s.steps, s.warmup_steps, s.schedule, s.min_lr_ratio, s.decay_fraction
@@ -283,12 +307,20 @@ class Trainer:
         """Restore optimizer, schedule, loader cursor, RNG and step from the newest step checkpoint, if any."""
         if self.latest is None:
             return None
-        state = ckpt.read_trainer_state(self.latest[1])
-        optim_state, rng = ckpt.read_rank_files(self.latest[1], self.rank)
-        self.inner_opt.load_state_dict(optim_state)
+        if self.sharded:
+            from keye.train import sharded_training
+
+            state = sharded_training.load(self.latest[1], self.wrapped, self.inner_opt, self.world)
+        else:
+            state = ckpt.read_trainer_state(self.latest[1])
+            optim_state, rng = ckpt.read_rank_files(self.latest[1], self.rank)
+            self.inner_opt.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"][self.rank])
-        ckpt.set_rng_state(rng)
+        if self.sharded:
+            sharded_training.restore_rng(self.latest[1])
+        else:
+            ckpt.set_rng_state(rng)
         self.step_no = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         if self.acc.is_main_process:
@@ -337,7 +369,9 @@ class Trainer:
         for i, (b, labels, n) in enumerate(micro):
             inputs = _micro_inputs(b, labels, self.pad_id, acc.device)
             sync = i == len(micro) - 1
-            with acc.no_sync(self.wrapped) if (world > 1 and not sync) else _null():
+            if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                self.wrapped.set_requires_gradient_sync(sync)
+            with acc.no_sync(self.wrapped) if (world > 1 and not sync and not self.sharded) else _null():
                 out = self.wrapped(**inputs)
                 aux_t = out.aux_loss if out.aux_loss is not None else out.lm_loss * 0
                 idx_t = out.indexer_loss if out.indexer_loss is not None else out.lm_loss * 0
@@ -345,7 +379,7 @@ class Trainer:
                 loss = out.lm_loss * (n * world / global_n) + (coef * aux_t + idx_t) / len(micro)
                 if not loss.requires_grad:  # e.g. a text-only pack in a projector-only stage
                     loss = loss + sum(p.reshape(-1)[0] * 0.0 for p in self.params)
-                acc.backward(loss)
+                loss.backward() if self.sharded else acc.backward(loss)
             n_inputs = torch.tensor(
                 float(inputs["input_ids"].shape[0]), dtype=torch.float64, device=acc.device
             )
@@ -363,7 +397,8 @@ class Trainer:
                 tot.lengths.extend(torch.diff(b.cu_seqlens).tolist())
                 if self.step_no % self.settings.log_every == 0 and world == 1 and out.hidden is not None:
                     _task_losses(out.hidden.detach(), model, inputs, b, tot.task_sum)
-            if self.probe_mode and self.step_no % self.settings.probe_every == 0 and i == 0 and b.sample_ids:
+            probe = self.probe_mode and not self.sharded  # the probe reads whole weights (not shards)
+            if probe and self.step_no % self.settings.probe_every == 0 and i == 0 and b.sample_ids:
                 self.last["dsa_topk_mass_share"] = _probe_topk_share(model, inputs)
         if world > 1:
             dist.all_reduce(tot.sums)
@@ -397,7 +432,11 @@ class Trainer:
         t0 = time.perf_counter()
         micro, global_n = self._micro_batches()
         tot = self._forward_backward(micro, global_n)
-        grad_norm = self.acc.clip_grad_norm_(self.params, self.settings.grad_clip)
+        if self.sharded:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        else:
+            grad_norm = self.acc.clip_grad_norm_(self.params, self.settings.grad_clip)
         gn = float(grad_norm) if grad_norm is not None else 0.0
         lm_loss = float(tot.sums[0]) / global_n
         self._apply(lm_loss, gn, tot)
@@ -440,7 +479,21 @@ class Trainer:
             last[f"loss/{task}"] = s / max(c, 1.0)
 
     def save(self) -> None:
-        """A step checkpoint (atomic; the newest keep_last kept)."""
+        """A step checkpoint (atomic; the newest keep_last kept). Sharded: written asynchronously, committed by
+        the next save or the export."""
+        if self.sharded:
+            from keye.train import sharded_training
+
+            self.wait_for_save()
+            if not sharded_training.all_finite(self.model):
+                raise NonFiniteLoss(
+                    f"[train {self.settings.name}] weights are not finite at step {self.step_no}; checkpoint not written"
+                )
+            state = _trainer_extra(self)
+            self.pending_save = sharded_training.save(
+                ckpt.step_dir(self.out_dir, self.step_no), self.wrapped, self.inner_opt, state, self.settings
+            )
+            return
         _save_step(
             self.acc,
             self.wrapped,
@@ -455,8 +508,30 @@ class Trainer:
             self.bad_steps,
         )
 
+    def wait_for_save(self) -> None:
+        """Finish the asynchronous step checkpoint in flight (commit it, prune old ones)."""
+        if self.pending_save is not None:
+            self.pending_save.wait()
+            if self.acc.is_main_process:
+                ckpt.prune(self.out_dir, self.settings.keep_last)
+            self.pending_save = None
+
     def export(self) -> None:
         """final/: weights + tokenizer + frame policy, what keye.eval.keye_predict_fn loads (written once, here)."""
+        if self.sharded:
+            from keye.model.checkpoint import TIED_KEY, save_state
+            from keye.train.sharded_checkpoint import full_state
+
+            self.wait_for_save()
+            state = full_state(self.wrapped)  # every rank takes part; rank 0 gets the whole weights
+            if self.acc.is_main_process:
+                if self.model.config.lm.tie_word_embeddings:
+                    state.pop(TIED_KEY, None)
+                with atomic_dir(self.final_dir) as build:
+                    save_state(state, self.model.config, build)
+                    bundle_checkpoint(build, self.tokenizer_dir, self.policy, tok=self.tok)
+            self.acc.wait_for_everyone()
+            return
         if self.acc.is_main_process:
             with atomic_dir(self.final_dir) as build:
                 save_checkpoint(self.acc.unwrap_model(self.wrapped), build)
@@ -469,6 +544,33 @@ def train_stage(settings: StageSettings, **kwargs: Any) -> TrainResult:
     from the newest complete step checkpoint; a finished stage returns at once. Keywords: Trainer's; see
     keye/train/__init__.py."""
     return Trainer(settings, **kwargs).run()
+
+
+def _is_sharded(step_dir: Path) -> bool:
+    from keye.train.sharded_checkpoint import is_sharded
+
+    return is_sharded(step_dir)
+
+
+def _trainer_state(step_dir: Path) -> dict[str, Any]:
+    """trainer.safetensors of a step checkpoint, or the `extra` of a sharded (DCP) one."""
+    from keye.train.sharded_checkpoint import is_sharded, read_extra
+
+    return read_extra(step_dir) if is_sharded(step_dir) else ckpt.read_trainer_state(step_dir)
+
+
+def _trainer_extra(tr: Trainer) -> dict[str, Any]:
+    """What a sharded step checkpoint keeps beside the shards (trainer.safetensors' content)."""
+    gathered: list[Any] = [None] * tr.world
+    dist.all_gather_object(gathered, tr.loader.state_dict())
+    return {
+        "step": tr.step_no,
+        "scheduler": tr.scheduler.state_dict(),
+        "loader": gathered,
+        "bad_steps": tr.bad_steps,
+        "last_metrics": without_timings(tr.last),
+        "settings": tr.settings.model_dump(mode="json"),
+    }
 
 
 class _null:

@@ -1,0 +1,186 @@
+"""Context parallelism for long packed sequences: the T rows of a pack are split over the cp ranks of a group, each
+rank runs the whole model on its rows, and attention sees every earlier key of the sample through an all-gather of
+K, V (and the DSA indexer keys) with autograd (the backward sums the key gradients over the group and keeps the
+local rows).
+
+Causal load balance: the pack is cut into 2 * cp equal chunks and rank r takes chunks r and 2cp-1-r (an early and a
+late chunk: every rank attends about the same number of query-key pairs; Megatron-LM / torchtitan's split). Rows
+keep their global ids, so cu_seqlens stays the pack's and a chunk may start or end inside a sample.
+
+Attention of a rank's query rows over the gathered keys reuses the torch reference blocks of
+keye.kernels.dsa_reference (dense causal, indexer scores + top-k, sparse gather, indexer KL restricted to the
+selected set): for every (chunk, sample) segment the queries are placed at their offset in the sample, so each row
+gets exactly the keys, the top-k set and the KL term it gets on one device. The indexer KL of a rank is its share
+of the pack's mean (divided by the global T), so the ranks' losses add up to the single-device loss. Decode is
+untouched (no cp context). This is the reference path (CPU, correctness); Triton kernels with a query offset are
+not written yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from keye.kernels import dsa_reference as ref
+
+
+def balanced_rows(total: int, cp: int, rank: int) -> Tensor:
+    """Global row ids of `rank`: chunks rank and 2cp-1-rank of 2cp equal chunks (total % (2 cp) == 0)."""
+    if total % (2 * cp):
+        raise ValueError(
+            f"context parallel: {total} rows do not split into {2 * cp} equal chunks; pad the pack"
+        )
+    c = total // (2 * cp)
+    first, second = rank, 2 * cp - 1 - rank
+    return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)])
+
+
+@dataclass
+class CPContext:
+    """What attention needs to see the whole pack: the group, the pack's cu_seqlens and every rank's rows."""
+
+    group: object  # ProcessGroup
+    cu_seqlens: Tensor  # int32 [B+1] of the whole pack
+    rows: Tensor  # int64 [T / cp]: this rank's global row ids (ascending)
+    total: int
+
+    @classmethod
+    def balanced(cls, cu_seqlens: Tensor, group=None) -> CPContext:  # noqa: ANN001
+        group = group or dist.group.WORLD
+        total = int(cu_seqlens[-1])
+        rows = balanced_rows(total, dist.get_world_size(group), dist.get_rank(group))
+        return cls(group, cu_seqlens, rows, total)
+
+    def all_rows(self) -> Tensor:
+        cp = dist.get_world_size(self.group)
+        return torch.cat([balanced_rows(self.total, cp, r) for r in range(cp)])
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cpc: CPContext) -> Tensor:  # noqa: ANN001
+        ctx.cpc = cpc
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(cpc.group))]
+        dist.all_gather(parts, x.contiguous(), group=cpc.group)
+        full = x.new_empty((cpc.total, *x.shape[1:]))
+        full[cpc.all_rows()] = torch.cat(parts)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.cpc.group)  # every rank's queries used these keys
+        return grad[ctx.cpc.rows], None
+
+
+def gather_rows(x: Tensor, cpc: CPContext) -> Tensor:
+    """[T/cp, ...] local rows -> [T, ...] the whole pack in global row order (autograd: sum, then local rows)."""
+    return _GatherRows.apply(x, cpc)
+
+
+def _segments(cpc: CPContext) -> list[tuple[int, int, int, int]]:
+    """(local start, sample start s0, query start u0, query end u1): this rank's rows [u0, u1) of one sample,
+    at local offset `local start`; their keys are rows s0..u1-1."""
+    rows = cpc.rows.tolist()
+    out = []
+    bounds = ref.sample_bounds(cpc.cu_seqlens)
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        c0, c1 = rows[i], rows[j] + 1  # one contiguous chunk
+        for s0, s1 in bounds:
+            u0, u1 = max(c0, s0), min(c1, s1)
+            if u0 < u1:
+                out.append((i + u0 - c0, s0, u0, u1))
+        i = j + 1
+    return out
+
+
+def _at_offset(x: Tensor, before: int) -> Tensor:
+    """Rows of x placed after `before` zero rows (the sample's earlier rows, which belong to other ranks)."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (before, 0))
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cpc: CPContext,
+    scale: float,
+    mode: str,
+    topk: int,
+    block: int,
+    q_idx: Tensor | None = None,
+    k_idx: Tensor | None = None,
+    w: Tensor | None = None,
+    want_kl: bool = False,
+    covers: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """(o [T/cp, Hq, D], this rank's share of the indexer KL or None) for the local query rows; k, v, k_idx local
+    too (gathered here). Same semantics as keye.model.attention.Attention's token-selection modes."""
+    kf, vf = gather_rows(k, cpc), gather_rows(v, cpc)
+    kif = gather_rows(k_idx, cpc) if k_idx is not None else None
+    segs = _segments(cpc)
+    g = q.shape[1] // k.shape[1]
+    blk = max(1, block // g)
+    sparse = mode == "dsa" and (not covers or want_kl)
+    indices = None
+    if sparse:  # the indexer's top-k of every local query over the gathered keys (global row ids)
+        indices = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
+        with torch.no_grad():
+            for lo, s0, u0, u1 in segs:
+                qi = _at_offset(q_idx[lo : lo + u1 - u0].detach(), u0 - s0)
+                wi = _at_offset(w[lo : lo + u1 - u0].detach(), u0 - s0)
+                ki = kif[s0:u1].detach()
+                for q0 in range(u0 - s0, u1 - s0, block):
+                    q1 = min(q0 + block, u1 - s0)
+                    vals, cols = ref.topk_lowest_index_ties(
+                        ref.indexer_scores_block(qi, ki, wi, 0, q0, q1), topk
+                    )
+                    rows = slice(lo + q0 - (u0 - s0), lo + q1 - (u0 - s0))
+                    indices[rows] = torch.where(torch.isfinite(vals), cols + s0, -1).to(torch.int32)
+    if mode == "dsa" and not covers:
+        o, _ = ref.sparse_attention_reference(q, kf, vf, indices, scale)
+    else:
+        parts = []
+        grad = q.requires_grad or kf.requires_grad or vf.requires_grad
+        for lo, s0, u0, u1 in segs:
+            qv = _at_offset(q[lo : lo + u1 - u0], u0 - s0)
+            for q0 in range(u0 - s0, u1 - s0, blk):
+                q1 = min(q0 + blk, u1 - s0)
+                ob, _ = ref._maybe_checkpoint(
+                    ref._dense_block, qv, kf[s0:u1], vf[s0:u1], 0, q0, q1, scale, grad=grad
+                )
+                parts.append(ob)
+        o = torch.cat(parts).to(q.dtype)
+    kl = None
+    if want_kl:
+        kl = q_idx.new_zeros((), dtype=torch.float32)
+        for lo, s0, u0, u1 in segs:
+            n = u1 - u0
+            qv, qi = _at_offset(q[lo : lo + n].detach(), u0 - s0), _at_offset(q_idx[lo : lo + n], u0 - s0)
+            wi = _at_offset(w[lo : lo + n], u0 - s0)
+            for q0 in range(u0 - s0, u1 - s0, blk):
+                q1 = min(q0 + blk, u1 - s0)
+                ib = None
+                if indices is not None:
+                    ib = indices[lo + q0 - (u0 - s0) : lo + q1 - (u0 - s0)]
+                    ib = torch.where(ib >= 0, ib - s0, -1)
+                kl = kl + ref._kl_block(qv, kf[s0:u1].detach(), qi, kif[s0:u1], wi, ib, 0, q0, q1, scale)
+        kl = kl / cpc.total
+    return o, kl
+
+
+def set_context(model: torch.nn.Module, cpc: CPContext | None) -> None:
+    """Point every attention module of `model` at `cpc` (None: back to whole packs on one device)."""
+    from keye.model.attention import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.cp = cpc
