@@ -238,8 +238,6 @@ def train(
 
 @app.command("video-rl")
 def video_rl(
-@app.command("agent-rl")
-def agent_rl(
     workspace: WorkspaceOpt = Path("./workspace"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -256,6 +254,14 @@ def agent_rl(
 
     final = _run_guarded(lambda: video_rl_flow(cfg, str(checkpoint) if checkpoint else None, videoset))
     typer.echo(f"RL checkpoint: {final}")
+
+
+@app.command("agent-rl")
+def agent_rl(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
         str | None, typer.Option(help="checkpoint to start from (default: the latest)")
     ] = None,
 ) -> None:
