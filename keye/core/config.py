@@ -19,7 +19,7 @@ from keye.train.settings import StageSettings
 # Stage names in pipeline order. Later stages join this list as they are built.
 STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "video_rl", "agent_rl", "eval")
 # Stages a config runs only when it lists them (`stages:`): not yet part of the default pipeline's budget.
-OPT_IN_STAGES: tuple[str, ...] = ("agent_rl",)
+OPT_IN_STAGES: tuple[str, ...] = ("video_rl", "agent_rl")
 
 
 class ConfigError(ValueError):
