@@ -91,6 +91,7 @@ def run_case(
     ckpt: bool,
     matmul: float | None,
     selection: str = "token",
+    fsdp: bool = False,
 ) -> None:
     cfg = preset(cfg_name, vocab_size=vocab)
     cfg.lm.dsa.selection = selection
@@ -102,6 +103,17 @@ def run_case(
     model = build_model(cfg, device=device, dtype=dtype)
     model.set_gradient_checkpointing(ckpt)
     model.train()
+    if fsdp:  # FSDP2 wrapping as the trainer applies it (keye.train.fsdp), on a 1-rank mesh: its cost alone
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from keye.train.fsdp import shard_model
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29555")
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        shard_model(model, init_device_mesh(device, (1,)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     t = sum(lengths)
@@ -139,6 +151,7 @@ def run_case(
         "tokens": t,
         "dtype": str(dtype),
         "grad_checkpointing": ckpt,
+        "fsdp2": fsdp,
         "step_s": round(sec, 4),
         "step_times_s": [round(x, 4) for x in times],
         "tokens_per_s": round(t / sec, 1),
@@ -177,6 +190,9 @@ def main() -> None:
         help="comma list of context lengths (one sequence each): the small preset's step in every --long-modes mode",
     )
     ap.add_argument("--long-modes", default="dense,dsa,dsa-block")
+    ap.add_argument(
+        "--fsdp", action="store_true", help="slice30b: also the same step under FSDP2 wrapping (1 rank)"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     OUT_FILE.append(os.path.join(args.out, "train_bench.json"))
@@ -199,6 +215,21 @@ def main() -> None:
             "block",
         )
         run_case("slice_smoke", "tiny", [256], 2, "cpu", torch.float32, "dense", 2, 512, False, None)
+        if args.fsdp:
+            run_case(
+                "slice_smoke_fsdp2",
+                "tiny",
+                [256],
+                2,
+                "cpu",
+                torch.float32,
+                "dense",
+                2,
+                512,
+                False,
+                None,
+                fsdp=True,
+            )
     else:
         if not args.no_sdpa:
             dispatch.dense_attention = sdpa_dense_attention
@@ -238,6 +269,13 @@ def main() -> None:
             except Exception as e:  # record and go on to the next case
                 log(case="slice30b_32k", error=f"{type(e).__name__}: {e}")
                 torch.cuda.empty_cache()
+            if args.fsdp:
+                try:
+                    run_case("slice30b_32k_fsdp2", "30b-a3b", [32768], args.steps, "cuda", torch.bfloat16, "dense",
+                             args.slice_layers, 151936, False, rate, fsdp=True)  # fmt: skip
+                except Exception as e:  # record and go on
+                    log(case="slice30b_32k_fsdp2", error=f"{type(e).__name__}: {e}")
+                    torch.cuda.empty_cache()
         if args.only in (None, "small256k"):
             lengths = [int(x) for x in args.small_lengths.split(",")]
             try:

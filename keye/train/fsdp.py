@@ -24,5 +24,7 @@ def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True, mp_p
     vision = getattr(model, "vision", None)
     for block in vision.encoder.layers if vision is not None else []:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # the root (embeddings, final norm, LM head) stays gathered after the forward, as torchtitan does: its
+    # parameters are needed again at once by the backward, and the fused loss keeps a view of the head's weight
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
