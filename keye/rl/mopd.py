@@ -27,7 +27,7 @@ from keye.rl.advantages import group_advantages
 from keye.rl.losses import agg_loss, masked_mean, truncated_importance_weights
 from keye.rl.policy import answer_logprobs
 from keye.rl.rollouts import RolloutEngine, RolloutPrompt, Sample, SamplingSettings
-from keye.rl.teachers import TeacherRouter
+from keye.rl.teachers import TeacherRouter, TeacherScores
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 
@@ -159,7 +159,7 @@ def train_on_samples(
     optimizer: torch.optim.Optimizer,
     prompts: Sequence[RolloutPrompt],
     groups: Sequence[Sequence[Sample]],
-    router: TeacherRouter,
+    router: TeacherRouter | None,
     settings: MOPDSettings,
     *,
     token_masks: Sequence[Sequence[float]] | None = None,
@@ -177,9 +177,15 @@ def train_on_samples(
     device = model.device
 
     t_teacher = time.perf_counter()
-    teach, domains = router.score(
-        owner, answers, temperature=settings.temperature, full=settings.full_vocab_kl
-    )
+    if router is None:  # outcome-only RL (a specialist): on-policy, this is GRPO's gradient with one epoch
+        if settings.full_vocab_kl:
+            raise ValueError("full_vocab_kl needs teachers")
+        domains = [str(p.reference.get("domain", "all")) for p in owner]
+        teach = TeacherScores(torch.zeros(len(samples), width), torch.zeros(len(samples), width))
+    else:
+        teach, domains = router.score(
+            owner, answers, temperature=settings.temperature, full=settings.full_vocab_kl
+        )
     teacher_s = time.perf_counter() - t_teacher
 
     rewards = torch.tensor([s.reward for s in samples])
@@ -277,15 +283,16 @@ def mopd_step(
     engine: RolloutEngine,
     next_prompts: Callable[[], list[RolloutPrompt]],
     reward_fn: RewardFn,
-    router: TeacherRouter,
+    router: TeacherRouter | None,
     settings: MOPDSettings,
     *,
     seed: int | None = None,
 ) -> dict[str, float]:
     """Sample a group per prompt with the student, reward each answer, score it with its domain's teacher, update;
-    returns the metrics (overall and "<domain>/reverse_kl", "<domain>/reward", "<domain>/response_length")."""
+    returns the metrics (overall and "<domain>/reverse_kl", "<domain>/reward", "<domain>/response_length").
+    Without a router it is outcome-only RL (A_t = alpha * A_outcome): how a specialist is trained."""
     prompts = next_prompts()
-    for p in prompts:
+    for p in prompts if router is not None else ():
         router.domain_of(p)  # an unknown domain fails before any sampling
     t0 = time.perf_counter()
     groups = engine.rollout(prompts, settings.sampling(seed))

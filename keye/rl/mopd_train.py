@@ -134,7 +134,7 @@ def train_mopd(
 ) -> MOPDResult:
     """Train into out_dir (step-N/, final/); re-running with the same out_dir resumes from the newest complete
     step checkpoint, and a finished run returns at once. `teachers` and `rewards` are keyed by domain (every prompt's
-    reference["domain"] must be in both)."""
+    reference["domain"] must be in both). No teachers: outcome-only RL (how the specialists are trained)."""
     from keye.model.checkpoint import save_checkpoint
     from keye.serve.chat import ChatModel
     from keye.train.bundle import bundle_checkpoint
@@ -149,12 +149,14 @@ def train_mopd(
     seed_everything(schedule.seed)
     chat = ChatModel.from_checkpoint(student_checkpoint, device=device)
     freeze_vision_and_projector(chat.model)
-    router = TeacherRouter(
-        {d: t.build(d, chat, device) if isinstance(t, TeacherSpec) else t for d, t in teachers.items()}
-    )
-    for p in prompts:
-        router.domain_of(p)  # every domain has a teacher before any work
-    missing = sorted({p.reference["domain"] for p in prompts} - set(rewards))
+    router = None
+    if teachers:
+        router = TeacherRouter(
+            {d: t.build(d, chat, device) if isinstance(t, TeacherSpec) else t for d, t in teachers.items()}
+        )
+        for p in prompts:
+            router.domain_of(p)  # every domain has a teacher before any work
+    missing = sorted({str(p.reference.get("domain")) for p in prompts} - set(rewards))
     if missing:
         raise KeyError(f"no outcome reward for domain(s) {missing}; rewards are set for {sorted(rewards)}")
     reward = reward_by_domain({d: combined_reward(spec) for d, spec in rewards.items()})

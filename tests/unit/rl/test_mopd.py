@@ -341,3 +341,52 @@ def test_exact_resume_of_mopd_steps(tok, tmp_path):
             assert third[k] == v, k
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_without_teachers_the_update_is_grpos(tok):
+    """Outcome-only (a specialist's RL): on-policy, one epoch, the gradient equals keye.rl.grpo's."""
+    from keye.rl.dynamic_sampling import Collected
+    from keye.rl.grpo import GRPOSettings, train_on_groups
+
+    chat = _chat(tok, 6)
+    prompts = _text_prompts(2)
+    base = [chat.build_prompt(p.messages) for p in prompts]
+    answers = [[105, 106, 107], [108], [109, 110], [111, 112, 113, 114]]
+    with torch.no_grad():
+        lp0 = answer_logprobs(chat.model, [base[i // 2] for i in range(4)], answers).logprobs
+    groups = [
+        [
+            Sample(
+                g,
+                answers[2 * g + k],
+                lp0[2 * g + k, : len(answers[2 * g + k])].tolist(),
+                "",
+                "stop",
+                prompt=base[g],
+                reward=float(k + g),
+            )
+            for k in range(2)
+        ]
+        for g in range(2)
+    ]
+    params = [p for p in chat.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    train_on_samples(
+        chat,
+        opt,
+        prompts,
+        groups,
+        None,
+        MOPDSettings(alpha=1.0, loss_agg_mode="token-mean", max_grad_norm=1e9),
+    )
+    mine = [None if p.grad is None else p.grad.clone() for p in params]
+    opt.zero_grad(set_to_none=True)
+    train_on_groups(
+        chat, opt, Collected(groups=groups), GRPOSettings(loss_agg_mode="token-mean", max_grad_norm=1e9)
+    )
+    n = 0
+    for g, p in zip(mine, params, strict=True):
+        if g is not None and p.grad is not None:
+            assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+            n += 1
+    assert n > 5
