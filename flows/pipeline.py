@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import caption, evaluate, ingest, pack, shard, train
+from flows import caption, evaluate, ingest, mopd, pack, shard, specialists, train
 from flows.artifacts import publish_pipeline
 from flows.runners import task_runner
 from keye.core.config import load_config
@@ -17,6 +17,8 @@ STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipe
     ("shard", shard.shard, "shardset", ("captionset",)),
     ("pack", pack.pack, "packset", ("shardset",)),
     ("train", train.train, "checkpoint", ("packset",)),
+    ("specialists", specialists.specialists, "teacherset", ("checkpoint", "videoset")),
+    ("mopd", mopd.mopd, "checkpoint", ("checkpoint", "teacherset", "videoset")),
     ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
 )
 
