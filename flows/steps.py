@@ -3,7 +3,7 @@ stage; flows/pipeline.py runs the rows a config lists)."""
 
 from __future__ import annotations
 
-from flows import agent_rl, caption, evaluate, ingest, pack, shard, train, video_rl
+from flows import agent_rl, caption, evaluate, ingest, mopd, pack, shard, specialists, train, video_rl
 
 STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipeline order
     ("ingest", ingest.ingest, "videoset", ()),
@@ -12,6 +12,8 @@ STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipe
     ("pack", pack.pack, "packset", ("shardset",)),
     ("train", train.train, "checkpoint", ("packset",)),
     ("video_rl", video_rl.video_rl, "checkpoint", ("checkpoint", "videoset")),
+    ("specialists", specialists.specialists, "teacherset", ("checkpoint", "videoset")),
+    ("mopd", mopd.mopd, "checkpoint", ("checkpoint", "teacherset", "videoset")),
     ("agent_rl", agent_rl.agent_rl, "checkpoint", ("checkpoint", "videoset")),
     ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
 )

@@ -274,6 +274,39 @@ def agent_rl(
 
 
 @app.command()
+def specialists(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[str | None, typer.Option(help="SFT checkpoint dir (default: the newest)")] = None,
+) -> None:
+    """Train the per-domain teachers of specialists.domains from the SFT checkpoint (MOPD's teachers)."""
+    cfg = _stage_config(None, workspace, config, set_, "specialists")
+    from flows.specialists import specialists as specialists_flow
+
+    teacherset = _run_guarded(lambda: specialists_flow(cfg, checkpoint))
+    typer.echo(f"teacher set: {teacherset}")
+
+
+@app.command()
+def mopd(
+    workspace: WorkspaceOpt = Path("./workspace"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="student checkpoint (default: the specialists' parent)")
+    ] = None,
+    teacherset: Annotated[str | None, typer.Option(help="TeacherSet id (default: the newest)")] = None,
+) -> None:
+    """Distil the student from the teacher of each prompt's domain (mopd.teachers), on its own samples."""
+    cfg = _stage_config(None, workspace, config, set_, "mopd")
+    from flows.mopd import mopd as mopd_flow
+
+    final = _run_guarded(lambda: mopd_flow(cfg, checkpoint, teacherset))
+    typer.echo(f"final checkpoint: {final}")
+
+
+@app.command()
 def verify(
     workspace: WorkspaceOpt = Path("./workspace"),
     against: Annotated[

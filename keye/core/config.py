@@ -17,9 +17,11 @@ from keye.train.parallel import ParallelSettings
 from keye.train.settings import StageSettings
 
 # Stage names in pipeline order. Later stages join this list as they are built.
-STAGE_ORDER: tuple[str, ...] = ("ingest", "caption", "shard", "pack", "train", "video_rl", "agent_rl", "eval")
+STAGE_ORDER: tuple[str, ...] = (
+    "ingest", "caption", "shard", "pack", "train", "video_rl", "specialists", "mopd", "agent_rl", "eval",
+)  # fmt: skip
 # Stages a config runs only when it lists them (`stages:`): not yet part of the default pipeline's budget.
-OPT_IN_STAGES: tuple[str, ...] = ("video_rl", "agent_rl")
+OPT_IN_STAGES: tuple[str, ...] = ("video_rl", "specialists", "mopd", "agent_rl")
 
 
 class ConfigError(ValueError):
@@ -296,6 +298,83 @@ class AgentRLSettings(_Strict):
     device: str | None = Field(None, description="cpu | cuda (None: train.device)")
 
 
+class SpecialistDomain(_Strict):
+    kinds: list[str] = Field(
+        description="question kinds of the training split: timelens, videomme, ..., caption"
+    )
+    rewards: dict[str, float] = Field(description="registered reward name -> weight (keye.rl.rewards)")
+
+
+def _default_specialists() -> dict[str, SpecialistDomain]:
+    return {
+        "grounding": SpecialistDomain(kinds=["timelens"], rewards={"time_r1": 1.0}),
+        "mcq": SpecialistDomain(kinds=["videomme"], rewards={"mcq": 1.0}),
+        "caption": SpecialistDomain(kinds=["caption"], rewards={"caption_f1": 1.0}),
+    }
+
+
+class SpecialistsSettings(_Strict):
+    """Per-domain teachers for MOPD, each trained from the SFT checkpoint by outcome RL on its domain only
+    (keye.rl.mopd_train without teachers: on-policy GRPO's gradient)."""
+
+    domains: dict[str, SpecialistDomain] = Field(default_factory=_default_specialists)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    save_every: int = Field(25, ge=1)
+    device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+
+
+class TeacherConfig(_Strict):
+    source: str = Field(
+        "specialist",
+        description="specialist (the specialists stage's checkpoint of this domain), a checkpoint directory, or "
+        "an OpenAI-compatible base_url (http...) returning prompt_logprobs",
+    )
+    served_model: str | None = Field(None, description="endpoint teachers: the served model name")
+    view: Literal["video", "text"] = Field("video", description="text: the transcript instead of the frames")
+
+
+class MOPDConfig(_Strict):
+    """Multi-teacher on-policy distillation (keye.rl.mopd; MiMo-V2-Flash eq. 8-9)."""
+
+    teachers: dict[str, TeacherConfig] = Field(
+        default_factory=lambda: {d: TeacherConfig() for d in ("grounding", "mcq", "caption")},
+        description="routing table: domain -> its one teacher (never averaged)",
+    )
+    rewards: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "grounding": {"time_r1": 1.0},
+            "mcq": {"mcq": 1.0},
+            "caption": {"caption_f1": 1.0},
+        },
+        description="outcome reward per domain (alpha * A_outcome)",
+    )
+    kinds: list[str] = Field(default_factory=lambda: ["timelens", "videomme", "caption"])
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(1.0, ge=0, description="weight of the outcome advantage")
+    eps_low: float = Field(0.5, gt=0, le=1, description="gate on pi_theta / mu")
+    eps_high: float = Field(2.0, ge=1)
+    loss_agg_mode: Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean"] = (
+        "seq-mean-token-mean"
+    )
+    full_vocab_kl: bool = Field(
+        False, description="exact reverse KL (checkpoint teachers sharing the tokenizer)"
+    )
+    micro_batch_size: int = Field(64, ge=1)
+    save_every: int = Field(25, ge=1)
+    device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+
+
 class TrackingSettings(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db")
     experiment: str = "keye"
@@ -320,6 +399,8 @@ class PipelineConfig(_Strict):
     pack: PackSettings = Field(default_factory=PackSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     video_rl: VideoRLSettings = Field(default_factory=VideoRLSettings)
+    specialists: SpecialistsSettings = Field(default_factory=SpecialistsSettings)
+    mopd: MOPDConfig = Field(default_factory=MOPDConfig)
     agent_rl: AgentRLSettings = Field(default_factory=AgentRLSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)

@@ -22,6 +22,7 @@ class TokenScores:
     logprobs: Tensor  # [B, L] right-padded, 0 on padding
     entropy: Tensor  # [B, L] (detached) entropy of the tempered distribution
     mask: Tensor  # [B, L] float, 1 on answer tokens
+    full: Tensor | None = None  # [B, L, V] log-probs of the whole vocabulary (with_full=True), 0 on padding
 
 
 def _positions(model: Any, ids: Tensor, grids: Tensor | None) -> Tensor:
@@ -39,9 +40,11 @@ def answer_logprobs(
     answers: Sequence[Sequence[int]],
     temperature: float = 1.0,
     with_entropy: bool = True,
+    with_full: bool = False,
 ) -> TokenScores:
     """Token log-probs of each answer given its prompt (keye.model.generate.Prompt); differentiable in the
-    model's parameters. An empty answer gives a row of padding."""
+    model's parameters. An empty answer gives a row of padding. `with_full` also returns the log-probs of the
+    whole vocabulary at every answer position (exact KL between two models that share the tokenizer)."""
     device = model.device
     ids, pos, lens, index, patches, grids = [], [], [], [], [], []
     offset = 0
@@ -87,4 +90,8 @@ def answer_logprobs(
     if ent is not None:
         entropy = entropy.index_put((rows, cols), ent)
     mask[rows, cols] = 1.0
-    return TokenScores(logprobs, entropy, mask)
+    full = None
+    if with_full:
+        full = torch.zeros(b, width, logp_all.shape[-1], device=device)
+        full = full.index_put((rows, cols), logp_all.masked_fill(torch.isinf(logp_all), -1e4))
+    return TokenScores(logprobs, entropy, mask, full)

@@ -6,6 +6,7 @@ in config), weighted sums of them (`combined_reward`), and the built-ins:
   time_r1       time_r1_iou + span_format (Time-R1: IoU reward plus format reward)
   mcq           1 when the option letter read by the eval's parser (keye.eval.parsing) is the reference letter
   mcq_format    1 when any option letter can be read at all
+  caption_f1    word-level F1 of the answer against the reference caption (reference {"caption": ...})
 
 A reward function takes (completion text, reference dict) and returns a float; it never raises on a sloppy or
 empty answer (that scores 0). References: grounding {"span": [s, e], "duration": T}; MCQ {"answer": "B",
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -142,3 +145,19 @@ def mcq_exact(completion: str, reference: Mapping[str, Any]) -> float:
 @register_reward("mcq_format")
 def mcq_format(completion: str, reference: Mapping[str, Any]) -> float:
     return 1.0 if _choice(completion, reference) is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------- captioning
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", (text or "").lower())
+
+
+@register_reward("caption_f1")
+def caption_f1(completion: str, reference: Mapping[str, Any]) -> float:
+    """Word-level F1 (bag of words, as SQuAD's F1) between the answer and reference["caption"]."""
+    pred, gold = Counter(_words(completion)), Counter(_words(str(reference["caption"])))
+    common = sum((pred & gold).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(pred.values()), common / sum(gold.values())
+    return 2 * precision * recall / (precision + recall)

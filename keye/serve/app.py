@@ -7,7 +7,10 @@ logprobs token reads "token_id:<id>"); tools + tool_choice "auto" | "none" (the 
 chat template; an answer whose every <tool_call> block is a well-formed call of an offered tool comes back as the
 choice's `tool_calls` with finish_reason "tool_calls", anything else as plain content). Every choice also carries `token_ids` (the generated ids, eos included),
 as vLLM's `return_token_ids` gives them; logprobs are those of the sampled distribution (after temperature,
-before top-p), what RL needs to correct for the sampler. A request that cannot be served as given is answered 400
+before top-p), what RL needs to correct for the sampler. vLLM's scoring extras are accepted too: `prompt_logprobs`
+(k: each prompt token's log-prob, rank and the top k, keye.serve.scoring), `echo`, `add_generation_prompt` and
+`continue_final_message` (the last assistant message is continued, not answered: send an answer to have it
+scored); `/v1/completions` takes a text or token-id prompt (no chat template) with the same extras. A request that cannot be served as given is answered 400
 (404 for an unknown model) with an OpenAI-style {"error": {"message", "type", "param"}} body; streaming is not
 offered (400). Requests are batched by keye.serve.batching.
 """
@@ -24,9 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keye.serve.batching import GenerationBatcher, seeded_generator
 from keye.serve.chat import ChatModel, ChatRequestError
+from keye.serve.scoring import prompt_logprobs
 
 MAX_N = 64
 MAX_NEW_TOKENS = 4096
+
+
+def _check_stops(v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError("stop: at most 4 non-empty strings")
+    return stops
 
 
 class ChatCompletionRequest(BaseModel):
@@ -50,14 +61,49 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM extra
+    echo: bool = False  # vLLM extra: the continued final message is prepended to the answer
+    add_generation_prompt: bool = True  # vLLM extra
+    continue_final_message: bool = False  # vLLM extra
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings")
-        return stops
+        return _check_stops(v)
+
+
+class CompletionRequest(BaseModel):
+    """The accepted subset of the legacy completions body (a text or token-id prompt, no chat template), with
+    vLLM's `prompt_logprobs`; `max_tokens` 0 only scores the prompt."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str | list[int]
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        return _check_stops(v)
+
+
+def _text_of(content: Any) -> str | None:
+    """The text of a message's content (a string or text parts), None when it holds anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    return None
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> Any:
@@ -92,6 +138,7 @@ def _tool_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str, list[dict[
 def create_app(
     chat: ChatModel, *, window_s: float = 0.01, max_batch_prompts: int = 64, default_max_tokens: int = 256
 ) -> Any:
+    import torch
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.concurrency import run_in_threadpool
@@ -159,8 +206,27 @@ def create_app(
                 'tool_choice: only "auto" and "none" are supported (no constrained decoding)',
                 "tool_choice",
             )
+        messages, final = req.messages, None
+        if req.continue_final_message:
+            last = messages[-1] if isinstance(messages[-1], dict) else {}
+            final = _text_of(last.get("content")) if last.get("role") == "assistant" else None
+            if final is None:
+                return _error(
+                    400,
+                    "continue_final_message: the last message must be an assistant message with text content",
+                    "continue_final_message",
+                )
+            messages = messages[:-1]
+        elif not req.add_generation_prompt:
+            return _error(
+                400,
+                "add_generation_prompt: false is only served with continue_final_message: true",
+                "add_generation_prompt",
+            )
         try:
-            base = await run_in_threadpool(chat.build_prompt, req.messages, tools=req.tools)
+            base = await run_in_threadpool(
+                chat.build_prompt, messages, tools=req.tools, continue_final=final or None
+            )
         except ChatRequestError as e:
             return _error(400, str(e), "tools" if str(e).startswith("tools") else "messages")
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
@@ -188,6 +254,11 @@ def create_app(
                 )
             )
         top = req.top_logprobs or 0
+        scored = None
+        if req.prompt_logprobs is not None:
+            scored = await run_in_threadpool(
+                prompt_logprobs, chat.model, base, req.prompt_logprobs, chat.token_text
+            )
         results = await asyncio.wrap_future(batcher.submit(prompts, top_logprobs=top if req.logprobs else 0))
         choices = []
         for k, r in enumerate(results):
@@ -205,7 +276,10 @@ def create_app(
                     content.append(entry)
                 logprobs = {"content": content}
             text = r.text if r.text is not None else chat.decode(r.token_ids)
-            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": (final if req.echo and final else "") + text,
+            }
             finish = "length" if r.finish_reason == "length" else "stop"
             calls = _tool_calls(text, req.tools) if req.tools and req.tool_choice != "none" else None
             if calls is not None and finish != "length":
@@ -234,6 +308,97 @@ def create_app(
                 "total_tokens": n_prompt + n_out,
             },
             "prompt_token_ids": [int(t) for t in base.input_ids.tolist()],
+            "prompt_logprobs": scored,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        if req.stream:
+            return _error(400, "stream: streaming responses are not supported by keye serve", "stream")
+        if req.model and req.model != chat.name:
+            return _error(
+                404,
+                f"model {req.model!r} is not served here; GET /v1/models lists {chat.name!r}",
+                "model",
+                "not_found_error",
+            )
+        if req.logprobs is not None:
+            return _error(
+                400,
+                "logprobs: the legacy completion logprobs are not served; use /v1/chat/completions with "
+                "logprobs, or prompt_logprobs here",
+                "logprobs",
+            )
+        if isinstance(req.prompt, str):
+            ids = [int(t) for t in chat.tok.encode(req.prompt)]
+        else:
+            ids = [int(t) for t in req.prompt]
+            vocab = chat.model.config.lm.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab or t == chat.model.config.image_token_id]
+            if bad:
+                return _error(
+                    400,
+                    f"prompt: token ids must lie in [0, {vocab}) and not be the frame placeholder; got {bad[:5]}",
+                    "prompt",
+                )
+        if not ids:
+            return _error(400, "prompt: empty", "prompt")
+        limit = chat.model.config.lm.max_position_embeddings
+        if len(ids) + req.max_tokens > limit:
+            return _error(
+                400,
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
+                f"context of {limit} tokens",
+                "max_tokens",
+            )
+        base = Prompt(input_ids=torch.tensor(ids, dtype=torch.int64))
+        scored = None
+        if req.prompt_logprobs is not None:
+            scored = await run_in_threadpool(
+                prompt_logprobs, chat.model, base, req.prompt_logprobs, chat.token_text
+            )
+        results = []
+        if req.max_tokens > 0:
+            prompts = [
+                Prompt(
+                    input_ids=base.input_ids,
+                    max_new_tokens=req.max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop_strings=req.stop,
+                    generator=None if req.seed is None else seeded_generator(req.seed, k, chat.model.device),
+                )
+                for k in range(req.n)
+            ]
+            results = await asyncio.wrap_future(batcher.submit(prompts, top_logprobs=0))
+        prefix = chat.decode(ids) if req.echo else ""
+        choices = []
+        for k in range(req.n):
+            r = results[k] if results else None
+            text = "" if r is None else (r.text if r.text is not None else chat.decode(r.token_ids))
+            choices.append(
+                {
+                    "index": k,
+                    "text": prefix + text,
+                    "logprobs": None,
+                    "finish_reason": "length" if r is None or r.finish_reason == "length" else "stop",
+                    "prompt_logprobs": scored,
+                    "prompt_token_ids": ids,
+                    "token_ids": [] if r is None else list(r.token_ids),
+                }
+            )
+        n_out = sum(len(r.token_ids) for r in results)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": chat.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(ids),
+                "completion_tokens": n_out,
+                "total_tokens": len(ids) + n_out,
+            },
         }
 
     return app

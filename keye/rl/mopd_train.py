@@ -1,0 +1,192 @@
+"""MOPD training: a student checkpoint follows its domains' frozen teachers (keye.rl.mopd) over a prompt set, with
+step checkpoints that resume bit for bit and a final/ directory laid out as every trained checkpoint (weights,
+tokenizer, frame policy), so `keye eval` and `keye serve` load it unchanged.
+
+Determinism: prompts come in a seeded permutation per epoch whose cursor is saved with the step; rollouts are seeded
+per step; the optimizer, scheduler and RNG states are saved, so a run stopped at any step continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keye.core.atomic import atomic_dir
+from keye.determinism import seed_everything
+from keye.rl.freezing import freeze_vision_and_projector
+from keye.rl.mopd import MOPDSettings, mopd_step, reward_by_domain
+from keye.rl.rewards import combined_reward
+from keye.rl.rollouts import RolloutPrompt, make_engine
+from keye.rl.teachers import CheckpointTeacher, EndpointTeacher, Teacher, TeacherRouter
+from keye.train import checkpointing as ckpt
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TeacherSpec:
+    """Where a domain's teacher comes from: a keye checkpoint directory, or an OpenAI-compatible endpoint that
+    returns prompt logprobs (base_url + model); `view` video (frames) or text (the transcript instead)."""
+
+    checkpoint: str | None = None
+    base_url: str | None = None
+    model: str | None = None
+    view: str = "video"
+
+    def build(self, name: str, student_chat: Any, device: str) -> Teacher:
+        if (self.checkpoint is None) == (self.base_url is None):
+            raise ValueError(f"teacher {name!r}: give exactly one of checkpoint or base_url (+ model)")
+        if self.checkpoint is not None:
+            return CheckpointTeacher.from_checkpoint(
+                self.checkpoint, view=self.view, name=name, device=device
+            )
+        if not self.model:
+            raise ValueError(f"teacher {name!r}: an endpoint teacher needs the served model name")
+        return EndpointTeacher(self.base_url, self.model, student_chat, view=self.view, name=name)
+
+
+@dataclass
+class MOPDSchedule:
+    steps: int = 100
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    prompts_per_step: int = 32
+    save_every: int = 25
+    keep_last: int = 2
+    seed: int = 0
+
+
+@dataclass
+class MOPDResult:
+    checkpoint_dir: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _stable(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics without wall-clock ones (they differ run to run and would change a hashed file)."""
+    return {k: v for k, v in metrics.items() if not k.endswith(("_seconds", "_per_s"))}
+
+
+def _take(prompts: Sequence[RolloutPrompt], seed: int, position: int, n: int) -> list[RolloutPrompt]:
+    """n prompts from `position` in a seeded permutation per epoch (the saved cursor is the whole state)."""
+    out = []
+    for p in range(position, position + n):
+        epoch, i = divmod(p, len(prompts))
+        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
+        out.append(prompts[int(order[i])])
+    return out
+
+
+def _save_step(chat: Any, opt: Any, sched: Any, out_dir: Path, step: int, trainer: dict, keep: int) -> None:
+    from keye.model.checkpoint import save_checkpoint
+
+    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
+        raise FloatingPointError(f"[mopd] weights are not finite at step {step}; checkpoint not written")
+    tmp = ckpt.temp_dir_for(out_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.write_rank_files(tmp, 0, opt.state_dict())
+    save_checkpoint(chat.model, tmp / "model")
+    meta = {"step": step, "stage": "mopd", "kind": "mopd", "world_size": 1}
+    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), {**trainer, "scheduler": sched.state_dict()}, meta, keep)
+
+
+def _load_step(chat: Any, opt: Any, sched: Any, step_dir: Path) -> dict[str, Any]:
+    from keye.model.checkpoint import read_state
+
+    state = read_state(step_dir / "model")
+    missing, unexpected = chat.model.load_state_dict(state, strict=False)
+    missing = [
+        m for m in missing if not (m.endswith("lm_head.weight") and chat.model.config.lm.tie_word_embeddings)
+    ]
+    if missing or unexpected:
+        raise KeyError(f"step checkpoint {step_dir} does not match the student: {missing=} {unexpected=}")
+    trainer = ckpt.read_trainer_state(step_dir)
+    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
+    opt.load_state_dict(optim_state)
+    sched.load_state_dict(trainer["scheduler"])
+    ckpt.set_rng_state(rng)
+    return trainer
+
+
+def train_mopd(
+    student_checkpoint: str | Path,
+    teachers: Mapping[str, TeacherSpec | Teacher],
+    prompts: Sequence[RolloutPrompt],
+    out_dir: str | Path,
+    schedule: MOPDSchedule,
+    settings: MOPDSettings,
+    rewards: Mapping[str, Mapping[str, float] | str],
+    *,
+    engine: str = "local",
+    engine_options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    log_metrics: LogFn | None = None,
+) -> MOPDResult:
+    """Train into out_dir (step-N/, final/); re-running with the same out_dir resumes from the newest complete
+    step checkpoint, and a finished run returns at once. `teachers` and `rewards` are keyed by domain (every prompt's
+    reference["domain"] must be in both). No teachers: outcome-only RL (how the specialists are trained)."""
+    from keye.model.checkpoint import save_checkpoint
+    from keye.serve.chat import ChatModel
+    from keye.train.bundle import bundle_checkpoint
+
+    student_checkpoint, out_dir = Path(student_checkpoint), Path(out_dir)
+    final = out_dir / "final"
+    latest = ckpt.latest_checkpoint(out_dir)
+    if (final / "config.json").is_file() and latest is not None and latest[0] >= schedule.steps:
+        return MOPDResult(final, latest[0], ckpt.read_trainer_state(latest[1]).get("last_metrics", {}))
+    if not prompts:
+        raise ValueError("the MOPD prompt set is empty")
+    seed_everything(schedule.seed)
+    chat = ChatModel.from_checkpoint(student_checkpoint, device=device)
+    freeze_vision_and_projector(chat.model)
+    router = None
+    if teachers:
+        router = TeacherRouter(
+            {d: t.build(d, chat, device) if isinstance(t, TeacherSpec) else t for d, t in teachers.items()}
+        )
+        for p in prompts:
+            router.domain_of(p)  # every domain has a teacher before any work
+    missing = sorted({str(p.reference.get("domain")) for p in prompts} - set(rewards))
+    if missing:
+        raise KeyError(f"no outcome reward for domain(s) {missing}; rewards are set for {sorted(rewards)}")
+    reward = reward_by_domain({d: combined_reward(spec) for d, spec in rewards.items()})
+    params = [p for p in chat.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    warm = schedule.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
+    if latest is not None:
+        trainer = _load_step(chat, opt, sched, latest[1])
+        print(f"[mopd] resuming from {latest[1]} (step {trainer['step']})", flush=True)
+    rollout = make_engine(engine, chat, **dict(engine_options or {}))
+    step, cursor = int(trainer["step"]), int(trainer["cursor"])
+    while step < schedule.steps:
+        t0 = time.perf_counter()
+        batch = _take(prompts, schedule.seed, cursor, schedule.prompts_per_step)
+        cursor += len(batch)
+        seed = schedule.seed * 1_000_003 + step * 7919
+        m = mopd_step(chat, opt, rollout, lambda b=batch: b, reward, router, settings, seed=seed)
+        sched.step()
+        step += 1
+        m = {**m, "lr": opt.param_groups[0]["lr"], "step_seconds": time.perf_counter() - t0}
+        if not all(math.isfinite(v) for v in m.values()):
+            raise FloatingPointError(f"[mopd] non-finite metrics at step {step}: {m}")
+        if log_metrics is not None:
+            log_metrics(m, step)
+        trainer = {"step": step, "cursor": cursor, "last_metrics": _stable(m)}
+        if step % schedule.save_every == 0 or step == schedule.steps:
+            _save_step(chat, opt, sched, out_dir, step, trainer, schedule.keep_last)
+    with atomic_dir(final) as build:
+        save_checkpoint(chat.model, build)
+        bundle_checkpoint(build, student_checkpoint, chat.policy, tok=chat.tok)
+    return MOPDResult(final, step, trainer["last_metrics"])

@@ -1,0 +1,146 @@
+"""The specialists stage: one teacher per domain (grounding, multiple choice, captioning), each trained from the SFT
+checkpoint by outcome RL on its own domain's training-split prompts only, so that MOPD has a teacher that is best
+at each domain. Output: a TeacherSet (domain -> checkpoint) with lineage to every specialist, its data and parent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keye.core.hashing import hash_checkpoint_dir, settings_hash
+from keye.rl.mopd import MOPDSettings
+from keye.rl.mopd_prompts import split_prompts
+from keye.rl.mopd_train import MOPDSchedule, train_mopd
+from keye.rl.rollouts import RolloutPrompt
+from keye.stages.artifact import StageRun
+
+
+@dataclass
+class SpecialistsPlan:
+    teacherset_id: str
+    build: bool  # False: a previous run completed the TeacherSet
+    init: str  # the SFT checkpoint every specialist starts from
+    init_id: str
+    videoset_id: str
+    out_dir: Path
+    todo: dict[str, str] = field(default_factory=dict)  # domain -> checkpoint id still to train
+    checkpoints: dict[str, str] = field(default_factory=dict)  # domain -> checkpoint id
+
+
+def device_of(run: StageRun, device: str | None) -> str:
+    import torch
+
+    d = device or run.config.train.device
+    return d or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_prompts(
+    run: StageRun, videoset_id: str, work_dir: Path, kinds: list[str]
+) -> list[RolloutPrompt]:
+    """Domain-tagged prompts of the VideoSet's training split (questions asked as the eval asks them)."""
+    members = set(run.lineage.members(videoset_id))
+    videos = [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
+    questions = [k for k in kinds if k != "caption"]
+    return split_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
+
+
+def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> SpecialistsPlan:
+    """Run alone: the newest trained checkpoint and the newest VideoSet."""
+    s = run.config.specialists
+    init = checkpoint_dir or run.lineage.latest_checkpoint_path()
+    sha = hash_checkpoint_dir(init)
+    init_id = run.lineage.checkpoint_id_for(init, sha)
+    videoset_id = run.input("videoset", videoset_id)
+    common = s.model_dump(mode="json", exclude={"domains"})
+    ts_id = run.key("ts", sha, videoset_id, settings_hash(s), run.config.seed)
+    out_dir = run.workspace.checkpoints / ts_id
+    p = SpecialistsPlan(ts_id, False, str(init), init_id, videoset_id, out_dir)
+    for domain, spec in sorted(s.domains.items()):
+        ck = run.key(
+            "sp", sha, videoset_id, domain, settings_hash(spec), settings_hash(common), run.config.seed
+        )
+        p.checkpoints[domain] = ck
+        path = str(out_dir / domain)
+        if run.produce(ck, "training", f"specialist:{domain}", spec, [init_id, videoset_id], path=path):
+            p.todo[domain] = ck
+    p.build = run.produce(
+        ts_id, "teacherset", "specialists", s, list(p.checkpoints.values()), path=str(out_dir)
+    )
+    return p
+
+
+def train(run: StageRun, plan: SpecialistsPlan) -> None:
+    """Each specialist still to train (resuming from its step checkpoints), then the TeacherSet."""
+    s, lineage = run.config.specialists, run.lineage
+    kinds = sorted({k for d in s.domains.values() for k in d.kinds})
+    prompts = training_prompts(run, plan.videoset_id, plan.out_dir / "prompts", kinds) if plan.todo else []
+    for domain, ck in plan.todo.items():
+        spec = s.domains[domain]
+        mine = [
+            RolloutPrompt(p.messages, {**p.reference, "domain": domain}, p.id)
+            for p in prompts
+            if p.reference.get("kind") in spec.kinds
+        ]
+        if not mine:
+            raise ValueError(f"specialists.domains.{domain}: no training prompts of kinds {spec.kinds}")
+
+        def log(m: dict[str, float], step: int, d: str = domain) -> None:
+            run.tracker.log_metrics({f"{d}/{k}" if "/" not in k else k: v for k, v in m.items()}, step)
+
+        result = train_mopd(
+            plan.init,
+            {},
+            mine,
+            plan.out_dir / domain,
+            MOPDSchedule(
+                steps=s.steps,
+                lr=s.lr,
+                prompts_per_step=s.prompts_per_step,
+                save_every=s.save_every,
+                seed=run.config.seed,
+            ),
+            MOPDSettings(
+                group_size=s.group_size,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                alpha=1.0,
+                loss_agg_mode="token-mean",
+                domains=(domain,),
+            ),
+            {domain: spec.rewards},
+            device=device_of(run, s.device),
+            log_metrics=log,
+        )
+        sha = hash_checkpoint_dir(result.checkpoint_dir)
+        meta: dict[str, Any] = {
+            "steps": result.steps,
+            "prompts": len(mine),
+            "domain": domain,
+            **result.metrics,
+        }
+        path = str(result.checkpoint_dir.resolve())
+        lineage.record_checkpoint(
+            ck,
+            path,
+            sha,
+            f"specialist:{domain}",
+            result.steps,
+            run.run_id,
+            [plan.init_id, plan.videoset_id],
+            meta,
+        )
+        lineage.complete_artifact(ck, sha256=sha, meta={**meta, "path": path})
+    if plan.build:
+        teachers = {
+            d: {"checkpoint_id": ck, "path": run.meta(ck)["path"]} for d, ck in plan.checkpoints.items()
+        }
+        meta = {"teachers": teachers, "parent": plan.init, "parent_id": plan.init_id}
+        lineage.complete_artifact(plan.teacherset_id, sha256=settings_hash(meta), meta=meta)
+
+
+def finish(run: StageRun, plan: SpecialistsPlan) -> str:
+    """The TeacherSet id (what the mopd stage routes to); each specialist's last metrics go to the summary."""
+    for domain, ck in plan.checkpoints.items():
+        run.numbers({f"{domain}/{k}" if "/" not in k else k: v for k, v in run.meta(ck).items()})
+    return plan.teacherset_id

@@ -1,0 +1,100 @@
+"""The specialists and mopd stages through the stage protocol on a tiny pipeline (4 synthetic videos, two 2-step
+recipes): real Prefect flow runs, DuckDB lineage, MLflow. The TeacherSet names a specialist per domain, each with
+edges from the SFT checkpoint and the VideoSet; the MOPD student has edges from every teacher; MLflow holds the
+per-domain curves; a second run makes nothing again."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(
+        textwrap.dedent(
+            f"""
+            name: mopdtest
+            workspace: {tmp_path / "ws"}
+            stages: [ingest, caption, shard, pack, train, specialists, mopd]
+            sources:
+              - {{kind: synthetic, n_videos: 4, n_long: 0, seed: 1, heldout_fraction: 0.25}}
+            ingest: {{max_clip_seconds: 6}}
+            shard: {{max_side: 112, fps: 4}}
+            pack: {{tokenizer: {{vocab_size: 512}}}}
+            train:
+              preset: tiny
+              stages:
+                - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
+            specialists:
+              steps: 2
+              prompts_per_step: 2
+              group_size: 2
+              max_new_tokens: 4
+              save_every: 1
+              domains:
+                grounding: {{kinds: [timelens], rewards: {{time_r1: 1.0}}}}
+                caption: {{kinds: [caption], rewards: {{caption_f1: 1.0}}}}
+            mopd:
+              steps: 2
+              prompts_per_step: 2
+              group_size: 2
+              max_new_tokens: 4
+              kinds: [timelens, caption]
+              teachers: {{grounding: {{source: specialist}}, caption: {{source: specialist, view: text}}}}
+            runner: {{kind: thread, max_workers: 2}}
+            """
+        )
+    )
+    return p
+
+
+def test_specialists_then_mopd_with_lineage_and_curves(tmp_path):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from keye.core.lineage import Lineage
+
+    cfg = _config(tmp_path)
+    with prefect_test_harness(server_startup_timeout=180):
+        from flows.pipeline import pipeline
+
+        first = pipeline(config_path=str(cfg))
+        store = Lineage(tmp_path / "ws", read_only=True)
+        n_ckpt = store.scalar("SELECT count(*) FROM checkpoints")
+        del store
+        second = pipeline(config_path=str(cfg))
+
+    art = first["artifacts"]
+    assert art["teacherset"].startswith("ts") and Path(art["checkpoint"]).name == "final"
+    assert second["artifacts"] == art
+    store = Lineage(tmp_path / "ws", read_only=True)
+    assert store.scalar("SELECT count(*) FROM checkpoints") == n_ckpt
+    stages = {r["stage"]: r for r in store.query("SELECT * FROM checkpoints WHERE stage IS NOT NULL")}
+    assert set(stages) == {"sft", "specialist:grounding", "specialist:caption", "mopd"}
+    sft_id = stages["sft"]["checkpoint_id"]
+    student_id = stages["mopd"]["checkpoint_id"]
+    up = {r["id"] for r in store.upstream(student_id)}
+    for d in ("grounding", "caption"):
+        spec_id = stages[f"specialist:{d}"]["checkpoint_id"]
+        assert spec_id in up  # an edge from every teacher to the student
+        assert {sft_id, art["videoset"]} <= {r["id"] for r in store.upstream(spec_id)}  # data and parent
+    assert sft_id in up and art["teacherset"] in up
+    # MLflow: the mopd stage's run holds per-domain curves
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'mopd'"
+    )
+    assert runs
+    keys = set(runs[0].data.metrics)
+    for d in ("grounding", "caption"):
+        assert {f"{d}/reverse_kl", f"{d}/reward", f"{d}/response_length"} <= keys, keys
+        steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, f"{d}/reverse_kl")}
+        assert {1, 2} <= steps  # one point per MOPD step (the stage summary adds its own at step 0)
