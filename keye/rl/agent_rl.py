@@ -10,7 +10,6 @@ seeded by the step, so a run stopped at any step checkpoint continues exactly as
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +24,12 @@ from keye.agent.env import AgentTask, EnvLimits, ToolEnv
 from keye.agent.sandbox import SandboxLimits
 from keye.agent.search import Document, SearchIndex
 from keye.agent.tools import FramesTool, PythonTool, SearchTool
-from keye.core.atomic import atomic_dir
 from keye.determinism import seed_everything, without_timings
 from keye.rl.agent_grpo import agent_grpo_step
 from keye.rl.agent_rollouts import AgentSettings, trajectory_rows, write_trajectories
 from keye.rl.freezing import freeze_vision_and_projector
 from keye.rl.grpo import GRPOSettings
+from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
 from keye.rl.rewards import get_reward
 from keye.train import checkpointing as ckpt
 
@@ -96,14 +95,6 @@ def demonstrations(tasks: Sequence[AgentTask], make_env: Callable[[], ToolEnv]) 
     return [d for d in demos if d is not None and d["reward"] == 1.0]
 
 
-def _take(tasks: Sequence[AgentTask], seed: int, position: int, n: int) -> list[AgentTask]:
-    out = []
-    for p in range(position, position + n):
-        epoch, i = divmod(p, len(tasks))
-        out.append(tasks[int(np.random.default_rng([seed, epoch]).permutation(len(tasks))[i])])
-    return out
-
-
 def demo_warmup(
     chat: Any, demos: Sequence[dict[str, Any]], steps: int, lr: float, seed: int, batch_size: int = 4
 ) -> dict[str, float]:
@@ -151,33 +142,6 @@ def demo_warmup(
     }
 
 
-def _save_step(chat: Any, opt: Any, out_dir: Path, step: int, trainer: dict[str, Any], keep: int) -> None:
-    from keye.model.checkpoint import save_checkpoint
-
-    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
-        raise FloatingPointError(f"[agent_rl] weights are not finite at step {step}; checkpoint not written")
-    tmp = ckpt.temp_dir_for(out_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.write_rank_files(tmp, 0, opt.state_dict())
-    save_checkpoint(chat.model, tmp / "model")
-    meta = {"step": step, "stage": "agent_rl", "kind": "agent_rl", "world_size": 1}
-    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), trainer, meta, keep)
-
-
-def _load_step(chat: Any, opt: Any, step_dir: Path) -> dict[str, Any]:
-    from keye.model.checkpoint import read_state
-
-    missing, unexpected = chat.model.load_state_dict(read_state(step_dir / "model"), strict=False)
-    tied = chat.model.config.lm.tie_word_embeddings
-    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied)]
-    if missing or unexpected:
-        raise KeyError(f"step checkpoint {step_dir} does not match the model: {missing=} {unexpected=}")
-    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
-    opt.load_state_dict(optim_state)
-    ckpt.set_rng_state(rng)
-    return ckpt.read_trainer_state(step_dir)
-
-
 def train_agent_rl(
     init_checkpoint: str | Path,
     tasks: Sequence[AgentTask],
@@ -193,9 +157,7 @@ def train_agent_rl(
 ) -> AgentRLResult:
     """Train into out_dir (step-N/ checkpoints, trajectories/step-N.parquet, final/); re-running with the same
     out_dir resumes from the newest complete step checkpoint, and a finished run returns at once."""
-    from keye.model.checkpoint import save_checkpoint
     from keye.serve.chat import ChatModel
-    from keye.train.bundle import bundle_checkpoint
 
     if not tasks:
         raise ValueError("the agent task set is empty (derive it with keye.agent.tasks.derive_tasks)")
@@ -218,7 +180,7 @@ def train_agent_rl(
         ref = ChatModel.from_checkpoint(init_checkpoint, device=device).model.requires_grad_(False)
     trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
     if latest is not None:
-        trainer = _load_step(chat, opt, latest[1])
+        trainer = load_policy_step(chat.model, opt, None, latest[1])
         print(f"[agent_rl] resuming from {latest[1]} (step {trainer['step']})", flush=True)
     make_env = env_factory(chat, docs, tools or AgentToolSettings())
     if latest is None and schedule.warmup_steps > 0:
@@ -226,13 +188,13 @@ def train_agent_rl(
             chat, demonstrations(tasks, make_env), schedule.warmup_steps, schedule.warmup_lr, schedule.seed
         )
         print(f"[agent_rl] demonstration warm-up: {warm}", flush=True)
-        with atomic_dir(out_dir / "warmup") as build:  # the warm-up alone, so RL's own gain can be measured
-            save_checkpoint(chat.model, build)
-            bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
+        export_policy(
+            chat, init_checkpoint, out_dir / "warmup"
+        )  # the warm-up alone: RL's own gain is measured
     step, cursor = int(trainer["step"]), int(trainer["cursor"])
     while step < schedule.steps:
         t0 = time.perf_counter()
-        batch = _take(tasks, schedule.seed, cursor, schedule.tasks_per_step)
+        batch = seeded_take(tasks, schedule.seed, cursor, schedule.tasks_per_step)
         cursor += len(batch)
         m, groups = agent_grpo_step(
             chat,
@@ -254,8 +216,6 @@ def train_agent_rl(
         stable = {k: v for k, v in without_timings(m).items() if not k.endswith(("_seconds", "_per_s"))}
         trainer = {"step": step, "cursor": cursor, "last_metrics": stable}
         if step % schedule.save_every == 0 or step == schedule.steps:
-            _save_step(chat, opt, out_dir, step, trainer, schedule.keep_last)
-    with atomic_dir(final) as build:
-        save_checkpoint(chat.model, build)
-        bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
+            save_policy_step(chat.model, opt, None, out_dir, step, trainer, schedule.keep_last, "agent_rl")
+    export_policy(chat, init_checkpoint, final)
     return AgentRLResult(final, step, trainer["last_metrics"], sorted(traj_dir.glob("*.parquet")))

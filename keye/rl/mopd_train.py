@@ -9,20 +9,18 @@ per step; the optimizer, scheduler and RNG states are saved, so a run stopped at
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from keye.core.atomic import atomic_dir
 from keye.determinism import seed_everything
 from keye.rl.freezing import freeze_vision_and_projector
 from keye.rl.mopd import MOPDSettings, mopd_step, reward_by_domain
+from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
 from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
 from keye.rl.teachers import CheckpointTeacher, EndpointTeacher, Teacher, TeacherRouter
@@ -77,47 +75,6 @@ def _stable(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.endswith(("_seconds", "_per_s"))}
 
 
-def _take(prompts: Sequence[RolloutPrompt], seed: int, position: int, n: int) -> list[RolloutPrompt]:
-    """n prompts from `position` in a seeded permutation per epoch (the saved cursor is the whole state)."""
-    out = []
-    for p in range(position, position + n):
-        epoch, i = divmod(p, len(prompts))
-        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
-        out.append(prompts[int(order[i])])
-    return out
-
-
-def _save_step(chat: Any, opt: Any, sched: Any, out_dir: Path, step: int, trainer: dict, keep: int) -> None:
-    from keye.model.checkpoint import save_checkpoint
-
-    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
-        raise FloatingPointError(f"[mopd] weights are not finite at step {step}; checkpoint not written")
-    tmp = ckpt.temp_dir_for(out_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.write_rank_files(tmp, 0, opt.state_dict())
-    save_checkpoint(chat.model, tmp / "model")
-    meta = {"step": step, "stage": "mopd", "kind": "mopd", "world_size": 1}
-    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), {**trainer, "scheduler": sched.state_dict()}, meta, keep)
-
-
-def _load_step(chat: Any, opt: Any, sched: Any, step_dir: Path) -> dict[str, Any]:
-    from keye.model.checkpoint import read_state
-
-    state = read_state(step_dir / "model")
-    missing, unexpected = chat.model.load_state_dict(state, strict=False)
-    missing = [
-        m for m in missing if not (m.endswith("lm_head.weight") and chat.model.config.lm.tie_word_embeddings)
-    ]
-    if missing or unexpected:
-        raise KeyError(f"step checkpoint {step_dir} does not match the student: {missing=} {unexpected=}")
-    trainer = ckpt.read_trainer_state(step_dir)
-    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
-    opt.load_state_dict(optim_state)
-    sched.load_state_dict(trainer["scheduler"])
-    ckpt.set_rng_state(rng)
-    return trainer
-
-
 def train_mopd(
     student_checkpoint: str | Path,
     teachers: Mapping[str, TeacherSpec | Teacher],
@@ -135,9 +92,7 @@ def train_mopd(
     """Train into out_dir (step-N/, final/); re-running with the same out_dir resumes from the newest complete
     step checkpoint, and a finished run returns at once. `teachers` and `rewards` are keyed by domain (every prompt's
     reference["domain"] must be in both). No teachers: outcome-only RL (how the specialists are trained)."""
-    from keye.model.checkpoint import save_checkpoint
     from keye.serve.chat import ChatModel
-    from keye.train.bundle import bundle_checkpoint
 
     student_checkpoint, out_dir = Path(student_checkpoint), Path(out_dir)
     final = out_dir / "final"
@@ -166,13 +121,13 @@ def train_mopd(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
     trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
     if latest is not None:
-        trainer = _load_step(chat, opt, sched, latest[1])
+        trainer = load_policy_step(chat.model, opt, sched, latest[1])
         print(f"[mopd] resuming from {latest[1]} (step {trainer['step']})", flush=True)
     rollout = make_engine(engine, chat, **dict(engine_options or {}))
     step, cursor = int(trainer["step"]), int(trainer["cursor"])
     while step < schedule.steps:
         t0 = time.perf_counter()
-        batch = _take(prompts, schedule.seed, cursor, schedule.prompts_per_step)
+        batch = seeded_take(prompts, schedule.seed, cursor, schedule.prompts_per_step)
         cursor += len(batch)
         seed = schedule.seed * 1_000_003 + step * 7919
         m = mopd_step(chat, opt, rollout, lambda b=batch: b, reward, router, settings, seed=seed)
@@ -185,8 +140,6 @@ def train_mopd(
             log_metrics(m, step)
         trainer = {"step": step, "cursor": cursor, "last_metrics": _stable(m)}
         if step % schedule.save_every == 0 or step == schedule.steps:
-            _save_step(chat, opt, sched, out_dir, step, trainer, schedule.keep_last)
-    with atomic_dir(final) as build:
-        save_checkpoint(chat.model, build)
-        bundle_checkpoint(build, student_checkpoint, chat.policy, tok=chat.tok)
+            save_policy_step(chat.model, opt, sched, out_dir, step, trainer, schedule.keep_last, "mopd")
+    export_policy(chat, student_checkpoint, final)
     return MOPDResult(final, step, trainer["last_metrics"])

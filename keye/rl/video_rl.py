@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from keye.core.atomic import atomic_dir
 from keye.determinism import seed_everything, without_timings
 from keye.rl.freezing import freeze_vision_and_projector
 from keye.rl.grpo import GRPOSettings, grpo_step
+from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
 from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
 from keye.train import checkpointing as ckpt
@@ -74,67 +73,13 @@ class PromptCursor:
         self.prompts, self.seed, self.position = list(prompts), seed, position
 
     def take(self, n: int) -> list[RolloutPrompt]:
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, len(self.prompts))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
-            out.append(self.prompts[int(order[i])])
-            self.position += 1
+        out = seeded_take(self.prompts, self.seed, self.position, n)
+        self.position += n
         return out
 
 
 def _lr_lambda(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
-def _load_step(chat: Any, opt: torch.optim.Optimizer, sched: Any, step_dir: Path) -> dict[str, Any]:
-    from keye.model.checkpoint import read_state
-
-    state = read_state(step_dir / "model")
-    missing, unexpected = chat.model.load_state_dict(state, strict=False)
-    missing = [
-        m for m in missing if not (m.endswith("lm_head.weight") and chat.model.config.lm.tie_word_embeddings)
-    ]
-    if missing or unexpected:
-        raise KeyError(f"step checkpoint {step_dir} does not match the model: {missing=} {unexpected=}")
-    trainer = ckpt.read_trainer_state(step_dir)
-    optim_state, rng = ckpt.read_rank_files(step_dir, 0)
-    opt.load_state_dict(optim_state)
-    sched.load_state_dict(trainer["scheduler"])
-    ckpt.set_rng_state(rng)
-    return trainer
-
-
-def _save_step(
-    chat: Any,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    out_dir: Path,
-    step: int,
-    trainer: dict[str, Any],
-    keep: int,
-) -> None:
-    from keye.model.checkpoint import save_checkpoint
-
-    if not all(bool(torch.isfinite(p).all()) for p in chat.model.parameters()):
-        raise FloatingPointError(f"[video_rl] weights are not finite at step {step}; checkpoint not written")
-    tmp = ckpt.temp_dir_for(out_dir, step)
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.write_rank_files(tmp, 0, opt.state_dict())
-    save_checkpoint(chat.model, tmp / "model")
-    meta = {"step": step, "stage": "video_rl", "kind": "video_rl", "world_size": 1}
-    ckpt.commit(tmp, ckpt.step_dir(out_dir, step), {**trainer, "scheduler": sched.state_dict()}, meta, keep)
-
-
-def _export(chat: Any, init_checkpoint: Path, final: Path) -> None:
-    from keye.model.checkpoint import save_checkpoint
-    from keye.train.bundle import bundle_checkpoint
-
-    with atomic_dir(final) as build:
-        save_checkpoint(chat.model, build)
-        bundle_checkpoint(build, init_checkpoint, chat.policy, tok=chat.tok)
 
 
 def train_video_rl(
@@ -170,7 +115,7 @@ def train_video_rl(
         ref = ChatModel.from_checkpoint(init_checkpoint, device=device).model.requires_grad_(False)
     trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
     if latest is not None:
-        trainer = _load_step(chat, opt, sched, latest[1])
+        trainer = load_policy_step(chat.model, opt, sched, latest[1])
         print(f"[video_rl] resuming from {latest[1]} (step {trainer['step']})", flush=True)
     cursor = PromptCursor(prompts, schedule.seed, int(trainer["cursor"]))
     rollout = make_engine(engine, chat, **dict(engine_options or {}))
@@ -198,6 +143,6 @@ def train_video_rl(
             log_metrics(m, step)
         trainer = {"step": step, "cursor": cursor.position, "last_metrics": without_timings(m)}
         if step % schedule.save_every == 0 or step == schedule.steps:
-            _save_step(chat, opt, sched, out_dir, step, trainer, schedule.keep_last)
-    _export(chat, init_checkpoint, final)
+            save_policy_step(chat.model, opt, sched, out_dir, step, trainer, schedule.keep_last, "video_rl")
+    export_policy(chat, init_checkpoint, final)
     return VideoRLResult(final, step, trainer["last_metrics"])
