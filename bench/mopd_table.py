@@ -28,7 +28,7 @@ from keye.data.prompts import CAPTION_PROMPT
 from keye.eval.heldout import heldout_benchmarks, run_benchmarks
 from keye.eval.predict import keye_predict_fn
 from keye.rl.mopd import MOPDSettings
-from keye.rl.mopd_prompts import split_prompts
+from keye.rl.mopd_prompts import domain_prompts
 from keye.rl.mopd_train import MOPDSchedule, TeacherSpec, train_mopd
 from keye.rl.rewards import caption_f1
 
@@ -101,7 +101,7 @@ def main() -> None:
     out = args.out
     sft = sft_checkpoint(args.base)
     videos = sorted(str(p) for p in (args.base / "videos").rglob("*.mp4") if p.with_suffix(".json").is_file())
-    prompts = split_prompts(videos, out / "prompts", "train", kinds=["timelens", "videomme"], captions=True)
+    prompts = domain_prompts(videos, out / "prompts", "train", kinds=["timelens", "videomme"], captions=True)
     by = {d: [p for p in prompts if p.reference["domain"] == d] for d in DOMAINS}
     sched = MOPDSchedule(steps=args.steps, lr=args.lr, prompts_per_step=args.prompts, save_every=args.steps)
 

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from keye.data.prompts import CAPTION_PROMPT, SYSTEM_PROMPT
-from keye.eval.export import write_heldout_benchmarks
-from keye.eval.prompts import build_prompt
-from keye.eval.readers import Question, read_benchmark
+from keye.rl.prompt_sets import split_prompts, video_messages
 from keye.rl.rollouts import RolloutPrompt
 from keye.rl.teachers import transcript_text
 
@@ -74,25 +72,6 @@ def tag_domains(
     return out
 
 
-def _messages(video: str, text: str, system_prompt: str | None) -> list[dict[str, Any]]:
-    """The chat keye.eval.predict builds: system prompt, the whole video's frames, then the text."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    video_part = {"type": "video_url", "video_url": {"url": str(Path(video).resolve())}}
-    messages.append({"role": "user", "content": [video_part, {"type": "text", "text": text}]})
-    return messages
-
-
-def question_prompt(q: Question, system_prompt: str | None = SYSTEM_PROMPT) -> RolloutPrompt:
-    """A benchmark question as the evaluation asks it, with the reference its reward reads."""
-    if q.is_grounding:
-        if not q.spans or q.duration is None:
-            raise ValueError(f"grounding question {q.id} of {q.video} has no span or duration")
-        ref = {"kind": q.kind, "span": list(q.spans[0]), "duration": float(q.duration)}
-    else:
-        ref = {"kind": q.kind, "answer": q.answer, "options": list(q.options), "n_options": len(q.options)}
-    return RolloutPrompt(_messages(str(q.video), build_prompt(q), system_prompt), ref, f"{q.kind}/{q.id}")
-
-
 def _annotations(video_paths: Sequence[str | Path], split: str) -> dict[Path, list[Path]]:
     by_dir: dict[Path, list[Path]] = {}
     for v in video_paths:
@@ -102,7 +81,7 @@ def _annotations(video_paths: Sequence[str | Path], split: str) -> dict[Path, li
     return by_dir
 
 
-def split_prompts(
+def domain_prompts(
     video_paths: Sequence[str | Path],
     work_dir: Path,
     split: str = "train",
@@ -110,23 +89,23 @@ def split_prompts(
     captions: bool = True,
     system_prompt: str | None = SYSTEM_PROMPT,
 ) -> list[RolloutPrompt]:
-    """Domain-tagged prompts of the `split` videos: every question of `kinds` (benchmark files written under
-    work_dir, read back with the eval's readers) and, with `captions`, one "Describe the video." per video whose
-    annotation has a caption (reference: the caption). Each carries its video's transcript."""
+    """Domain-tagged prompts of the `split` videos: every question of `kinds` (keye.rl.prompt_sets: asked as the
+    evaluation asks them) and, with `captions`, one "Describe the video." per video whose annotation has a caption
+    (reference: the caption). Each carries its video's transcript."""
     prompts: list[RolloutPrompt] = []
-    for i, (videos_dir, anns) in enumerate(sorted(_annotations(video_paths, split).items())):
-        files = write_heldout_benchmarks(anns, videos_dir, Path(work_dir) / f"set{i}", split=split)
-        for kind in kinds:
-            if kind in files:
-                bench = read_benchmark(files[kind], videos_dir, kind=kind)
-                prompts += [question_prompt(q, system_prompt) for q in bench.questions]
-        if captions:
+    if kinds:
+        try:
+            prompts += split_prompts(video_paths, work_dir, split, kinds, system_prompt)
+        except ValueError:
+            if not captions:
+                raise
+    if captions:
+        for videos_dir, anns in sorted(_annotations(video_paths, split).items()):
             for ann_path in sorted(anns):
                 ann = json.loads(ann_path.read_text(encoding="utf-8"))
                 if ann.get("caption"):
-                    video = videos_dir / ann["video"]
+                    msgs = video_messages(videos_dir / ann["video"], CAPTION_PROMPT, system_prompt)
                     ref = {"kind": "caption", "caption": str(ann["caption"])}
-                    msgs = _messages(str(video), CAPTION_PROMPT, system_prompt)
                     prompts.append(RolloutPrompt(msgs, ref, f"caption/{Path(ann['video']).stem}"))
     if not prompts:
         raise ValueError(

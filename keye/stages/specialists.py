@@ -10,7 +10,7 @@ from typing import Any
 
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.rl.mopd import MOPDSettings
-from keye.rl.mopd_prompts import split_prompts
+from keye.rl.mopd_prompts import domain_prompts
 from keye.rl.mopd_train import MOPDSchedule, train_mopd
 from keye.rl.rollouts import RolloutPrompt
 from keye.stages.artifact import StageRun
@@ -42,7 +42,7 @@ def training_prompts(
     members = set(run.lineage.members(videoset_id))
     videos = [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
     questions = [k for k in kinds if k != "caption"]
-    return split_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
+    return domain_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
 
 
 def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> SpecialistsPlan:

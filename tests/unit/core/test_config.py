@@ -11,7 +11,14 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_repo_default_pipeline_validates():
     cfg = load_config(ROOT / "pipelines.yaml")
-    assert cfg.stages == ["ingest", "caption", "shard", "pack", "train", "eval"]  # post-training stages: opt-in
+    assert cfg.stages == [
+        "ingest",
+        "caption",
+        "shard",
+        "pack",
+        "train",
+        "eval",
+    ]  # post-training stages: opt-in
     assert isinstance(cfg.sources[0], SyntheticSource)
 
 

@@ -15,7 +15,7 @@ from keye.datasets.synthetic.dataset import generate_dataset
 from keye.model import build_model, save_checkpoint
 from keye.model.checkpoint import read_state
 from keye.rl.mopd import MOPDSettings
-from keye.rl.mopd_prompts import sidecar_transcript, split_prompts, tag_domains
+from keye.rl.mopd_prompts import domain_prompts, sidecar_transcript, tag_domains
 from keye.rl.mopd_train import MOPDSchedule, TeacherSpec, train_mopd
 from keye.rl.rewards import caption_f1
 from keye.rl.rollouts import RolloutPrompt
@@ -52,7 +52,7 @@ def world(tmp_path_factory):
         tok.save(c)
         (c / "sampling_policy.json").write_text(POLICY.model_dump_json())
         ckpts[name] = c
-    prompts = split_prompts(videos, d / "prompts", "train")
+    prompts = domain_prompts(videos, d / "prompts", "train")
     return d, videos, ckpts, prompts
 
 
