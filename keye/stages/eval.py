@@ -48,7 +48,8 @@ def _one(run: StageRun, checkpoint_dir: str, videoset_id: str) -> EvalPlan:
     ckpt_id = run.lineage.checkpoint_id_for(checkpoint_dir, sha)
     eval_id = run.key("e", sha, videoset_id, settings_hash(run.config.eval))
     run.inputs += [i for i in (ckpt_id, videoset_id) if i not in run.inputs]
-    run.outputs.append(eval_id)
+    if eval_id not in run.outputs:
+        run.outputs.append(eval_id)
     build = not run.lineage.evals_of(eval_id)
     return EvalPlan(
         eval_id, build, str(checkpoint_dir), ckpt_id, videoset_id, run.workspace.reports / eval_id
@@ -64,6 +65,10 @@ def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> 
     parent = run.lineage.parent_checkpoint(main.checkpoint_id, POST_TRAINING_STAGES)
     if run.config.eval.compare_parent and parent is not None:
         main.baseline = _one(run, parent["path"], videoset_id)
+        if (
+            main.baseline.eval_id == main.eval_id
+        ):  # post-training left the weights as they were: one eval serves
+            main.baseline.build = False
         run.outputs.remove(main.eval_id)
         run.outputs.insert(0, main.eval_id)  # the stage's output is the evaluated checkpoint's eval
     return main
@@ -105,11 +110,15 @@ def _results(run: StageRun, plan: EvalPlan) -> dict[str, dict]:
 def compare_with_baseline(run: StageRun, plan: EvalPlan, results: dict[str, dict]) -> dict:
     """Question-by-question comparison with the baseline's eval (keye.eval.compare), written beside the report."""
     assert plan.baseline is not None
+    same = (
+        plan.baseline.eval_id == plan.eval_id
+    )  # identical weights: the comparison is with itself (all zero)
     comparison = {
         "checkpoint": plan.checkpoint_dir,
         "baseline": plan.baseline.checkpoint_dir,
         "baseline_eval": plan.baseline.eval_id,
-        "scores": compare_results(results, _results(run, plan.baseline)),
+        "identical_weights": same,
+        "scores": compare_results(results, results if same else _results(run, plan.baseline)),
     }
     atomic_write_json(plan.out_dir / COMPARISON_FILE, comparison)
     return comparison

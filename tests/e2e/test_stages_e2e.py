@@ -80,7 +80,11 @@ def test_all_stages_then_a_rerun_that_makes_nothing(tmp_path):
     assert Path(art["checkpoint"]).parent.name == rl
     comparison = json.loads((Path(first["report"]).parent / "comparison.json").read_text())
     assert comparison["baseline"].endswith("final") and "timelens" in comparison["scores"]
-    assert store.scalar("SELECT count(DISTINCT checkpoint_id) FROM evals") == 2
+    assert store.evals_of(comparison["baseline_eval"])  # the SFT checkpoint's eval is recorded
+    shas = store.query("SELECT DISTINCT sha256 FROM checkpoints WHERE checkpoint_id IN (?, ?)", [rl, sft])
+    # one evaluation per distinct weights (2 RL steps on zero-reward groups may leave the weights as they were)
+    assert store.scalar("SELECT count(DISTINCT eval_id) FROM evals") == len(shas)
+    assert comparison["identical_weights"] == (len(shas) == 1)
     # the PackSet, the train runs and the eval all name their inputs in lineage
     ck = store.query("SELECT artifact_id FROM artifacts WHERE kind = 'training' AND name = 'sft'")[0][
         "artifact_id"
