@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from keye.eval.heldout import POOLED_MCQ_KINDS, _pooled_mcq_rows
+from keye.eval.heldout import POOLED_MCQ_KINDS, pooled_mcq_rows
 from keye.eval.metrics import at_least_k_probability
 
 _EXACT_MAX = 20  # nonzero differences up to which every sign pattern is enumerated
@@ -104,8 +104,8 @@ def compare_results(new: dict[str, dict[str, Any]], base: dict[str, dict[str, An
         ids = sorted(rn.keys() & rb.keys())
         res = paired_difference([100 * rn[i]["iou"] for i in ids], [100 * rb[i]["iou"] for i in ids])
         out[name] = {"metric": "mIoU", **res}
-    rn = {r[0]: r[1] == r[2] for r in _pooled_mcq_rows(new, POOLED_MCQ_KINDS)}
-    rb = {r[0]: r[1] == r[2] for r in _pooled_mcq_rows(base, POOLED_MCQ_KINDS)}
+    rn = {r[0]: r[1] == r[2] for r in pooled_mcq_rows(new, POOLED_MCQ_KINDS)}
+    rb = {r[0]: r[1] == r[2] for r in pooled_mcq_rows(base, POOLED_MCQ_KINDS)}
     keys = sorted(rn.keys() & rb.keys())
     if keys:
         res = paired_difference([100.0 * rn[k] for k in keys], [100.0 * rb[k] for k in keys])

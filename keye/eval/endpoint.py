@@ -7,29 +7,11 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from keye.data.prompts import SYSTEM_PROMPT
-from keye.eval.prompts import build_prompt
+from keye.eval.prompts import question_messages
 from keye.eval.readers import Question
 from keye.eval.runner import PredictFn
-
-
-def question_messages(
-    q: Question, system_prompt: str | None = SYSTEM_PROMPT, with_subtitles: bool = True
-) -> list:
-    """The chat of one question in the OpenAI format (the video as a local path: the server must see it)."""
-    messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "video_url", "video_url": {"url": str(Path(q.video).resolve())}},
-                {"type": "text", "text": build_prompt(q, with_subtitles)},
-            ],
-        }
-    )
-    return messages
 
 
 def endpoint_predict_fn(

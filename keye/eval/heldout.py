@@ -77,7 +77,7 @@ def run_benchmarks(
 POOLED_MCQ_KINDS = ("videomme", "videomme_v2")
 
 
-def _pooled_mcq_rows(
+def pooled_mcq_rows(
     results: dict[str, dict[str, Any]], kinds: tuple[str, ...]
 ) -> list[tuple[str, str | None, str, int]]:
     """(question key, parsed letter, answer, options) of every distinct held-out MCQ in an eval's results."""
@@ -102,7 +102,7 @@ def pooled_mcq_significance(
 ) -> dict[str, Any]:
     """keye.eval.metrics.mcq_significance over the distinct held-out MCQs of an eval's results ({name: metrics
     with `_bench` and `_predictions`}, as run_benchmarks returns them), read back from the predictions files."""
-    return _significance(_pooled_mcq_rows(results, kinds))
+    return _significance(pooled_mcq_rows(results, kinds))
 
 
 def _significance(rows: list[tuple[str, str | None, str, int]]) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def blank_frame_control(
         return predict_fn(questions, blank_frames=True)
 
     blank = run_benchmarks(blank_predict, blank_sets, out_dir, batch_size, limit)
-    real_rows, blank_rows = _pooled_mcq_rows(results, kinds), _pooled_mcq_rows(blank, kinds)
+    real_rows, blank_rows = pooled_mcq_rows(results, kinds), pooled_mcq_rows(blank, kinds)
     real_right = {r[0]: r[1] == r[2] for r in real_rows}
     blank_right = {r[0]: r[1] == r[2] for r in blank_rows}
     keys = sorted(real_right.keys() & blank_right.keys())

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from keye.data.prompts import CAPTION_PROMPT, SYSTEM_PROMPT
-from keye.rl.prompt_sets import split_prompts, video_messages
+from keye.eval.prompts import video_messages
+from keye.rl.prompt_sets import split_prompts
 from keye.rl.rollouts import RolloutPrompt
 from keye.rl.teachers import transcript_text
 

@@ -25,6 +25,7 @@ from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
 from keye.rl.teachers import CheckpointTeacher, EndpointTeacher, Teacher, TeacherRouter
 from keye.train import checkpointing as ckpt
+from keye.train.schedules import build_scheduler
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -117,8 +118,7 @@ def train_mopd(
     reward = reward_by_domain({d: combined_reward(spec) for d, spec in rewards.items()})
     params = [p for p in chat.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    warm = schedule.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    sched = build_scheduler(opt, schedule.steps, schedule.warmup_steps, "constant")
     trainer: dict[str, Any] = {"step": 0, "cursor": 0, "last_metrics": {}}
     if latest is not None:
         trainer = load_policy_step(chat.model, opt, sched, latest[1])

@@ -10,7 +10,7 @@ from typing import Any
 
 from keye.data.prompts import SYSTEM_PROMPT
 from keye.eval.export import write_heldout_benchmarks
-from keye.eval.prompts import build_prompt
+from keye.eval.prompts import question_messages
 from keye.eval.readers import Question, read_benchmark
 from keye.rl.rollouts import RolloutPrompt
 
@@ -27,22 +27,9 @@ def question_reference(q: Question) -> dict[str, Any]:
     return {"kind": q.kind, "answer": q.answer, "options": list(q.options), "n_options": len(q.options)}
 
 
-def video_messages(
-    video: str | Path, text: str, system_prompt: str | None = SYSTEM_PROMPT
-) -> list[dict[str, Any]]:
-    """The chat keye.eval.predict builds (system prompt, the whole video's frames, then the text), as OpenAI
-    messages: ChatModel plans the frames with the checkpoint's own policy."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    video_part = {"type": "video_url", "video_url": {"url": str(Path(video).resolve())}}
-    messages.append({"role": "user", "content": [video_part, {"type": "text", "text": text}]})
-    return messages
-
-
 def question_prompt(q: Question, system_prompt: str | None = SYSTEM_PROMPT) -> RolloutPrompt:
     """A benchmark question asked as the evaluation asks it, with the reference its reward reads."""
-    return RolloutPrompt(
-        video_messages(q.video, build_prompt(q), system_prompt), question_reference(q), f"{q.kind}/{q.id}"
-    )
+    return RolloutPrompt(question_messages(q, system_prompt), question_reference(q), f"{q.kind}/{q.id}")
 
 
 def split_prompts(

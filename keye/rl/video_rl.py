@@ -25,6 +25,7 @@ from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_pol
 from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
 from keye.train import checkpointing as ckpt
+from keye.train.schedules import build_scheduler
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -78,10 +79,6 @@ class PromptCursor:
         return out
 
 
-def _lr_lambda(warmup: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
 def train_video_rl(
     init_checkpoint: str | Path,
     prompts: Sequence[RolloutPrompt],
@@ -109,7 +106,7 @@ def train_video_rl(
     freeze_vision_and_projector(chat.model)
     params = [p for p in chat.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.999), weight_decay=schedule.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule.warmup_steps))
+    sched = build_scheduler(opt, schedule.steps, schedule.warmup_steps, "constant")
     ref = None
     if grpo.kl_coef > 0:
         ref = ChatModel.from_checkpoint(init_checkpoint, device=device).model.requires_grad_(False)

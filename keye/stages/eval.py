@@ -127,7 +127,7 @@ def compare_with_baseline(run: StageRun, plan: EvalPlan, results: dict[str, dict
 def finish(run: StageRun, plan: EvalPlan) -> str:
     """Metrics to MLflow, the checkpoint to the model registry (alias), the headline score in the summary."""
     s, out = run.config.eval, plan.out_dir
-    metrics = {row["bench"]: json.loads(row["metrics"]) for row in run.lineage.evals_of(plan.eval_id)}
+    metrics = _results(run, plan)
     for name, m in metrics.items():
         run.tracker.log_metrics(
             flat_metrics({k: v for k, v in m.items() if not k.startswith("_")}, f"{name}/")
