@@ -19,8 +19,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 MAX_OBJECTS = 3  # shapes in a short video: 1-2 under 6 s, 2-3 otherwise, capped by a set's max_objects
-# bump when the same spec renders differently (2: muted backgrounds, larger shapes; 3: bit-exact containers)
-GENERATOR_VERSION = 3
+# bump when the same spec renders differently (2: muted backgrounds, larger shapes; 3: bit-exact containers;
+# 4: a lone shape lives anywhere in the video)
+GENERATOR_VERSION = 4
 REGIONS = ("top left", "top right", "bottom left", "bottom right", "centre")
 DIRECTIONS = ("left", "right", "up", "down")
 # (codec, container extension, pixel format, encoder options); weights below pick among them
@@ -149,10 +150,17 @@ def _make_objects(
         used.add((color, shape))
         # staggered entries so the order is well defined; visible for a good part of the video
         lo = k * slot * (0.9 if not long else 1.0)
-        t_in = _q(lo + rng.uniform(0.05, 0.35) * slot, fps)
         if long:
+            t_in = _q(lo + rng.uniform(0.05, 0.35) * slot, fps)
             t_out = _q(min(duration - 0.5, t_in + rng.uniform(0.5, 0.9) * slot), fps)
+        elif n_objects == 1:
+            # a lone shape lives anywhere in the video for 20-60% of it: where it is cannot be told from the
+            # video's length (a span proportional to the length grounds it at mIoU ~54, reading the frames ~71)
+            life = min(duration - 0.2, max(1.5, rng.uniform(0.2, 0.6) * duration))
+            t_in = _q(rng.uniform(0.0, max(0.0, duration - 0.2 - life)), fps)
+            t_out = _q(min(duration - 0.2, t_in + life), fps)
         else:
+            t_in = _q(lo + rng.uniform(0.05, 0.35) * slot, fps)
             t_out = _q(min(duration - 0.2, t_in + max(1.5, rng.uniform(0.4, 0.8) * (duration - t_in))), fps)
         t_out = max(t_out, t_in + 2.0 / fps)
         corner = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75), (0.5, 0.5)][int(rng.integers(5))]
