@@ -140,6 +140,18 @@ class PackSettings(_Strict):
         le=16,
         description="questions of one clip per training MCQ sample, one per turn after one view of the frames",
     )
+    grounding_answer: Literal["exact", "frames"] = Field(
+        "exact",
+        description="a training grounding query's answer: the annotated span, or the span the sampled frames "
+        "bracket (keye.data.grounding_items.frame_span: two of the frame stamps the model was shown)",
+    )
+    grounding_windows: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="windows of the clip each training grounding query is also asked on (the event moved to "
+        "another place in another length of video, so its answer cannot be memorised per clip)",
+    )
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 

@@ -44,6 +44,8 @@ def pack_shards(
     mcq_orders: int = 1,
     mcq_answer: str = "letter",
     mcq_turns: int = 1,
+    grounding_answer: str = "exact",
+    grounding_windows: int = 0,
 ) -> PackSetResult:
     """The pack stage as one call (the flow wraps it): read the records of every shard (json only), build the
     sample table with exact token counts, pack with keye.data.packing (cut samples recounted exactly), write
@@ -72,6 +74,8 @@ def pack_shards(
         mcq_orders=mcq_orders,
         mcq_answer=mcq_answer,
         mcq_turns=mcq_turns,
+        grounding_answer=grounding_answer,
+        grounding_windows=grounding_windows,
     )
     result = pack(table, budget, seed=seed, recount=recounter(table, records, tok, policy))
     result.stats["n_bad_records"] = len(bad)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from keye.core.hashing import stable_hash64
+from keye.data.grounding_items import GroundingItem, frame_span, grounding_items, grounding_view
 from keye.data.prompts import (
     CAPTION_PROMPT,
     DENSE_PROMPT,
@@ -134,10 +135,14 @@ def sample_items(
     mcq_orders: int = 1,
     mcq_answer: str = "letter",
     mcq_turns: int = 1,
+    grounding_answer: str = "exact",
+    grounding_windows: int = 0,
 ) -> list[tuple[str, int]]:
     """(task, item) pairs a record yields; item indexes the task's list in the record (-1 for whole-clip tasks);
     each MCQ is asked in `mcq_orders` option orders and answered as `mcq_answer` (MCQ_ANSWERS), in samples of up
-    to `mcq_turns` questions of the same clip (see the item layout at MCQ_ORDER_STRIDE)."""
+    to `mcq_turns` questions of the same clip (see the item layout at MCQ_ORDER_STRIDE); each grounding query on
+    the whole clip and on up to `grounding_windows` windows of it, answered as `grounding_answer`
+    (keye.data.grounding_items)."""
     if not 1 <= mcq_orders <= 8:
         raise ValueError(f"mcq_orders must be in 1..8, got {mcq_orders}")
     if mcq_answer not in MCQ_ANSWERS:
@@ -154,7 +159,7 @@ def sample_items(
         elif task == "dense" and record.get("dense_captions"):
             out.append(("dense", -1))
         elif task == "grounding":
-            out.extend(("grounding", i) for i in range(len(record.get("grounding") or [])))
+            out.extend(("grounding", i) for i in grounding_items(record, grounding_answer, grounding_windows))
         elif task == "mcq":
             firsts = usable_mcqs(record)[::mcq_turns]
             items = [McqItem(i, k, answer, mcq_turns) for k in range(mcq_orders) for i in firsts]
@@ -182,8 +187,12 @@ def task_messages(
         q = DENSE_PROMPT
         a = "\n".join(f"{span_text(d['start'], d['end'])} {d['text']}" for d in record["dense_captions"])
     elif task == "grounding":
-        g = record["grounding"][item]
-        q, a = grounding_prompt(g["query"]), grounding_answer(g["start"], g["end"])
+        it = GroundingItem.decode(item)
+        g = record["grounding"][it.query]
+        start, end = float(g["start"]), float(g["end"])
+        if it.answer == 1 and plan is not None:  # "frames": the span the sampled frames bracket
+            start, end = frame_span(start, end, plan.timestamps, float(record["duration"]))
+        q, a = grounding_prompt(g["query"]), grounding_answer(start, end)
     elif task == "mcq":
         return _mcq_messages(record, item, video)
     elif (
@@ -274,6 +283,10 @@ def build_sample(
     keep_frames: int | None = None,
 ) -> BuiltSample:
     """Tokenise one (record, task, item); `keep_frames` cuts the frame plan as the pack stage decided."""
+    key = record["key"]
+    offset = 0.0
+    if task == "grounding":  # a window of the clip: its own frame plan, stamped from the window's start
+        record, offset = grounding_view(record, item)
     plan = None if task == "text" else frame_plan(record, policy, keep_frames)
     enc = encode_chat(tok, task_messages(record, task, item, plan))
     image_id = tok.image_id
@@ -281,12 +294,12 @@ def build_sample(
         if not (enc.ids[start : start + n] == image_id).all():
             raise AssertionError("visual run is not placeholder tokens")  # template invariant
     return BuiltSample(
-        sample_id=sample_id(record["key"], task, item),
+        sample_id=sample_id(key, task, item),
         task=task,
         item=item,
         input_ids=enc.ids,
         labels=enc.labels,
-        timestamps=list(plan.timestamps) if plan is not None else [],
+        timestamps=[offset + t for t in plan.timestamps] if plan is not None else [],
         frame_size=(plan.height, plan.width) if plan is not None else (0, 0),
         visual_runs=enc.visual_runs,
     )
@@ -344,11 +357,14 @@ def sample_table(
     mcq_orders: int = 1,
     mcq_answer: str = "letter",
     mcq_turns: int = 1,
+    grounding_answer: str = "exact",
+    grounding_windows: int = 0,
 ) -> pa.Table:
     """One row per (record, task, item) with exact token counts. `records` yields (shard name, record json);
     records of another split are skipped (None = keep all). With a `bad` list, a record that cannot be built
     (e.g. a frame size the plan rejects) is appended there as (shard, key, reason) and skipped; else it raises.
-    `mcq_orders`, `mcq_answer`, `mcq_turns`: how MCQs are asked and answered (sample_items)."""
+    `mcq_orders`, `mcq_answer`, `mcq_turns`, `grounding_answer`, `grounding_windows`: how MCQs and grounding
+    queries are asked and answered (sample_items)."""
     cols: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
     for shard, rec in records:
         if split is not None and rec.get("split", "train") != split:
@@ -356,7 +372,9 @@ def sample_table(
         try:
             built = [
                 build_sample(tok, rec, task, item, policy)
-                for task, item in sample_items(rec, tasks, mcq_orders, mcq_answer, mcq_turns)
+                for task, item in sample_items(
+                    rec, tasks, mcq_orders, mcq_answer, mcq_turns, grounding_answer, grounding_windows
+                )
             ]
         except (KeyError, ValueError, TypeError, IndexError) as e:
             if bad is None:

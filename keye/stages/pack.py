@@ -111,6 +111,8 @@ def task_pack_index(
             mcq_orders=settings.mcq_orders,
             mcq_answer=settings.mcq_answer,
             mcq_turns=settings.mcq_turns,
+            grounding_answer=settings.grounding_answer,
+            grounding_windows=settings.grounding_windows,
         )
     return sub / "packs.parquet"
 
@@ -160,6 +162,8 @@ def pack(plan: PackPlan) -> PackSetResult:
         mcq_orders=s.mcq_orders,
         mcq_answer=s.mcq_answer,
         mcq_turns=s.mcq_turns,
+        grounding_answer=s.grounding_answer,
+        grounding_windows=s.grounding_windows,
     )
 
 
