@@ -122,14 +122,21 @@ def blank_frame_control(
     batch_size: int,
     limit: int | None,
     kinds: tuple[str, ...] = POOLED_MCQ_KINDS,
+    grounding_kinds: tuple[str, ...] = ("timelens",),
 ) -> dict[str, Any]:
-    """Answer the pooled MCQs again with every frame blank (`predict_fn(questions, blank_frames=True)`, as
-    keye_predict_fn offers) and compare question by question with `results` (the real-frame run).
+    """Answer the pooled MCQs and the grounding queries again with every frame blank (`predict_fn(questions,
+    blank_frames=True)`, as keye_predict_fn offers) and compare question by question with `results` (the
+    real-frame run).
 
     Why: beating chance is not seeing. A model can beat uniform guessing from the wording alone (each question type
-    has likely answers); only the gap to its own blank-frame answers on the same questions is what it took from the
-    pixels. Blank predictions and the comparison are written under `out_dir` (vision_control.json)."""
-    blank_sets = [BenchSet(bs.videos_dir, {k: p for k, p in bs.files.items() if k in kinds}) for bs in sets]
+    has likely answers), and ground above chance from the video's length alone (the frame stamps tell it); only the
+    gap to its own blank-frame answers on the same questions is what it took from the pixels. Blank predictions and
+    the comparison are written under `out_dir` (vision_control.json); grounding is compared per query on IoU
+    (keye.eval.compare.paired_difference, one-sided: real > blank)."""
+    from keye.eval.compare import compare_results  # compare builds on this module
+
+    wanted = set(kinds) | set(grounding_kinds)
+    blank_sets = [BenchSet(bs.videos_dir, {k: p for k, p in bs.files.items() if k in wanted}) for bs in sets]
 
     def blank_predict(questions: list[Any]) -> list[str]:
         return predict_fn(questions, blank_frames=True)
@@ -143,6 +150,11 @@ def blank_frame_control(
         "real": _significance(real_rows),
         "blank": _significance(blank_rows),
         "real_vs_blank": paired_advantage([real_right[k] for k in keys], [blank_right[k] for k in keys]),
+        "grounding": {
+            name: c
+            for name, c in compare_results(results, blank).items()
+            if name != "mcq_pooled" and results[name].get("kind") in grounding_kinds
+        },
         "blank_predictions": {name: m["_predictions"] for name, m in blank.items()},
     }
     atomic_write_json(out_dir / "vision_control.json", control)
@@ -157,15 +169,26 @@ def control_metrics(control: dict[str, Any]) -> dict[str, float]:
         "vision/mcq_p_vs_chance": float(control["real"]["p_value"]),
         "vision/mcq_blank_accuracy": float(control["blank"]["accuracy"]),
         "vision/mcq_p_real_vs_blank": float(paired["p_value"]),
+        **{
+            f"vision/{name}_{key}": float(c[field])
+            for name, c in control.get("grounding", {}).items()
+            for key, field in (("mIoU", "new_mean"), ("blank_mIoU", "base_mean"), ("p_real_vs_blank", "p_value"))
+        },
     }
 
 
 def describe_control(control: dict[str, Any]) -> str:
     """One line for the report."""
     real, blank, paired = control["real"], control["blank"], control["real_vs_blank"]
-    return (
+    line = (
         f"{real['n']} pooled MCQs: {real['accuracy']:.1f}% with the frames (chance {real['chance']:.1f}%, "
         f"p {real['p_value']:.2g}), {blank['accuracy']:.1f}% with blank frames; right only with the frames "
         f"{paired['right_only_here']}, only blank {paired['right_only_in_control']} (sign test p "
         f"{paired['p_value']:.2g})"
     )
+    for name, c in control.get("grounding", {}).items():
+        line += (
+            f"; {name} mIoU {c['new_mean']:.1f} with the frames, {c['base_mean']:.1f} with blank frames (delta "
+            f"{c['delta']:+.1f}, 95% CI [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}], paired p {c['p_value']:.2g})"
+        )
+    return line

@@ -58,6 +58,10 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "p_value": c["real"]["p_value"],
                 "blank_accuracy": c["blank"]["accuracy"],
                 "p_real_vs_blank": c["real_vs_blank"]["p_value"],
+                "grounding": {
+                    name: {"mIoU": g["new_mean"], "blank_mIoU": g["base_mean"], "p_real_vs_blank": g["p_value"]}
+                    for name, g in (c.get("grounding") or {}).items()
+                },
             }
         comparison = lineage.workspace.reports / ev / "comparison.json"
         if comparison.is_file():  # a post-trained checkpoint vs the one it started from (keye.eval.compare)
@@ -138,6 +142,11 @@ def render(summary: dict[str, Any]) -> str:
             f"  mcq pooled  {v['accuracy']:.1f} (chance {v['chance']:.1f}, p {v['p_value']:.2g}) on {v['n']} "
             f"questions; blank frames {v['blank_accuracy']:.1f} (real vs blank p {v['p_real_vs_blank']:.2g})"
         )
+        for bench, g in (v.get("grounding") or {}).items():
+            lines.append(
+                f"  {bench:<11} mIoU {g['mIoU']:.1f}; blank frames {g['blank_mIoU']:.1f} (real vs blank p "
+                f"{g['p_real_vs_blank']:.2g})"
+            )
     if c := summary.get("comparison"):
         from keye.eval.compare import describe
 

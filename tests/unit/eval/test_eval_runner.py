@@ -2,6 +2,7 @@
 predict_fn (hand-computed metrics), score() == the run's metrics.json, and the HTML report."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,7 +221,14 @@ def test_export_names_missing_video(tmp_path):
 def test_blank_frame_control_pairs_real_and_blank_answers(tmp_path):
     """keye.eval.heldout.blank_frame_control asks the pooled MCQs again with blank frames and compares question by
     question; a scripted predict_fn that is right only when it sees the frames (and answers "A" blind)."""
-    from keye.eval.heldout import BenchSet, blank_frame_control, pooled_mcq_significance, run_benchmarks
+    from keye.eval.heldout import (
+        BenchSet,
+        blank_frame_control,
+        control_metrics,
+        describe_control,
+        pooled_mcq_significance,
+        run_benchmarks,
+    )
 
     vids = tmp_path / "videos"
     vids.mkdir()
@@ -247,7 +255,18 @@ def test_blank_frame_control_pairs_real_and_blank_answers(tmp_path):
     )
     assert paired["right_only_in_control"] == 0 and paired["right_only_here"] == n - right_blind
     assert blank["correct"] == right_blind and paired["p_value"] < 1e-6
-    assert set(control["blank_predictions"]) == {"videomme", "videomme_v2"}  # LongVideoBench is not pooled
+    # LongVideoBench is not pooled; grounding is asked blind too
+    assert set(control["blank_predictions"]) == {"timelens", "videomme", "videomme_v2"}
+    g = control["grounding"]["timelens"]  # real answers "1 - 2", blind answers "A" (unparsable: IoU 0)
+    real_ious = [
+        json.loads(x)["iou"] for x in Path(results["timelens"]["_predictions"]).read_text().splitlines()
+    ]
+    assert g["n"] == len(real_ious) > 0 and g["base_mean"] == 0.0
+    assert g["new_mean"] == pytest.approx(100 * sum(real_ious) / len(real_ious))
+    assert g["better"] == sum(v > 0 for v in real_ious) and g["worse"] == 0
+    metrics = control_metrics(control)
+    assert metrics["vision/timelens_mIoU"] == g["new_mean"] and metrics["vision/timelens_blank_mIoU"] == 0.0
+    assert "timelens mIoU" in describe_control(control)
     assert json.loads((tmp_path / "blank" / "vision_control.json").read_text()) == json.loads(
         json.dumps(control, sort_keys=True)
     )
