@@ -172,7 +172,11 @@ def control_metrics(control: dict[str, Any]) -> dict[str, float]:
         **{
             f"vision/{name}_{key}": float(c[field])
             for name, c in control.get("grounding", {}).items()
-            for key, field in (("mIoU", "new_mean"), ("blank_mIoU", "base_mean"), ("p_real_vs_blank", "p_value"))
+            for key, field in (
+                ("mIoU", "new_mean"),
+                ("blank_mIoU", "base_mean"),
+                ("p_real_vs_blank", "p_value"),
+            )
         },
     }
 

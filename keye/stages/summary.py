@@ -59,7 +59,11 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "blank_accuracy": c["blank"]["accuracy"],
                 "p_real_vs_blank": c["real_vs_blank"]["p_value"],
                 "grounding": {
-                    name: {"mIoU": g["new_mean"], "blank_mIoU": g["base_mean"], "p_real_vs_blank": g["p_value"]}
+                    name: {
+                        "mIoU": g["new_mean"],
+                        "blank_mIoU": g["base_mean"],
+                        "p_real_vs_blank": g["p_value"],
+                    }
                     for name, g in (c.get("grounding") or {}).items()
                 },
             }

@@ -99,7 +99,9 @@ def test_windows_are_deterministic_inside_the_clip_and_hold_the_event() -> None:
         a, length = w
         seen.add(w)
         assert 0.0 <= a and a + length <= 12.0 + 1e-9 and length >= 3.0 - 0.1 - 1e-9
-        assert abs(a * 10 - round(a * 10)) < 1e-6 and abs(length * 10 - round(length * 10)) < 1e-6  # whole frames
+        assert (
+            abs(a * 10 - round(a * 10)) < 1e-6 and abs(length * 10 - round(length * 10)) < 1e-6
+        )  # whole frames
         assert min(8.4, a + length) - max(7.1, a) >= 0.3 - 1e-9
     assert len(seen) > 30  # windows differ
     assert grounding_window(_rec(duration=2.0, start=0.5, end=1.5), 0, 1) is None  # too short for a window
@@ -118,7 +120,9 @@ def test_window_sample_is_stamped_from_its_start_and_decodes_the_right_frames(to
     length = view["duration"]
     s = build_sample(tok, rec, "grounding", item, POLICY)
     plan = frame_plan(view, POLICY)
-    assert _stamps(tok, s) == pytest.approx([round(t, 1) for t in plan.timestamps])  # stamps from the window's 0
+    assert _stamps(tok, s) == pytest.approx(
+        [round(t, 1) for t in plan.timestamps]
+    )  # stamps from the window's 0
     assert s.timestamps == pytest.approx([a + t for t in plan.timestamps])  # frames decoded from the clip
     g = view["grounding"][0]
     assert g["start"] == pytest.approx(max(7.1, a) - a, abs=1e-3) and g["end"] <= length + 1e-9
