@@ -59,8 +59,8 @@ def frame_span(start: float, end: float, timestamps: Sequence[float], duration: 
     Why: a model that sees frames at 1 fps cannot know an event's time to a tenth of a second, only which stamped
     frames show it. Trained on exact times, a small model regresses sub-frame times it cannot see and settles on
     the mean span; trained on the bracket, it copies two of the frame stamps it was shown. The bracket always
-    contains the event; on the default set's held-out queries it scores mIoU ~71 against the exact spans, the
-    midpoints between the bracketing frames ~80, a span proportional to the video's length ~54."""
+    contains the event; on the default set's held-out queries it scores mIoU ~70 against the exact spans, the
+    midpoints between the bracketing frames ~80, a span proportional to the video's length ~53."""
     ts = list(timestamps)
     if not ts:
         raise ValueError("frame_span needs the frames' timestamps")

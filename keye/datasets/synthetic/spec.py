@@ -155,7 +155,8 @@ def _make_objects(
             t_out = _q(min(duration - 0.5, t_in + rng.uniform(0.5, 0.9) * slot), fps)
         elif n_objects == 1:
             # a lone shape lives anywhere in the video for 20-60% of it: where it is cannot be told from the
-            # video's length (a span proportional to the length grounds it at mIoU ~54, reading the frames ~71)
+            # video's length (a span proportional to the length grounds it at mIoU ~53, the frames' bracket ~70;
+            # bench/grounding_oracles.py)
             life = min(duration - 0.2, max(1.5, rng.uniform(0.2, 0.6) * duration))
             t_in = _q(rng.uniform(0.0, max(0.0, duration - 0.2 - life)), fps)
             t_out = _q(min(duration - 0.2, t_in + life), fps)
