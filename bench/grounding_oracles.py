@@ -62,7 +62,10 @@ def main() -> None:
         for hi in np.arange(0.1, 1.0001, 0.05)
         if hi > lo
     )
-    row = {"queries": len(qs), "length_prior": {"mIoU": round(100 * prior[0], 1), "span": [prior[1], prior[2]]}}
+    row = {
+        "queries": len(qs),
+        "length_prior": {"mIoU": round(100 * prior[0], 1), "span": [prior[1], prior[2]]},
+    }
     for name in ("bracket", "onset_offset", "first_last_shown", "midpoints"):
         ious = [temporal_iou(answers(s, e, ts, T)[name], (s, e)) for s, e, T, ts in qs]
         row[name] = round(100 * float(np.mean(ious)), 1)
