@@ -95,7 +95,9 @@ def score_slab(
 
 def select_slab(slab: Tensor, topk: int, ties: str = "any") -> tuple[Tensor, Tensor]:
     """Pass 2: (columns int64 [R, topk] ascending, -1 padded; their scores f32, -inf padded) of each row's top-k."""
-    if ties == "lowest":  # its -inf padding may come first (keys of an earlier sample in the chunk): reordered
+    if (
+        ties == "lowest"
+    ):  # its -inf padding may come first (keys of an earlier sample in the chunk): reordered
         vals, cols = topk_lowest_index_ties(slab.float(), topk)
         kk = topk
     else:
