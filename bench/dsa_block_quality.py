@@ -17,6 +17,10 @@ two of each span; `lm_loss` over all tokens.
 
   python bench/dsa_block_quality.py --out OUT_DIR                 # H200 (bf16, Triton kernels)
   python bench/dsa_block_quality.py --out OUT_DIR --cpu-smoke     # tiny preset on CPU (checks the script only)
+
+--stats: also the trained indexer's selection shape (bench/dsa_selection_stats.py: adjacent Jaccard, local-window
+and sink shares per layer, beside uniformly random sets of the same sizes) on one held-out batch, after the warm-up
+(in token and in block selection) and after each sparse branch (in its own selection).
 """
 
 from __future__ import annotations
@@ -156,6 +160,27 @@ def evaluate(model, data, n_batches, device, out_dir, phase) -> None:
         **{f"heldout_{k}": round(sum(v) / len(v), 4) for k, v in sums.items()})  # fmt: skip
 
 
+def selection_shape(model, data, device, out_dir, phase, selection, window, sink) -> None:
+    """Log per-layer selection stats of `selection` on held-out batch 0, leaving the model's modes as they were."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dsa_selection_stats import measure
+
+    lm = model.config.lm
+    modes, old_sel, was_training = list(lm.attention_modes), lm.dsa.selection, model.training
+    lm.dsa.selection = selection
+    ids, _, cu = data.batch(0, device)
+    t0 = time.perf_counter()
+    rows = measure(model, ids, cu, window=window, sink=sink)
+    for m in model.modules():
+        if hasattr(m, "force_indexer_loss"):
+            m.force_indexer_loss = False
+    lm.attention_modes, lm.dsa.selection = modes, old_sel
+    model.train(was_training)
+    for r in rows:
+        log(out_dir, case="selection_stats", phase=phase, window=window, sink=sink, tokens=int(cu[-1]),
+            s=round(time.perf_counter() - t0, 1), **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -175,6 +200,9 @@ def main() -> None:
     ap.add_argument("--heldout-batches", type=int, default=4)
     ap.add_argument("--branches", default="dsa-token,dsa-block,dense")
     ap.add_argument("--selection-block", type=int, default=64)
+    ap.add_argument("--stats", action="store_true", help="selection shape after the warm-up and each branch")
+    ap.add_argument("--stats-window", type=int, default=256)
+    ap.add_argument("--stats-sink", type=int, default=16)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device, dtype = ("cpu", torch.float32) if args.cpu_smoke else ("cuda", torch.bfloat16)
@@ -211,6 +239,10 @@ def main() -> None:
     train_phase(model, train, args.warmup_steps, args.pretrain_steps, args.indexer_lr, 5,
                 model.indexer_parameters(), "indexer", device, args.out, "dsa_warmup")  # fmt: skip
     evaluate(model, held, args.heldout_batches, device, args.out, "after_warmup")
+    shape = (args.stats_window, args.stats_sink)
+    if args.stats:
+        for sel in ("token", "block"):
+            selection_shape(model, held, device, args.out, "after_warmup", sel, *shape)
     for p in model.parameters():
         p.requires_grad_(True)
     shared = copy.deepcopy(model.state_dict())
@@ -227,6 +259,8 @@ def main() -> None:
         train_phase(model, train, args.sparse_steps, first, args.sparse_lr, 10, params, "lm", device, args.out,
                     branch)  # fmt: skip
         evaluate(model, held, args.heldout_batches, device, args.out, f"heldout_{branch}")
+        if args.stats and mode == "dsa":
+            selection_shape(model, held, device, args.out, branch, model.config.lm.dsa.selection, *shape)
     log(args.out, case="done", wall_s=round(time.perf_counter() - t0, 1))
 
 

@@ -168,6 +168,14 @@ class TrainSettings(_Strict):
         default_factory=ParallelSettings,
         description="device mesh dp_shard x ep x cp (keye.train.parallel; `keye plan` suggests one)",
     )
+    dsa_selection: Literal["token", "block"] | None = Field(
+        None,
+        description="DSA selection of every recipe that does not set its own: token (one top-k set per query "
+        "token) | block (one per dsa_selection_block query tokens); None: the checkpoint's (the preset's: token)",
+    )
+    dsa_selection_block: int | None = Field(
+        None, ge=1, le=4096, description="query block of dsa_selection=block for every recipe that sets none"
+    )
 
     @field_validator("stages")
     @classmethod
@@ -178,6 +186,17 @@ class TrainSettings(_Strict):
         if not v:
             raise ValueError("at least one training stage is needed")
         return v
+
+    @model_validator(mode="after")
+    def _dsa_into_recipes(self) -> TrainSettings:
+        """The model-wide DSA selection joins each recipe that leaves it unset, so the recipe (its cache key, its
+        MLflow params, the trainer) states the mode it trains in; a recipe's own setting wins."""
+        fill = {"dsa_selection": self.dsa_selection, "dsa_selection_block": self.dsa_selection_block}
+        for recipe in self.stages:
+            for name, value in fill.items():
+                if value is not None and getattr(recipe, name) is None:
+                    setattr(recipe, name, value)
+        return self
 
 
 class ContextRLConfig(_Strict):

@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from keye.kernels.dsa_reference import sparse_attention_reference, topk_lowest_index_ties
+from keye.kernels.dsa_reference import (
+    decode_index_scores,
+    sparse_attention_reference,
+    topk_lowest_index_ties,
+)
 from keye.kernels.selections import adjacent_jaccard
 
 
@@ -177,6 +181,40 @@ def block_sparse_attention_reference(
     return sparse_attention_reference(q, k, v, idx, scale)
 
 
+def block_decode_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_pool: Tensor,
+    k_idx_cache: Tensor,
+    w_pool: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    block: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step in block-shared selection: the new token (row cache_lens[b] - 1 of sequence b) attends to
+    the top-k keys before its block's first row, scored by the block's pooled indexer query (q_pool [B, H_I, D_I],
+    w_pool [B, H_I]: the means over the block's rows so far, the new one included), then to its block's own rows up
+    to itself: the rule of `block_topk` with the pool limited to the rows that exist (a prefill's blocks pool the
+    whole block). Blocks start at multiples of `block` from each sequence's row 0, as `block_layout` cuts a sample.
+    Returns (o [B, Hq, D] in q.dtype, lse f32 [B, Hq], indices int32 [B, topk + block] cache rows, -1 = unused)."""
+    bsz, lmax = k_cache.shape[0], k_cache.shape[1]
+    pos = cache_lens.long() - 1
+    first = pos - pos % block  # the block's first row: keys before it are scored, its own rows are appended
+    vals, cols = topk_lowest_index_ties(decode_index_scores(q_pool, k_idx_cache, w_pool, first), topk)
+    picked = torch.where(torch.isfinite(vals), cols, -1)
+    own = first[:, None] + torch.arange(block, device=first.device)[None, :]
+    own = torch.where(own <= pos[:, None], own, -1)
+    indices = torch.cat([picked, own.to(picked.device)], dim=1).to(torch.int32)
+    base = (torch.arange(bsz, device=q.device, dtype=torch.int32) * lmax)[:, None]
+    flat = torch.where(indices >= 0, indices + base, indices)
+    k_flat = k_cache.reshape(bsz * lmax, *k_cache.shape[2:])
+    v_flat = v_cache.reshape(bsz * lmax, *v_cache.shape[2:])
+    o, lse = sparse_attention_reference(q, k_flat, v_flat, flat, scale)
+    return o, lse, indices
+
+
 def adjacent_overlap(indices: Tensor, cu_seqlens: Tensor, pairs: int = 64) -> float:
     """Cheap run-time estimate of the mean adjacent Jaccard (evenly spaced pairs): the dispatch's choice of path."""
     return adjacent_jaccard(indices, cu_seqlens, max_pairs=pairs)
@@ -184,6 +222,7 @@ def adjacent_overlap(indices: Tensor, cu_seqlens: Tensor, pairs: int = 64) -> fl
 
 __all__ = [
     "adjacent_overlap",
+    "block_decode_reference",
     "block_layout",
     "block_sparse_attention_reference",
     "block_topk",

@@ -30,6 +30,7 @@ KERNEL_NAMES = (
     "decode_attention",
     "block_sparse_attention",
     "block_topk",
+    "block_decode",
 )
 
 _REFERENCE: dict[str, Callable[..., object]] = {
@@ -42,6 +43,7 @@ _REFERENCE: dict[str, Callable[..., object]] = {
     "decode_attention": dsa_reference.decode_attention_reference,
     "block_sparse_attention": block_selection.block_sparse_attention_reference,
     "block_topk": block_selection.block_topk,
+    "block_decode": block_selection.block_decode_reference,  # torch on every device (no Triton kernel yet)
 }
 
 # Token selections whose neighbouring sets overlap at least this much (mean adjacent Jaccard, sampled) run as the
@@ -199,6 +201,22 @@ def dsa_decode(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return pick("dsa_decode", q)(q, k_cache, v_cache, q_idx, k_idx_cache, w, cache_lens, topk, scale)
+
+
+def block_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_pool: Tensor,
+    k_idx_cache: Tensor,
+    w_pool: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    block: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = pick("block_decode", q)
+    return fn(q, k_cache, v_cache, q_pool, k_idx_cache, w_pool, cache_lens, topk, block, scale)
 
 
 def decode_attention(

@@ -5,7 +5,8 @@
   dsa         top-k keys per query token from the indexer (one set shared by all heads, each KV group attends
               over it); indexer input detached, its KL restricted to the selected set. With dsa.selection=block,
               one set per query block of dsa.selection_block tokens from the block's pooled indexer query
-              (keye/kernels/block_selection.py); each token attends to its block's keys at or before itself
+              (keye/kernels/block_selection.py); each token attends to its block's keys at or before itself.
+              Decode pools the block's rows so far (KVCache.pool_block; a prefill's blocks pool the whole block)
 
 The heavy functions come from keye.kernels.dispatch (torch reference on CPU, Triton on CUDA when available).
 """
@@ -73,6 +74,8 @@ class Attention(nn.Module):
             return self.o_proj(o.reshape(t, hq * d)), None
         if cache is not None:
             cache.write_prefill(self.layer_idx, k, v, k_idx, cu_seqlens)
+            if mode == "dsa" and self.cfg.dsa.selection == "block":
+                cache.write_block_pool(self.layer_idx, q_idx, w, cu_seqlens, self.cfg.dsa.selection_block)
 
         indices = None
         block = self.cfg.dsa.block
@@ -124,7 +127,14 @@ class Attention(nn.Module):
         """One query per sequence over its cached rows 0..lengths[b] (the new token included)."""
         i = self.layer_idx
         lens = cache.lengths + 1
-        if self.mode == "dsa":
+        if self.mode == "dsa" and self.cfg.dsa.selection == "block":
+            dsa = self.cfg.dsa
+            q_pool, w_pool = cache.pool_block(i, q_idx, w, dsa.selection_block)
+            o, _, _ = dispatch.block_decode(
+                q, cache.k[i], cache.v[i], q_pool, cache.idx_k[i], w_pool, lens, dsa.topk, dsa.selection_block,
+                self.scale,
+            )  # fmt: skip
+        elif self.mode == "dsa":
             o, _, _ = dispatch.dsa_decode(
                 q, cache.k[i], cache.v[i], q_idx, cache.idx_k[i], w, lens, self.cfg.dsa.topk, self.scale
             )

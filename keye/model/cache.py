@@ -23,6 +23,10 @@ class KVCache:
     decoding: bool = False
     max_len: int = 0
     extra: dict[str, Tensor] = field(default_factory=dict)
+    # dsa.selection=block: per layer, the sums of the indexer queries [B, H_I, D_I] and weights [B, H_I] (float32)
+    # of each sequence's unfinished block, so a decode step scores with its block's pooled query as training did
+    pool_q: list[Tensor] = field(default_factory=list)
+    pool_w: list[Tensor] = field(default_factory=list)
 
     @classmethod
     def allocate(
@@ -30,6 +34,8 @@ class KVCache:
     ) -> KVCache:
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         n = cfg.num_layers
+        by_block = cfg.dsa.selection == "block"
+        h_i, d_i = cfg.dsa.index_heads, cfg.dsa.index_dim
         return cls(
             k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
@@ -38,6 +44,8 @@ class KVCache:
             ],
             lengths=torch.zeros(batch, dtype=torch.int64, device=device),
             max_len=max_len,
+            pool_q=[torch.zeros(batch, h_i, d_i, device=device) for _ in range(n)] if by_block else [],
+            pool_w=[torch.zeros(batch, h_i, device=device) for _ in range(n)] if by_block else [],
         )
 
     @property
@@ -57,6 +65,28 @@ class KVCache:
             self.v[layer][b, : e - a] = v[a:e]
             if idx_k is not None:
                 self.idx_k[layer][b, : e - a] = idx_k[a:e]
+
+    def write_block_pool(self, layer: int, q_idx: Tensor, w: Tensor, cu_seqlens: Tensor, block: int) -> None:
+        """Prefill, block selection: each sequence's sums over its last unfinished block (zero when the prompt
+        ends on a block boundary: the first decoded token opens a new block)."""
+        cu = cu_seqlens.tolist()
+        for b in range(len(cu) - 1):
+            a, e = int(cu[b]), int(cu[b + 1])
+            r = (e - a) % block
+            self.pool_q[layer][b] = q_idx[e - r : e].float().sum(0)
+            self.pool_w[layer][b] = w[e - r : e].float().sum(0)
+
+    def pool_block(self, layer: int, q_idx: Tensor, w: Tensor, block: int) -> tuple[Tensor, Tensor]:
+        """Decode, block selection: add each new token (row lengths[b]) to its block's sums, restarting at a
+        block's first row; returns the block means (q_pool in q_idx's dtype as `pooled_queries` gives them,
+        w_pool float32)."""
+        pos = self.lengths
+        fresh = (pos % block == 0).to(q_idx.device)
+        qs = torch.where(fresh[:, None, None], 0.0, self.pool_q[layer]) + q_idx.float()
+        ws = torch.where(fresh[:, None], 0.0, self.pool_w[layer]) + w.float()
+        self.pool_q[layer], self.pool_w[layer] = qs, ws
+        n = (pos % block + 1).to(qs.device, torch.float32)
+        return (qs / n[:, None, None]).to(q_idx.dtype), ws / n[:, None]
 
     def write_decode(self, layer: int, k: Tensor, v: Tensor, idx_k: Tensor | None) -> None:
         """One new token per sequence (k, v [B, H_kv, D]) at position lengths[b]."""

@@ -45,6 +45,18 @@ class StageSettings(BaseModel):
     trainable: Trainable | None = None
     attention_mode: AttentionMode | None = None
     rope_base: float | None = Field(None, gt=0, description="new LM RoPE base (long context raises it)")
+    dsa_selection: Literal["token", "block"] | None = Field(
+        None,
+        description="DSA top-k per query token, or one set per query block (NSA / MoBA style); None: the start "
+        "checkpoint's (the preset's: token). Written into the checkpoint's model config, so eval, serve and "
+        "decode use the mode the model was trained with",
+    )
+    dsa_selection_block: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="query tokens per block of dsa_selection=block (None: the start's, 64)",
+    )
     task_weights: dict[str, float] = Field(default_factory=dict)
     answer_only_loss: bool | None = None
     grad_clip: float = Field(1.0, gt=0)

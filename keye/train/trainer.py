@@ -141,6 +141,11 @@ def _prepare_model(
     cfg = model.config
     if settings.rope_base is not None:
         cfg.lm.rope_theta = float(settings.rope_base)
+    # the selection mode lives in the model config, so final/config.json carries it to eval, serve and decode
+    if settings.dsa_selection is not None:
+        cfg.lm.dsa.selection = settings.dsa_selection
+    if settings.dsa_selection_block is not None:
+        cfg.lm.dsa.selection_block = int(settings.dsa_selection_block)
     model.set_attention_mode(settings.attention_mode or "dense")
     cfg.lm.router_aux_loss_coef = settings.aux_coef if settings.moe_balance == "aux" else 0.0
     if settings.moe_balance == "bias":

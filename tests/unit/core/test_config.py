@@ -45,6 +45,8 @@ def test_overrides_and_short_source_forms(tmp_path):
         ("", ["shard.target_bytes=-5"], "shard.target_bytes"),
         ("- just\n- a list\n", [], "top level must be a mapping"),
         ("a: [unclosed\n", [], "not valid YAML"),
+        ("", ["train.dsa_selection=blocks"], "train.dsa_selection"),
+        ("", ["train.dsa_selection_block=0"], "train.dsa_selection_block"),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
@@ -54,6 +56,31 @@ def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
         load_config(p, overrides=overrides)
     assert expected in str(e.value)
     assert str(p) in str(e.value) or "YAML" in str(e.value) or "top level" in str(e.value)
+
+
+def test_dsa_selection_is_a_pipeline_setting_that_joins_every_recipe_without_its_own(tmp_path):
+    """`--set train.dsa_selection=block` reaches each recipe (its cache key and the trainer); a recipe's own wins."""
+    from keye.core.hashing import settings_hash
+
+    base = load_config(ROOT / "pipelines.yaml")
+    cfg = load_config(
+        ROOT / "pipelines.yaml", overrides=["train.dsa_selection=block", "train.dsa_selection_block=32"]
+    )
+    assert all(s.dsa_selection == "block" and s.dsa_selection_block == 32 for s in cfg.train.stages)
+    assert all(
+        s.dsa_selection is None for s in base.train.stages
+    )  # unset: the checkpoint's mode (preset: token)
+    assert all(
+        settings_hash(a) != settings_hash(b) for a, b in zip(base.train.stages, cfg.train.stages, strict=True)
+    )
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "train:\n  dsa_selection: block\n  stages:\n"
+        "    - {name: a, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8, dsa_selection: token}\n"
+        "    - {name: b, kind: sft, steps: 1, lr: 1.0, tokens_per_step: 8}\n"
+    )
+    a, b = load_config(p).train.stages
+    assert (a.dsa_selection, b.dsa_selection) == ("token", "block") and a.dsa_selection_block is None
 
 
 def test_missing_file_and_bad_override(tmp_path):

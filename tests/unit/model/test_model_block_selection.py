@@ -13,9 +13,9 @@ from keye.model.config import DSAConfig, ModelConfig
 VOCAB = 97
 
 
-def _tiny(selection: str = "block", topk: int = 5, block: int = 4) -> torch.nn.Module:
+def _tiny(selection: str = "block", topk: int = 5, block: int = 4, layers: int = 2) -> torch.nn.Module:
     cfg = preset("tiny", vocab_size=VOCAB, image_token_id=96)
-    cfg.lm.num_layers = 2
+    cfg.lm.num_layers = layers
     cfg.lm.dsa.topk = topk
     cfg.lm.dsa.block = 8
     cfg.lm.dsa.selection = selection
@@ -71,6 +71,46 @@ def test_block_mode_trains_lm_and_indexer() -> None:
     assert all(g is not None and g.abs().sum() > 0 for g in g_kl)
     out.lm_loss.backward()
     assert model.lm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def _full_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities of the full forward's last row as generate sees them (the image placeholder masked)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    logits[model.config.image_token_id] = float("-inf")
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("prompt_len", [12, 13, 15])
+def test_block_mode_decode_pools_the_block_so_far(prompt_len: int) -> None:
+    """One layer: the cached K/V do not depend on any selection, so each decode step's logits must equal the full
+    forward of the whole prefix at its last row, whose (partial) last block pools exactly the rows so far."""
+    from keye.model.generate import generate
+
+    model = _tiny(topk=5, block=4, layers=1)
+    prompt = torch.randint(0, 96, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    res = generate(model, [prompt], max_new_tokens=7)[0]
+    for i, (tok, lp) in enumerate(zip(res.token_ids, res.logprobs, strict=True)):
+        full = _full_logprobs(model, prompt + res.token_ids[:i])
+        assert int(full.argmax()) == tok
+        assert abs(float(full[tok]) - lp) < 1e-4
+    token = _tiny("token", topk=5, layers=1)
+    token.load_state_dict(model.state_dict())
+    assert generate(token, [prompt], max_new_tokens=7)[0].logprobs != res.logprobs  # block decode differs
+
+
+def test_block_mode_decode_on_a_block_boundary_matches_the_full_forward() -> None:
+    """Two layers, prompts ending on a block boundary (batched, unequal): the first decoded token opens a block
+    of its own, so its logits equal the full forward's last row exactly as in training."""
+    from keye.model.generate import generate
+
+    model = _tiny(topk=5, block=4, layers=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (12, 20)]
+    res = generate(model, prompts, max_new_tokens=2)
+    for prompt, r in zip(prompts, res, strict=True):
+        full = _full_logprobs(model, prompt)
+        assert int(full.argmax()) == r.token_ids[0] and abs(float(full.max()) - r.logprobs[0]) < 1e-4
 
 
 def test_selection_config_validates_and_roundtrips() -> None:

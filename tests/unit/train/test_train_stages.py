@@ -95,6 +95,33 @@ def test_long_sparse_trains_everything_and_the_indexer_learns_only_from_kl(
     assert any(p.grad is not None and p.grad.any() for p in idx)
 
 
+def test_block_selection_trains_saves_and_generates_in_block_mode(
+    train_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe's dsa_selection goes into the checkpoint's model config: the loaded model decodes in block mode."""
+    from keye.model.generate import generate
+
+    init, before = _init(train_corpus, tmp_path)
+    after, logged = _train(
+        train_corpus, tmp_path, init, "long_sparse", kind="long_sparse", steps=1, dsa_selection="block",
+        dsa_selection_block=8,
+    )  # fmt: skip
+    assert _changed(before, after) and logged[-1][1]["indexer_kl"] > 0
+    model = load_checkpoint(tmp_path / "long_sparse" / "final")
+    dsa = model.config.lm.dsa
+    assert (dsa.selection, dsa.selection_block) == ("block", 8)
+    assert set(model.config.lm.attention_modes) == {"dsa"}
+    dsa.topk = 4  # sparse for these short prompts
+    from keye.kernels import dispatch
+
+    calls: list[int] = []
+    real = dispatch.block_decode
+    monkeypatch.setattr(dispatch, "block_decode", lambda *a: calls.append(1) or real(*a))
+    res = generate(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4, 5]], max_new_tokens=3)
+    assert all(len(r.token_ids) == 3 for r in res)
+    assert len(calls) == 2 * model.config.lm.num_layers  # two decode steps, every layer in block mode
+
+
 def test_sft_loss_is_answer_only_and_pretrain_loss_covers_the_text(train_corpus: dict) -> None:
     tok = load_tokenizer(train_corpus["tokenizer_dir"])
     batch = next(

@@ -1,0 +1,162 @@
+"""Two-pass lightning-indexer top-k: an experiment of issue 20 (bench/RESULTS.md `## dsa`), not the library path.
+
+Why: in the fused path (keye/kernels/indexer_topk.py) the compaction of the keys above a sampled threshold runs
+inside the score loop, over every (row, key) pair (~30 of its ~63 ms at 128K, FP8), and the exact select over the
+candidates takes another ~22 ms. Here the score loop does nothing but score: (1) one Triton kernel writes the scores
+of a chunk of query rows as a 16-bit slab (-inf outside each row's causal window), with plain vector stores; (2) the
+selection reads the slab: torch.topk (a radix select per row in CUDA) and a sort of the k picked indices into
+ascending order. The slab costs 2 bytes per (row, key) of a chunk (`slab_bytes` bounds a chunk).
+
+Contract as `dsa_reference.indexer_topk_reference` (top-k in ascending index order, -1 / -inf padding), except
+that scores are rounded to the slab's dtype before the selection: near-ties can flip (stated as top-k recall against
+the fp32-score path). ties="lowest" applies the reference's rule (ties to the smaller index; exact with a float32
+slab: the CPU interpreter test), ties="any" leaves torch.topk's choice among equal scores (the fast setting).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from keye.kernels.dsa_reference import topk_lowest_index_ties
+from keye.kernels.indexer_topk import _index_scores_tile, row_starts
+
+
+@triton.jit
+def _scores_slab_kernel(
+    QI, KI, W, ROW_START, OUT, KS,
+    row0, n_rows, col0, n_cols, n_keys,
+    stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
+    H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_KS: tl.constexpr,
+):  # fmt: skip
+    """OUT[r, c] = I[row0 + r, col0 + c] inside row r's causal window [start, row], -inf elsewhere (every tile
+    of the slab is written; tiles outside all windows without computing). W holds w / sqrt(D_I) (folded)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r_loc = pid_m * BM + tl.arange(0, BM)
+    rmask = r_loc < n_rows
+    rows = (row0 + r_loc).to(tl.int64)
+    c_loc = pid_n * BN + tl.arange(0, BN)
+    cols = col0 + c_loc
+    cmask = c_loc < n_cols
+    starts = tl.load(ROW_START + rows, mask=rmask, other=2147483647)
+    lo = tl.min(starts)
+    hi = row0 + tl.minimum(pid_m * BM + BM, n_rows) - 1
+    acc = tl.full([BM, BN], float("-inf"), tl.float32)
+    if (col0 + pid_n * BN <= hi) and (col0 + pid_n * BN + BN - 1 >= lo):
+        offs_d = tl.arange(0, DI)
+        kmask = (cols < n_keys) & cmask
+        kt = tl.load(
+            KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None], mask=kmask[None, :], other=0.0
+        )
+        acc = _index_scores_tile(
+            QI, W, rows, rmask, kt, 1.0, stride_qt, stride_qh, stride_wt, H, DI, BM, BN, True
+        )
+        if HAS_KS:
+            acc = acc * tl.load(KS + cols, mask=kmask, other=0.0)[None, :]
+        inwin = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
+        acc = tl.where(inwin, acc, float("-inf"))
+    dst = OUT + r_loc[:, None].to(tl.int64) * stride_o + c_loc[None, :]
+    tl.store(dst, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _chunks(starts_host: list[int], row0: int, row_end: int, bm: int, budget: int, elem: int):
+    """Row chunks [a, b) with window start c0 whose (b - a) x (b - c0) slab fits `budget` bytes."""
+    while row0 < row_end:
+        row1, col0 = min(row_end, row0 + bm), min(starts_host[row0 : min(row_end, row0 + bm)])
+        while row1 < row_end:
+            nxt = min(row_end, row1 + bm)
+            c0 = min(col0, min(starts_host[row1:nxt]))
+            if (nxt - row0) * (nxt - c0) * elem > budget:
+                break
+            row1, col0 = nxt, c0
+        yield row0, row1, col0
+        row0 = row1
+
+
+def score_slab(
+    q_idx: Tensor, k_idx: Tensor, w_folded: Tensor, starts: Tensor, row0: int, row1: int, col0: int,
+    slab_dtype: torch.dtype, tile: tuple[int, int, int], k_scale: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """Pass 1: the [row1 - row0, row1 - col0] score slab of rows [row0, row1) (-inf outside their windows)."""
+    bm, bn, warps = tile
+    n_rows, n_cols = row1 - row0, row1 - col0
+    slab = torch.empty((n_rows, n_cols), device=q_idx.device, dtype=slab_dtype)
+    _scores_slab_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+        q_idx, k_idx, w_folded, starts, slab, w_folded if k_scale is None else k_scale,
+        row0, n_rows, col0, n_cols, q_idx.shape[0],
+        q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0), slab.stride(0),
+        H=q_idx.shape[1], DI=q_idx.shape[2], BM=bm, BN=bn, HAS_KS=k_scale is not None, num_warps=warps,
+    )  # fmt: skip
+    return slab
+
+
+def select_slab(slab: Tensor, topk: int, ties: str = "any") -> tuple[Tensor, Tensor]:
+    """Pass 2: (columns int64 [R, topk] ascending, -1 padded; their scores f32, -inf padded) of each row's top-k."""
+    if (
+        ties == "lowest"
+    ):  # its -inf padding may come first (keys of an earlier sample in the chunk): reordered
+        vals, cols = topk_lowest_index_ties(slab.float(), topk)
+        kk = topk
+    else:
+        kk = min(topk, slab.shape[1])
+        vals, cols = torch.topk(slab, kk, dim=1, sorted=False)
+    big = torch.iinfo(torch.int64).max
+    order_key, perm = torch.where(torch.isfinite(vals), cols, big).sort(dim=1)
+    vals = vals.gather(1, perm).float()
+    cols = torch.where(order_key == big, -1, order_key)
+    if kk < topk:
+        pad = topk - kk
+        cols = torch.cat([cols, cols.new_full((cols.shape[0], pad), -1)], 1)
+        vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("-inf"))], 1)
+    return cols, vals
+
+
+def indexer_topk_twopass(
+    q_idx: Tensor,
+    k_idx: Tensor,
+    w: Tensor,
+    cu_seqlens: Tensor,
+    topk: int,
+    block: int = 1024,
+    slab_dtype: torch.dtype = torch.float16,
+    slab_bytes: int = 4 << 30,
+    tile: tuple[int, int, int] = (64, 128, 4),
+    ties: str = "any",
+    k_scale: Tensor | None = None,
+    select: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(indices int32 [T, topk], scores f32 [T, topk]) as `indexer_topk_reference` on scores rounded to
+    `slab_dtype`; k_scale: per-key scales of FP8 keys (keye/kernels/indexer_fp8.py). select=False runs pass 1
+    only (for timing)."""
+    del block
+    t_total, h_i, d_i = q_idx.shape
+    if d_i & (d_i - 1) or d_i < 16:
+        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
+    if ties not in ("any", "lowest"):
+        raise ValueError(f"ties must be 'any' or 'lowest', got {ties!r}")
+    dev = q_idx.device
+    indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
+    scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
+    if t_total == 0 or topk == 0:
+        return indices, scores
+    q_idx, k_idx = q_idx.contiguous(), k_idx.contiguous()
+    w_folded = (w.float() * d_i**-0.5).contiguous()
+    if k_scale is not None:
+        k_scale = k_scale.float().contiguous()
+    starts = row_starts(cu_seqlens, t_total)
+    elem = torch.empty((), dtype=slab_dtype).element_size()
+    for row0, row1, col0 in _chunks(
+        starts.tolist(), int(cu_seqlens[0]), int(cu_seqlens[-1]), tile[0], slab_bytes, elem
+    ):
+        slab = score_slab(q_idx, k_idx, w_folded, starts, row0, row1, col0, slab_dtype, tile, k_scale)
+        if select:
+            cols, vals = select_slab(slab, topk, ties)
+            indices[row0:row1] = torch.where(cols >= 0, cols + col0, -1).to(torch.int32)
+            scores[row0:row1] = vals
+    return indices, scores
+
+
+__all__ = ["indexer_topk_twopass", "score_slab", "select_slab"]
