@@ -1,4 +1,5 @@
-"""Start W gloo CPU processes of tests/unit/train/dist_worker.py on one spec and return rank 0's result."""
+"""Start W gloo CPU processes of tests/unit/train/dist_worker.py (or another worker script) on one spec and return
+rank 0's result."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(spec: dict, world: int, tmp: Path, tag: str) -> dict:
+def launch(spec: dict, world: int, tmp: Path, tag: str, worker: Path = WORKER) -> dict:
     spec = {**spec, "out": str(tmp / f"{tag}.result.json")}
     path = tmp / f"{tag}.spec.json"
     path.write_text(json.dumps(spec))
@@ -38,7 +39,7 @@ def launch(spec: dict, world: int, tmp: Path, tag: str) -> dict:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(path)], env=env, stderr=subprocess.PIPE, text=True
+                [sys.executable, str(worker), str(path)], env=env, stderr=subprocess.PIPE, text=True
             )
         )
     errs = [p.communicate(timeout=300)[1] for p in procs]
