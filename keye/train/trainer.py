@@ -151,6 +151,14 @@ def _prepare_model(
     return model.train()
 
 
+def _model_config(init_checkpoint: str | Path | None, model_preset: str) -> Any:
+    """The model's config without building it (the mesh is checked against it before any work)."""
+    from keye.model.checkpoint import read_config
+    from keye.model.config import preset
+
+    return read_config(init_checkpoint) if init_checkpoint is not None else preset(model_preset)
+
+
 def _load_weights(model: KeyeVL, model_dir: Path) -> None:
     state = read_state(model_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -225,7 +233,9 @@ class Trainer:
         if self.sharded:
             from keye.train import sharded_training
 
-            self.par, self.shape = sharded_training.check_parallel(parallel, self.world)
+            self.par, self.shape = sharded_training.check_parallel(
+                parallel, self.world, _model_config(init_checkpoint, model_preset)
+            )
             sharded_training.init_process_group(self.world)
         self.pending_save = None
         self.log_fn = log_metrics if (log_metrics is not None and self.acc.is_main_process) else None
@@ -253,7 +263,7 @@ class Trainer:
         s = self.settings
         seed_everything(s.seed)
         model = _prepare_model(s, init_checkpoint, model_preset, vocab_size, image_token_id)
-        if self.sharded:  # the mesh against the model (experts, DSA selection) before any work
+        if self.sharded:  # the stage's own attention mode and RoPE against the mesh too
             from keye.train import sharded_training
 
             sharded_training.check_parallel(self.par, self.world, model.config)
