@@ -57,11 +57,12 @@ def check_parallel(
     return p, shape
 
 
-def init_process_group(world: int) -> None:
-    """A one-process gloo group when the sharded path runs without torchrun (world 1: e.g. resuming a sharded
-    checkpoint on one process); torchrun / accelerate have set up the group otherwise."""
+def init_process_group(world: int, device: torch.device) -> None:
+    """A one-process group (nccl on CUDA, gloo on CPU) when the sharded path runs without torchrun (world 1: e.g.
+    resuming a sharded checkpoint on one process); torchrun / accelerate have set up the group otherwise."""
     if world == 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def shard(

@@ -229,14 +229,13 @@ class Trainer:
         # checkpoints (keye.train.sharded_training) instead of accelerate's DDP and rank-0 gathers; on any number
         # of ranks (one included: e.g. a sharded checkpoint resumed on one process)
         self.sharded = parallel is not None
-        self.parallel = parallel
         if self.sharded:
             from keye.train import sharded_training
 
             self.par, self.shape = sharded_training.check_parallel(
                 parallel, self.world, _model_config(init_checkpoint, model_preset)
             )
-            sharded_training.init_process_group(self.world)
+            sharded_training.init_process_group(self.world, self.acc.device)
         self.pending_save = None
         self.log_fn = log_metrics if (log_metrics is not None and self.acc.is_main_process) else None
         self.latest = ckpt.latest_checkpoint(self.out_dir)

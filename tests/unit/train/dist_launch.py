@@ -42,7 +42,13 @@ def launch(spec: dict, world: int, tmp: Path, tag: str, worker: Path = WORKER) -
                 [sys.executable, str(worker), str(path)], env=env, stderr=subprocess.PIPE, text=True
             )
         )
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:  # generous: a shared CI machine may run these at a fraction of a core each
+        errs = [p.communicate(timeout=900)[1] for p in procs]
+    finally:  # never leave ranks behind (a rank that failed leaves the others waiting in a collective)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-4000:]
     return json.loads(Path(spec["out"]).read_text())

@@ -19,6 +19,7 @@ from test_train_data import write_train_spec
 
 from keye.data.packing import read_pack_index
 from keye.model import build_model, save_checkpoint
+from keye.model.config import preset
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 MESHES = {  # name -> (world, train.parallel)
@@ -32,6 +33,14 @@ MESHES = {  # name -> (world, train.parallel)
     "vit_apart4_ep2": (4, {"ep": 2, "vit_apart": True}),
 }
 SHAPED_30B = ("ep2", "cp2", "dp2_ep2", "dp2_cp2")  # the 30B-shaped model under these (the tiny under all)
+DSA = (
+    "cp2",
+    "dp2_cp2",
+)  # a DSA stage (tiny, top-16 of up to ~150-row samples: sparse + indexer KL) under these
+
+
+def _models(name: str) -> tuple[str, ...]:
+    return ("tiny", *(("30b",) if name in SHAPED_30B else ()), *(("dsa",) if name in DSA else ()))
 
 
 def _settings(corpus: dict) -> dict:
@@ -51,21 +60,25 @@ def runs(train_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = shaped_30b_config(4)
     cfg.lm.vocab_size, cfg.image_token_id = train_corpus["vocab_size"], train_corpus["image_token_id"]
     save_checkpoint(build_model(cfg, seed=0), ck)
-    models = {"tiny": None, "30b": str(ck)}
+    dsa = preset("tiny", train_corpus["vocab_size"], train_corpus["image_token_id"])
+    dsa.lm.dsa.topk = 16
+    save_checkpoint(build_model(dsa, seed=0), tmp / "tiny_dsa")
+    models = {"tiny": None, "30b": str(ck), "dsa": str(tmp / "tiny_dsa")}
     settings = _settings(train_corpus)
 
     def case(name: str, model: str, parallel: dict | None) -> dict:
         out = tmp / f"{model}-{name}"
-        spec = write_train_spec(train_corpus, out, settings, init_checkpoint=models[model])
+        stage = {**settings, "name": "sparse", "kind": "long_sparse"} if model == "dsa" else settings
+        spec = write_train_spec(train_corpus, out, stage, init_checkpoint=models[model])
         s = json.loads(spec.read_text())
         if parallel is not None:
             s["parallel"] = parallel
         return {"name": f"{model}/{name}", "spec": s, "grads": str(tmp / f"{model}-{name}.safetensors")}
 
     results, grads = {}, {}
-    plan = {1: [case("one", m, None) for m in models]}
+    plan = {1: [case("one", m, None) for m in models]}  # the plain single-process path
     for name, (world, parallel) in MESHES.items():
-        for m in ("tiny", "30b") if name in SHAPED_30B else ("tiny",):
+        for m in _models(name):
             plan.setdefault(world, []).append(case(name, m, parallel))
     for world, cases in plan.items():
         results.update(launch({"cases": cases}, world, tmp, f"w{world}", worker=WORKER))
@@ -73,9 +86,7 @@ def runs(train_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"results": results, "grads": grads}
 
 
-@pytest.mark.parametrize(
-    "case", [f"{m}/{n}" for n in MESHES for m in (("tiny", "30b") if n in SHAPED_30B else ("tiny",))]
-)
+@pytest.mark.parametrize("case", [f"{m}/{n}" for n in MESHES for m in _models(n)])
 def test_mesh_step_equals_one_process(runs: dict, case: str) -> None:
     model = case.split("/")[0]
     one, got = runs["results"][f"{model}/one"], runs["results"][case]
@@ -84,6 +95,8 @@ def test_mesh_step_equals_one_process(runs: dict, case: str) -> None:
     assert got["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5, abs=0)
     assert got["aux_loss"] == pytest.approx(one["aux_loss"], rel=1e-5, abs=0)  # one balance loss per pack
     assert got["expert_counts"] == one["expert_counts"]
+    assert got["indexer_loss"] == pytest.approx(one["indexer_loss"], rel=1e-5, abs=0)
+    assert (one["indexer_loss"] > 0) == (model == "dsa")  # the DSA stage's KL (each cp rank holds a share)
     g1, g2 = load_file(runs["grads"][f"{model}/one"]), load_file(runs["grads"][case])
     assert sorted(g1) == sorted(g2)
     assert any(k.endswith("w_down") for k in g1) and any(k.startswith("vision.") for k in g1)

@@ -47,7 +47,7 @@ def run_case(case: dict) -> dict:
     result = {
         "lm_loss": float(tot.sums[0]) / global_n,
         "aux_loss": float(tot.sums[1]) / n_mb,
-        "indexer_loss": float(tot.sums[2]) / n_mb * (tr.shape.cp if tr.sharded else 1),
+        "indexer_loss": float(tot.sums[2]) / n_mb,  # the trainer's indexer_kl
         "target_tokens": global_n,
         "expert_counts": tot.expert_counts.tolist(),
         "packs": sorted(int(b.pack_id) for b, *_ in micro),
