@@ -50,6 +50,7 @@ __all__ = [
     "index_shard",
     "open_loader",
     "rank_packs",
+    "redeal",
     "resolve_shards",
     "scan_shard",
     "ShardIndex",
@@ -126,15 +127,52 @@ def collate_pack(samples: list[BuiltSample], frames: list[np.ndarray]) -> dict[s
     }
 
 
-def rank_packs(n_packs: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Pack ids of one rank in its order: (optionally shuffled per epoch) round-robin, equal count on every rank."""
+def rank_packs(
+    n_packs: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, unit: int | None = None
+) -> np.ndarray:
+    """Pack ids of one rank in its order: (optionally shuffled per epoch) round-robin, equal count on every rank.
+
+    The epoch's global order is the permutation cut to a multiple of `unit` (default: world_size); rank r takes
+    its positions r, r + W, ... With unit = the packs of one optimizer step (a multiple of W), optimizer step s
+    takes global positions [s * unit, (s + 1) * unit) on any world size dividing unit (see `redeal`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    unit = world_size if unit is None else unit
+    if unit % world_size:
+        raise ValueError(f"{unit} packs per step do not deal evenly to {world_size} ranks")
     order = np.arange(n_packs)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(n_packs)
-    per_rank = n_packs // world_size
-    return order[: per_rank * world_size][rank::world_size]
+    return order[: n_packs // unit * unit][rank::world_size]
+
+
+def redeal(states: list[Mapping[str, int]], rank: int, world_size: int, unit: int) -> dict[str, int]:
+    """This rank's loader state on `world_size` ranks from the states saved by the ranks of another world size
+    (each list entry one old rank's state; duplicates of context-parallel ranks allowed).
+
+    Exact because every rank of the old run had received the same number of packs `next` of the same epoch, so
+    the global order's positions [0, next * W_old) were consumed; with unit (packs per optimizer step) fixed and
+    dividing both world sizes, the new ranks continue at global position next * W_old: the remaining packs, their
+    grouping into optimizer steps, and the epoch's length are those of the uninterrupted run."""
+    first = states[0]
+    for st in states:
+        for k in ("epoch", "next", "world_size", "n_packs"):
+            if int(st[k]) != int(first[k]):
+                raise ValueError(f"loader states disagree on {k}: {int(st[k])} vs {int(first[k])}")
+    consumed = int(first["next"]) * int(first["world_size"])
+    if consumed % world_size:
+        raise ValueError(
+            f"{consumed} packs consumed by {first['world_size']} ranks do not re-deal to {world_size} ranks"
+        )
+    bad = sum(int(st.get("bad_samples", 0)) for st in {int(s["rank"]): s for s in states}.values())
+    return {
+        "epoch": int(first["epoch"]),
+        "next": consumed // world_size,
+        "rank": rank,
+        "world_size": world_size,
+        "n_packs": int(first["n_packs"]),
+        "bad_samples": bad if rank == 0 else 0,
+    }
 
 
 class PackStream(IterableDataset):
@@ -151,8 +189,10 @@ class PackStream(IterableDataset):
         seed: int = 0,
         shuffle: bool = False,
         frame_cache_bytes: int = 256 << 20,
+        unit: int | None = None,
     ) -> None:
         super().__init__()
+        self.unit = unit  # rank_packs' unit: the epoch is cut to a multiple of it
         self.frame_cache_bytes = frame_cache_bytes
         self._frames: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._frames_bytes = 0
@@ -179,7 +219,9 @@ class PackStream(IterableDataset):
             self._frames_bytes -= old.nbytes
 
     def order(self) -> np.ndarray:
-        return rank_packs(self.n_packs, self.rank, self.world_size, self.seed, self.epoch, self.shuffle)
+        return rank_packs(
+            self.n_packs, self.rank, self.world_size, self.seed, self.epoch, self.shuffle, self.unit
+        )
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
@@ -324,8 +366,10 @@ def open_loader(
     shuffle: bool = False,
     frame_cache_bytes: int = 256 << 20,
     skip_empty: bool = True,
+    unit: int | None = None,
 ) -> PackLoader:
-    """A PackLoader over a pack index Parquet file and a shard directory (or name -> path mapping)."""
+    """A PackLoader over a pack index Parquet file and a shard directory (or name -> path mapping); `unit`: see
+    rank_packs."""
     stream = PackStream(
         read_pack_index(index_path),
         resolve_shards(shards),
@@ -336,5 +380,6 @@ def open_loader(
         seed=seed,
         shuffle=shuffle,
         frame_cache_bytes=frame_cache_bytes,
+        unit=unit,
     )
     return PackLoader(stream, num_workers=num_workers, skip_empty=skip_empty)

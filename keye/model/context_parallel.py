@@ -47,13 +47,20 @@ class CPContext:
     cu_seqlens: Tensor  # int32 [B+1] of the whole pack
     rows: Tensor  # int64 [T / cp]: this rank's global row ids (ascending)
     total: int
+    valid: int = -1  # rows before the padding (the pack's own rows; -1: all of them)
+
+    def __post_init__(self) -> None:
+        if self.valid < 0:
+            self.valid = self.total
 
     @classmethod
-    def balanced(cls, cu_seqlens: Tensor, group=None) -> CPContext:  # noqa: ANN001
+    def balanced(cls, cu_seqlens: Tensor, group=None, valid: int | None = None) -> CPContext:  # noqa: ANN001
+        """`valid`: the pack's rows when it was padded (pad_rows) to split evenly; the padding rows are one extra
+        sample at the end, which attention keeps to itself and the indexer KL and MoE statistics leave out."""
         group = group or dist.group.WORLD
         total = int(cu_seqlens[-1])
         rows = balanced_rows(total, dist.get_world_size(group), dist.get_rank(group))
-        return cls(group, cu_seqlens, rows, total)
+        return cls(group, cu_seqlens, rows, total, total if valid is None else int(valid))
 
     def all_rows(self) -> Tensor:
         cp = dist.get_world_size(self.group)
@@ -75,6 +82,11 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.cpc.group)  # every rank's queries used these keys
         return grad[ctx.cpc.rows], None
+
+
+def pad_rows(total: int, cp: int) -> int:
+    """Rows to append so a pack of `total` rows splits into 2 * cp equal chunks."""
+    return -total % (2 * cp)
 
 
 def gather_rows(x: Tensor, cpc: CPContext) -> Tensor:
@@ -163,6 +175,8 @@ def attention(
     if want_kl:
         kl = q_idx.new_zeros((), dtype=torch.float32)
         for lo, s0, u0, u1 in segs:
+            if s0 >= cpc.valid:  # the padding sample: no KL term
+                continue
             n = u1 - u0
             qv, qi = _at_offset(q[lo : lo + n].detach(), u0 - s0), _at_offset(q_idx[lo : lo + n], u0 - s0)
             wi = _at_offset(w[lo : lo + n], u0 - s0)
@@ -173,14 +187,17 @@ def attention(
                     ib = indices[lo + q0 - (u0 - s0) : lo + q1 - (u0 - s0)]
                     ib = torch.where(ib >= 0, ib - s0, -1)
                 kl = kl + ref._kl_block(qv, kf[s0:u1].detach(), qi, kif[s0:u1], wi, ib, 0, q0, q1, scale)
-        kl = kl / cpc.total
+        kl = kl / cpc.valid
     return o, kl
 
 
 def set_context(model: torch.nn.Module, cpc: CPContext | None) -> None:
-    """Point every attention module of `model` at `cpc` (None: back to whole packs on one device)."""
+    """Point every attention and MoE module of `model` (and a KeyeVL itself, which then takes this rank's rows of
+    the pack it is given) at `cpc` (None: back to whole packs on one device)."""
     from keye.model.attention import Attention
+    from keye.model.moe import MoE
+    from keye.model.vlm import KeyeVL
 
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention | MoE | KeyeVL):
             m.cp = cpc

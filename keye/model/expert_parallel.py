@@ -104,12 +104,13 @@ def group_balance_stats(probs: Tensor, topk_idx: Tensor, num_experts: int, group
     return loss, c.detach().round().to(torch.int64)
 
 
-def shard_experts(model: nn.Module, mesh=None) -> nn.Module:  # noqa: ANN001 - a 1-D DeviceMesh (the ep dim)
-    """Keep only this rank's experts in every MoE layer of `model` and route through the mesh's group (default:
-    a 1-D mesh over WORLD). The expert weights become DTensors sharded on dim 0 over the ep mesh, so
-    torch.distributed.checkpoint saves each rank's experts with their global offsets and loads them on another ep
-    (or into a plain model). The balance loss each rank returns is the group's; a caller summing the ranks'
-    losses weighs it by 1/ep."""
+def shard_experts(model: nn.Module, mesh=None, group_balance: bool = True) -> nn.Module:  # noqa: ANN001
+    """Keep only this rank's experts in every MoE layer of `model` and route through the mesh's group (`mesh`: a
+    1-D DeviceMesh, the ep dim; default: a 1-D mesh over WORLD). The expert weights become DTensors sharded on
+    dim 0 over the ep mesh, so torch.distributed.checkpoint saves each rank's experts with their global offsets
+    and loads them on another ep (or into a plain model). group_balance: the balance loss each rank returns is
+    the group's (a caller summing the ranks' losses weighs it by 1/ep); False: each rank's own batch's, as on
+    one device (the trainer's rule: one balance loss per pack, whatever rank holds it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -128,6 +129,7 @@ def shard_experts(model: nn.Module, mesh=None) -> nn.Module:  # noqa: ANN001 - a
             shard = distribute_tensor(full.detach(), mesh, [Shard(0)], src_data_rank=None)
             setattr(m, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         m.ep_group = mesh.get_group()
+        m.group_balance = group_balance
     return model
 
 

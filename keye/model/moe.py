@@ -28,6 +28,8 @@ class MoE(nn.Module):
         self.ep_group = (
             None  # set by keye.model.expert_parallel.shard_experts: this rank holds E / ep experts
         )
+        self.group_balance = True  # under EP: the balance loss of the EP group's batch (False: this rank's)
+        self.cp = None  # keye.model.context_parallel.CPContext: x is this rank's rows of a pack split over cp
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self, std: float = 0.02) -> None:
@@ -46,15 +48,33 @@ class MoE(nn.Module):
 
             w = ep.local_experts(self.w_gate, self.w_up, self.w_down)
             y = ep.dispatch_combine(x, topk_idx, topk_weight, *w, e, self.ep_group)
-            balance, counts = ep.group_balance_stats(probs, topk_idx, e, self.ep_group)
-            return y, MoEAux(load_balance_loss=balance, expert_counts=counts, router_probs=probs)
-        y = dispatch.moe_experts(x, topk_idx, topk_weight.to(x.dtype), self.w_gate, self.w_up, self.w_down)
+            if self.group_balance and self.cp is None:
+                balance, counts = ep.group_balance_stats(probs, topk_idx, e, self.ep_group)
+                return y, MoEAux(load_balance_loss=balance, expert_counts=counts, router_probs=probs)
+        else:
+            y = dispatch.moe_experts(
+                x, topk_idx, topk_weight.to(x.dtype), self.w_gate, self.w_up, self.w_down
+            )
+        if self.cp is not None:  # the pack's statistics: its rows are spread over the cp group
+            return y, self._pack_stats(probs, topk_idx)
         aux = MoEAux(
             load_balance_loss=load_balance_loss(probs, topk_idx, e),
             expert_counts=torch.bincount(topk_idx.reshape(-1), minlength=e),
             router_probs=probs,
         )
         return y, aux
+
+    def _pack_stats(self, probs: Tensor, topk_idx: Tensor) -> MoEAux:
+        """Under context parallelism: the balance loss of the whole pack (statistics summed over the cp group,
+        the padding rows left out), the same value on every cp rank; the counts are this rank's rows' (the
+        trainer sums them over all ranks)."""
+        from keye.model import expert_parallel as ep
+
+        keep = self.cp.rows.to(probs.device) < self.cp.valid
+        probs_v, idx_v = probs[keep], topk_idx[keep]
+        balance, _ = ep.group_balance_stats(probs_v, idx_v, self.cfg.num_experts, self.cp.group)
+        counts = torch.bincount(idx_v.reshape(-1), minlength=self.cfg.num_experts)
+        return MoEAux(load_balance_loss=balance, expert_counts=counts, router_probs=probs)
 
     @torch.no_grad()
     def update_router_bias(self, counts: Tensor, rate: float = 1e-3) -> None:

@@ -72,13 +72,27 @@ def encode_apart(
         rows = torch.tensor([[1, h, w] for h, w in grids], dtype=torch.int64, device=pixel_patches.device)
         feats = model.vision(patches, rows)
         visual = model.projector(feats, grids)
-    else:  # nothing dealt to this rank: still a graph node so the exchange's backward runs
+    else:  # nothing dealt to this rank: still a graph node (through the ViT: FSDP units) so the backward runs
         hidden = model.config.lm.hidden_size
-        visual = patches.new_zeros((0, hidden)) + 0 * sum(
-            p.reshape(-1)[0] for p in model.projector.parameters()
-        )
+        visual = patches.new_zeros((0, hidden)) + model.vision_keepalive(patches)
     send_t, recv_t = split(tok, None, rank), split(tok, rank, None)
     return all_to_all(visual, recv_t, send_t, group)
+
+
+def place_visual(
+    model: nn.Module, x: Tensor, input_ids: Tensor, pixel_patches: Tensor | None, patch_grids: Tensor | None
+) -> Tensor:
+    """Token embeddings x [T, H] with the visual tokens of this rank's frames (encoded apart over
+    model.vision_group) in the placeholder rows. Every rank of the group must call it, with or without frames."""
+    if pixel_patches is None:
+        dim = model.config.vision.in_channels * model.config.vision.patch_size**2
+        pixel_patches = x.new_zeros((0, dim), dtype=torch.float32)
+        patch_grids = torch.zeros((0, 3), dtype=torch.int64, device=x.device)
+    visual = encode_apart(model, pixel_patches, patch_grids, model.vision_group).to(x.dtype)
+    mask = input_ids == model.config.image_token_id
+    if int(mask.sum()) != visual.shape[0]:
+        raise ValueError(f"{int(mask.sum())} image placeholder tokens but the frames give {visual.shape[0]}")
+    return x.masked_scatter(mask[:, None], visual)
 
 
 def embed_apart(

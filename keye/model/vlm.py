@@ -72,6 +72,10 @@ class KeyeVL(nn.Module):
             center=config.center_visual_tokens,
         )
         self.lm = LanguageModel(config.lm)
+        # set by the trainer's mesh (keye.train.sharded_training); None / False: one device, whole packs
+        self.cp = None  # keye.model.context_parallel.CPContext: forward takes this rank's rows of the pack
+        self.vision_group = None  # ProcessGroup: the ViT runs apart, on frames dealt over the group
+        self.vision_always = False  # run the ViT on every forward (FSDP: every rank enters every unit)
 
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self, std: float = 0.02) -> None:
@@ -87,8 +91,12 @@ class KeyeVL(nn.Module):
     ) -> Tensor:
         """Token embeddings [T, H] with every image_token_id row replaced, in order, by a projected visual token."""
         x = self.lm.embed_tokens(input_ids)
+        if self.vision_group is not None:
+            from keye.model.vision_parallel import place_visual
+
+            return place_visual(self, x, input_ids, pixel_patches, patch_grids)
         if pixel_patches is None:
-            return x
+            return x + self.vision_keepalive(x) if self.vision_always else x
         if patch_grids is None:
             raise ValueError("pixel_patches given without patch_grids")
         grids = frame_grids(patch_grids)
@@ -101,6 +109,16 @@ class KeyeVL(nn.Module):
                 f"{n} image placeholder tokens but the frames give {visual.shape[0]} visual tokens"
             )
         return x.masked_scatter(mask[:, None], visual)
+
+    def vision_keepalive(self, like: Tensor) -> Tensor:
+        """A zero of like's dtype that went through the ViT and the projector (one blank frame of the smallest
+        grid): under FSDP a rank without frames must still enter the vision units the other ranks enter."""
+        m = self.config.vision.spatial_merge
+        dim = self.config.vision.in_channels * self.config.vision.patch_size**2
+        blank = like.new_zeros((m * m, dim), dtype=self.vision.post_layernorm.weight.dtype)
+        grids = torch.tensor([[1, m, m]], dtype=torch.int64, device=like.device)
+        visual = self.projector(self.vision(blank, grids), [(m, m)])
+        return (visual.sum() * 0).to(like.dtype)
 
     def forward(
         self,
@@ -135,6 +153,10 @@ class KeyeVL(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids[None].expand(3, -1)
         x = self.embed(input_ids, pixel_patches, patch_grids, vision_cu_seqlens)
+        rows = None
+        if self.cp is not None:  # context parallel: this rank's rows of the (padded) pack
+            rows = self.cp.rows.to(x.device)
+            x, position_ids = x[rows], position_ids[:, rows]
         out = self.lm(x, position_ids, cu_seqlens, cache)
         want_logits = labels is None if return_logits is None else return_logits
         logits = None
@@ -153,6 +175,8 @@ class KeyeVL(nn.Module):
         )
         if labels is not None:
             targets = shifted_targets(labels, cu_seqlens)
+            if rows is not None:
+                targets = targets[rows]
             total, n = chunked_cross_entropy(out.hidden, self.lm.lm_head.weight, targets, loss_chunk)
             lm_loss = total / max(1, n)
             loss = lm_loss + self.config.lm.router_aux_loss_coef * out.aux_loss

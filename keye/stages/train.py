@@ -61,12 +61,11 @@ def plan(
 
 def train(run: StageRun, plan: TrainPlan) -> None:
     """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
+    import os
+
     t, lineage = run.config.train, run.lineage
-    if t.parallel.ep > 1 or t.parallel.cp > 1:  # validated and planned, not yet run by the trainer: say so
-        raise ConfigError(
-            f"train.parallel: ep={t.parallel.ep}, cp={t.parallel.cp}: expert and context parallelism are not wired "
-            "into the trainer yet (docs/TRAINING.md 'What is not wired yet'); set ep: 1 and cp: 1"
-        )
+    # several ranks (torchrun): the mesh of train.parallel (FSDP2, EP, CP, ViT apart); one process: the plain path
+    parallel = t.parallel.model_dump() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     tok_dir = Path(run.meta(plan.packset_id)["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
     shards = shard_map(lineage, lineage.input_of_kind(plan.packset_id, "shardset"))
@@ -87,6 +86,7 @@ def train(run: StageRun, plan: TrainPlan) -> None:
         out_dir=plan.out_dir,
         log_metrics=run.tracker.log_metrics,
         device=t.device,
+        parallel=parallel,
     )
     sha = hash_checkpoint_dir(result.checkpoint_dir)
     path = str(result.checkpoint_dir.resolve())

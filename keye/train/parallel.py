@@ -24,6 +24,10 @@ class ParallelSettings(BaseModel):
     dp_shard: int | None = Field(None, ge=1, description="FSDP2 shard degree (None: world / (ep * cp))")
     ep: int = Field(1, ge=1, description="expert-parallel degree (divides the number of experts)")
     cp: int = Field(1, ge=1, description="context-parallel degree (sequence split, load-balanced causal)")
+    vit_apart: bool = Field(
+        False,
+        description="the ViT data-parallel over all ranks on the global batch's frames (not with cp > 1)",
+    )
 
 
 class MeshError(ValueError):
@@ -81,6 +85,43 @@ def resolve_mesh(settings: ParallelSettings | None, world: int, num_experts: int
             "choose an ep that divides it"
         )
     return shape
+
+
+@dataclass(frozen=True)
+class TrainMesh:
+    """The trainer's view of the mesh. The DeviceMesh is laid out (dp_shard, cp, ep), ep innermost (the
+    all-to-all stays among neighbouring ranks, inside a node when ep <= GPUs per node) and dp_shard x cp
+    contiguous so it flattens into the experts' FSDP mesh, as torchtitan's dp_shard_mod_ep."""
+
+    shape: MeshShape
+    all: object  # DeviceMesh, 1-D over every rank: FSDP of the dense parameters
+    experts_dp: object  # DeviceMesh, 1-D over dp_shard x cp (the ranks holding the same experts): their FSDP
+    ep: object  # DeviceMesh, 1-D: the expert-parallel group of this rank
+    cp: object  # DeviceMesh, 1-D: the ranks sharing one pack
+    dp_rank: int  # this rank's index among the dp_shard x ep data-parallel ranks (its loader rank)
+
+
+def build_train_mesh(shape: MeshShape, device_type: str = "cpu") -> TrainMesh:
+    """The meshes the trainer shards with, over the initialised default process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise MeshError("torch.distributed is not initialised: launch with torchrun (docs/TRAINING.md)")
+    if dist.get_world_size() != shape.world:
+        raise MeshError(f"mesh {shape.describe()} but the process group has {dist.get_world_size()} ranks")
+    root = init_device_mesh(
+        device_type, (shape.dp_shard, shape.cp, shape.ep), mesh_dim_names=("dp_shard", "cp", "ep")
+    )
+    d, _, e = root.get_coordinate()
+    return TrainMesh(
+        shape=shape,
+        all=root[("dp_shard", "cp", "ep")]._flatten("dp_all"),
+        experts_dp=root[("dp_shard", "cp")]._flatten("dp_mod_ep"),
+        ep=root["ep"],
+        cp=root["cp"],
+        dp_rank=d * shape.ep + e,
+    )
 
 
 def build_mesh(shape: MeshShape, device_type: str = "cpu"):  # -> DeviceMesh

@@ -156,6 +156,14 @@ def _prepare_model(
     return model.train()
 
 
+def _model_config(init_checkpoint: str | Path | None, model_preset: str) -> Any:
+    """The model's config without building it (the mesh is checked against it before any work)."""
+    from keye.model.checkpoint import read_config
+    from keye.model.config import preset
+
+    return read_config(init_checkpoint) if init_checkpoint is not None else preset(model_preset)
+
+
 def _load_weights(model: KeyeVL, model_dir: Path) -> None:
     state = read_state(model_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -222,20 +230,24 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        # `parallel` (train.parallel) on several ranks: FSDP2 fully_shard over a dp_shard mesh and sharded DCP
-        # step checkpoints (keye.train.sharded_training) instead of accelerate's DDP and rank-0 gathers
-        self.sharded = parallel is not None and self.world > 1
+        # `parallel` (train.parallel): the dp_shard x ep x cp mesh, FSDP2 fully_shard over it and sharded DCP step
+        # checkpoints (keye.train.sharded_training) instead of accelerate's DDP and rank-0 gathers; on any number
+        # of ranks (one included: e.g. a sharded checkpoint resumed on one process)
+        self.sharded = parallel is not None
         if self.sharded:
             from keye.train import sharded_training
 
-            sharded_training.check_parallel(parallel, self.world)
+            self.par, self.shape = sharded_training.check_parallel(
+                parallel, self.world, _model_config(init_checkpoint, model_preset)
+            )
+            sharded_training.init_process_group(self.world, self.acc.device)
         self.pending_save = None
         self.log_fn = log_metrics if (log_metrics is not None and self.acc.is_main_process) else None
         self.latest = ckpt.latest_checkpoint(self.out_dir)
         if self.latest is not None and not self.sharded and _is_sharded(self.latest[1]):
             raise ValueError(
-                f"{self.latest[1]} is a sharded (DCP) step checkpoint: resume it with `parallel` set and the "
-                "number of ranks that wrote it (meta.json world_size)"
+                f"{self.latest[1]} is a sharded (DCP) step checkpoint: resume it with `parallel` set (on any "
+                "number of ranks whose data-parallel degree divides the packs of a step)"
             )
         self.step_no, self.bad_steps, self.consecutive_bad = 0, 0, 0
         self.last: dict[str, float] = {}
@@ -255,6 +267,10 @@ class Trainer:
         s = self.settings
         seed_everything(s.seed)
         model = _prepare_model(s, init_checkpoint, model_preset, vocab_size, image_token_id)
+        if self.sharded:  # the stage's own attention mode and RoPE against the mesh too
+            from keye.train import sharded_training
+
+            sharded_training.check_parallel(self.par, self.world, model.config)
         if self.latest is not None and not self.sharded:  # sharded: loaded into the shards by resume()
             _load_weights(model, self.latest[1] / "model")
         apply_trainable(model, s.trainable or "all", s.attention_mode or "dense")
@@ -262,7 +278,9 @@ class Trainer:
         if self.sharded:
             from keye.train import sharded_training
 
-            sharded_training.shard(model, self.world, self.acc.device, bf16=not self.want_cpu)
+            self.mesh = sharded_training.shard(
+                model, self.par, self.shape, self.acc.device, bf16=not self.want_cpu
+            )
         optimizer = torch.optim.AdamW(
             param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, foreach=False
         )
@@ -291,22 +309,34 @@ class Trainer:
                 **{k.removesuffix(".tar"): str(v) for k, v in shards.items()},
                 **{k: str(v) for k, v in shards.items()},
             }
+        index = read_pack_index(pack_index)
+        pack_ids = index.column("pack_id").to_numpy()
+        n_packs = max(1, int(pack_ids.max()) + 1 if pack_ids.size else 0)
+        mean_pack = float(np.asarray(index.column("tokens").to_numpy(), np.float64).sum()) / n_packs
+        if self.sharded:
+            # the global batch is packs_per_step packs (world-independent: positions [s P, (s+1) P) of the
+            # epoch's order, see keye.data.loader.rank_packs), dealt over the dp_shard x ep data-parallel ranks;
+            # the cp ranks of a group read the same packs
+            dp = self.shape.data_parallel
+            self.packs_per_step = dp * max(1, round(s.tokens_per_step / max(mean_pack, 1.0) / dp))
+            self.accum = self.packs_per_step // dp
+            rank, world, unit = self.mesh.dp_rank, dp, self.packs_per_step
+        else:
+            self.accum = max(1, round(s.tokens_per_step / (self.world * max(mean_pack, 1.0))))
+            rank, world, unit = self.rank, self.world, None
         self.loader = open_loader(
             pack_index,
             shards,
             self.tok,
             self.policy,
-            rank=self.rank,
-            world_size=self.world,
+            rank=rank,
+            world_size=world,
             num_workers=s.num_workers,
             seed=s.seed,
             shuffle=s.shuffle,
-            skip_empty=self.world == 1,
+            skip_empty=self.world == 1 and not self.sharded,
+            unit=unit,
         )
-        index = read_pack_index(pack_index)
-        n_packs = max(1, self.loader.stream.n_packs)
-        mean_pack = float(np.asarray(index.column("tokens").to_numpy(), np.float64).sum()) / n_packs
-        self.accum = max(1, round(s.tokens_per_step / (self.world * max(mean_pack, 1.0))))
 
     def resume(self) -> int | None:
         """Restore optimizer, schedule, loader cursor, RNG and step from the newest step checkpoint, if any."""
@@ -315,13 +345,14 @@ class Trainer:
         if self.sharded:
             from keye.train import sharded_training
 
-            state = sharded_training.load(self.latest[1], self.wrapped, self.inner_opt, self.world)
+            state = sharded_training.load(self.latest[1], self.wrapped, self.inner_opt)
+            self.loader.load_state_dict(self._dealt_cursor(state))
         else:
             state = ckpt.read_trainer_state(self.latest[1])
             optim_state, rng = ckpt.read_rank_files(self.latest[1], self.rank)
             self.inner_opt.load_state_dict(optim_state)
+            self.loader.load_state_dict(state["loader"][self.rank])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"][self.rank])
         if self.sharded:
             sharded_training.restore_rng(self.latest[1])
         else:
@@ -334,6 +365,24 @@ class Trainer:
                 flush=True,
             )
         return self.latest[0]
+
+    def _dealt_cursor(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's loader cursor from a sharded checkpoint written on any mesh: its own when the data-parallel
+        degree is the same, else the saved cursors re-dealt (keye.data.loader.redeal: the run continues with
+        exactly the packs, and the packs per step, of the uninterrupted run)."""
+        from keye.data.loader import redeal
+
+        saved = int(state.get("packs_per_step", self.packs_per_step))
+        if saved != self.packs_per_step:
+            raise ValueError(
+                f"{self.latest[1]} was written with {saved} packs per step, this mesh "
+                f"({self.shape.describe()}) takes {self.packs_per_step}: the batch would change. Resume on a "
+                f"data-parallel degree (dp_shard x ep) dividing {saved}, or keep tokens_per_step"
+            )
+        states, dp = state["loader"], self.shape.data_parallel
+        if all(int(st["world_size"]) == dp for st in states):
+            return next(st for st in states if int(st["rank"]) == self.mesh.dp_rank)
+        return redeal(states, self.mesh.dp_rank, dp, self.packs_per_step)
 
     def run(self) -> TrainResult:
         done = self.finished()
@@ -351,28 +400,42 @@ class Trainer:
         self.export()
         return TrainResult(self.final_dir, self.step_no, dict(self.last), resumed)
 
-    def _micro_batches(self) -> tuple[list[tuple[PackedBatch, Tensor, int]], float]:
-        """The packs of one step with their stage labels and target counts, and the global target count."""
+    def _micro_batches(self) -> tuple[list[tuple[PackedBatch, Tensor, int, Any]], float]:
+        """The packs of one step with their stage labels and target counts (under cp: this rank's rows' targets,
+        with the padded inputs and the CPContext), and the global target count."""
         micro = []
+        cp = self.shape.cp if self.sharded else 1
         for _ in range(self.accum):
             b = next(self.stream)
             labels = stage_labels(b, self.settings, self.image_id, self.loader.stream.epoch)
+            if cp > 1:
+                inputs, cpc = _cp_inputs(_micro_inputs(b, labels, self.pad_id, torch.device("cpu")), self)
+                targets = shifted_targets(inputs["labels"], inputs["cu_seqlens"])[cpc.rows]
+                micro.append((b, labels, int((targets != -100).sum()), (inputs, cpc)))
+                continue
             n = int((shifted_targets(labels, b.cu_seqlens) != -100).sum()) if b.sample_ids else 0
-            micro.append((b, labels, n))
-        counts = torch.tensor(
-            [float(sum(n for _, _, n in micro))], dtype=torch.float64, device=self.acc.device
-        )
+            micro.append((b, labels, n, None))
+        counts = torch.tensor([float(sum(m[2] for m in micro))], dtype=torch.float64, device=self.acc.device)
         if self.world > 1:
             dist.all_reduce(counts)
         return micro, max(1.0, float(counts[0]))
 
-    def _forward_backward(self, micro: list[tuple[PackedBatch, Tensor, int]], global_n: float) -> _StepTotals:
+    def _forward_backward(
+        self, micro: list[tuple[PackedBatch, Tensor, int, Any]], global_n: float
+    ) -> _StepTotals:
         """Accumulate the gradients of the micro-batches: the loss is the mean over ALL target tokens of the
         global batch (see the module docstring); per-task losses come from the returned hidden states."""
         acc, model, world = self.acc, self.model, self.world
+        cp = self.shape.cp if self.sharded else 1
         tot = _StepTotals(torch.zeros(4, dtype=torch.float64, device=acc.device))
-        for i, (b, labels, n) in enumerate(micro):
-            inputs = _micro_inputs(b, labels, self.pad_id, acc.device)
+        for i, (b, labels, n, cp_in) in enumerate(micro):
+            if cp_in is not None:  # context parallel: this rank's rows of the padded pack
+                from keye.model.context_parallel import set_context
+
+                inputs = {k: v.to(acc.device, non_blocking=True) for k, v in cp_in[0].items()}
+                set_context(model, cp_in[1])
+            else:
+                inputs = _micro_inputs(b, labels, self.pad_id, acc.device)
             sync = i == len(micro) - 1
             if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
                 self.wrapped.set_requires_gradient_sync(sync)
@@ -380,6 +443,7 @@ class Trainer:
                 out = self.wrapped(**inputs)
                 aux_t = out.aux_loss if out.aux_loss is not None else out.lm_loss * 0
                 idx_t = out.indexer_loss if out.indexer_loss is not None else out.lm_loss * 0
+                idx_t = idx_t * cp if cp > 1 else idx_t  # each cp rank holds its share of the pack's KL
                 coef = model.config.lm.router_aux_loss_coef
                 loss = out.lm_loss * (n * world / global_n) + (coef * aux_t + idx_t) / len(micro)
                 if not loss.requires_grad:  # e.g. a text-only pack in a projector-only stage
@@ -400,11 +464,19 @@ class Trainer:
             tot.expert_counts = ec if tot.expert_counts is None else tot.expert_counts + ec
             if b.sample_ids:
                 tot.lengths.extend(torch.diff(b.cu_seqlens).tolist())
-                if self.step_no % self.settings.log_every == 0 and world == 1 and out.hidden is not None:
+                if self.step_no % self.settings.log_every == 0 and world == 1 and not self.sharded:
                     _task_losses(out.hidden.detach(), model, inputs, b, tot.task_sum)
             probe = self.probe_mode and not self.sharded  # the probe reads whole weights (not shards)
             if probe and self.step_no % self.settings.probe_every == 0 and i == 0 and b.sample_ids:
                 self.last["dsa_topk_mass_share"] = _probe_topk_share(model, inputs)
+        if cp > 1:
+            from keye.model.context_parallel import set_context
+
+            set_context(model, None)
+        if self.sharded:
+            from keye.train import sharded_training
+
+            sharded_training.scale_expert_grads(model, self.shape.ep)
         if world > 1:
             dist.all_reduce(tot.sums)
             dist.all_reduce(tot.expert_counts)
@@ -438,8 +510,9 @@ class Trainer:
         micro, global_n = self._micro_batches()
         tot = self._forward_backward(micro, global_n)
         if self.sharded:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            from keye.train import sharded_training
+
+            grad_norm = sharded_training.clip_grad_norm(self.params, self.settings.grad_clip)
         else:
             grad_norm = self.acc.clip_grad_norm_(self.params, self.settings.grad_clip)
         gn = float(grad_norm) if grad_norm is not None else 0.0
@@ -459,7 +532,8 @@ class Trainer:
         """The step's metrics into self.last (what log_metrics receives and the step checkpoint keeps)."""
         lm = self.model.config.lm
         sums, last = tot.sums, self.last
-        flops = training_flops(lm, tot.lengths) * self.world if tot.lengths else 0.0
+        cp = self.shape.cp if self.sharded else 1  # the cp ranks of a group hold the same packs
+        flops = training_flops(lm, tot.lengths) * self.world / cp if tot.lengths else 0.0
         last.update(
             {
                 "loss": lm_loss + (float(sums[1]) * lm.router_aux_loss_coef + float(sums[2])) / n_mb,
@@ -572,10 +646,32 @@ def _trainer_extra(tr: Trainer) -> dict[str, Any]:
         "step": tr.step_no,
         "scheduler": tr.scheduler.state_dict(),
         "loader": gathered,
+        "packs_per_step": tr.packs_per_step,
         "bad_steps": tr.bad_steps,
         "last_metrics": without_timings(tr.last),
         "settings": tr.settings.model_dump(mode="json"),
     }
+
+
+def _cp_inputs(inputs: dict[str, Tensor], tr: Trainer) -> tuple[dict[str, Tensor], Any]:
+    """A pack's inputs padded with one no-loss sample to a multiple of 2 * cp rows, and this rank's CPContext
+    (load-balanced chunks, keye.model.context_parallel)."""
+    from keye.model.context_parallel import CPContext, pad_rows
+
+    t = int(inputs["input_ids"].shape[0])
+    pad = pad_rows(t, tr.shape.cp)
+    if pad:
+        ids = inputs["input_ids"]
+        inputs = {
+            **inputs,
+            "input_ids": torch.cat([ids, ids.new_full((pad,), tr.pad_id)]),
+            "labels": torch.cat([inputs["labels"], ids.new_full((pad,), -100)]),
+            "position_ids": torch.cat(
+                [inputs["position_ids"], torch.arange(pad, dtype=torch.int64).expand(3, -1)], dim=1
+            ),
+            "cu_seqlens": torch.cat([inputs["cu_seqlens"], inputs["cu_seqlens"].new_tensor([t + pad])]),
+        }
+    return inputs, CPContext.balanced(inputs["cu_seqlens"], tr.mesh.cp.get_group(), valid=t)
 
 
 class _null:

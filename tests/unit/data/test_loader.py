@@ -368,3 +368,39 @@ def test_option_answer_packs_load_as_counted(corpus: dict, tmp_path: Path, turns
                 answers.update(a.strip() for a in said[:-1])
     assert answers and answers <= {"a", "b", "c", "d"}
     assert most_turns == turns
+
+
+def test_a_cursor_saved_on_4_ranks_is_redealt_to_2_and_1_exactly() -> None:
+    """With `unit` packs per optimizer step (world-independent), step s takes global positions [s*unit,
+    (s+1)*unit) of the epoch's order on any world size dividing unit; a cursor saved by 4 ranks after 2 steps,
+    re-dealt to 2 or 1 ranks, continues with exactly the packs (and their grouping into steps) of the
+    uninterrupted 4-rank run, and the epoch ends where it would have."""
+    from keye.data.loader import redeal
+
+    n, unit, seed = 23, 4, 5
+
+    def steps(world: int, nexts: list[int], epoch: int = 0) -> list[list[int]]:
+        orders = [rank_packs(n, r, world, seed, epoch, True, unit) for r in range(world)]
+        per = unit // world
+        out, nxt = [], nexts[0]
+        while nxt + per <= len(orders[0]):
+            out.append(sorted(int(o[i]) for o in orders for i in range(nxt, nxt + per)))
+            nxt += per
+        return out
+
+    full = steps(4, [0] * 4)
+    assert len(full) == 5 and len({p for s in full for p in s}) == 20  # 23 packs cut to 5 steps of 4
+    saved = [
+        {"epoch": 0, "next": 2, "rank": r, "world_size": 4, "n_packs": n, "bad_samples": r} for r in range(4)
+    ]
+    for world in (2, 1):
+        states = [redeal(saved, r, world, unit) for r in range(world)]
+        assert all(st["next"] == 8 // world for st in states)
+        assert sum(st["bad_samples"] for st in states) == 6
+        assert steps(world, [st["next"] for st in states]) == full[2:]
+    with pytest.raises(ValueError, match="do not re-deal to 3 ranks"):
+        redeal(saved, 0, 3, 12)
+    with pytest.raises(ValueError, match="disagree on next"):
+        redeal([saved[0], {**saved[1], "next": 3}], 0, 2, unit)
+    with pytest.raises(ValueError, match="do not deal evenly"):
+        rank_packs(n, 0, 3, seed, 0, True, unit)

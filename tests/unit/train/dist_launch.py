@@ -1,4 +1,5 @@
-"""Start W gloo CPU processes of tests/unit/train/dist_worker.py on one spec and return rank 0's result."""
+"""Start W gloo CPU processes of tests/unit/train/dist_worker.py (or another worker script) on one spec and return
+rank 0's result."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(spec: dict, world: int, tmp: Path, tag: str) -> dict:
+def launch(spec: dict, world: int, tmp: Path, tag: str, worker: Path = WORKER) -> dict:
     spec = {**spec, "out": str(tmp / f"{tag}.result.json")}
     path = tmp / f"{tag}.spec.json"
     path.write_text(json.dumps(spec))
@@ -38,10 +39,16 @@ def launch(spec: dict, world: int, tmp: Path, tag: str) -> dict:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(path)], env=env, stderr=subprocess.PIPE, text=True
+                [sys.executable, str(worker), str(path)], env=env, stderr=subprocess.PIPE, text=True
             )
         )
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:  # generous: a shared CI machine may run these at a fraction of a core each
+        errs = [p.communicate(timeout=900)[1] for p in procs]
+    finally:  # never leave ranks behind (a rank that failed leaves the others waiting in a collective)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-4000:]
     return json.loads(Path(spec["out"]).read_text())

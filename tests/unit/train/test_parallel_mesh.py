@@ -66,3 +66,25 @@ def test_train_params_carry_the_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
         "parallel.cp": 1,
         "parallel.world": 4,
     }
+
+
+def test_the_trainer_refuses_a_mesh_it_cannot_run_before_any_work() -> None:
+    """keye.train.sharded_training.check_parallel (the Trainer calls it first, with the model's config read
+    from the preset or the init checkpoint): each error names the train.parallel field to change."""
+    from keye.model.config import preset
+    from keye.train.sharded_training import check_parallel
+
+    tiny = preset("tiny")  # 4 experts
+    assert check_parallel({"ep": 2, "cp": 2}, 8, tiny)[1] == MeshShape(2, 2, 2)
+    with pytest.raises(MeshError, match="ep=8 does not divide the model's 4 experts"):
+        check_parallel({"ep": 8}, 8, tiny)
+    with pytest.raises(MeshError, match="cp=3 = 3 does not divide the world size 4"):
+        check_parallel({"cp": 3}, 4, tiny)
+    with pytest.raises(ValueError, match="vit_apart with cp=2"):
+        check_parallel({"cp": 2, "vit_apart": True}, 4, tiny)
+    block = preset("tiny")
+    block.set_attention_mode("dsa")
+    block.lm.dsa.selection = "block"
+    with pytest.raises(ValueError, match="train.parallel.cp=2 with DSA block selection"):
+        check_parallel({"cp": 2}, 2, block)
+    assert check_parallel({"ep": 2}, 2, block)[1] == MeshShape(1, 2, 1)  # block selection is fine without cp

@@ -67,7 +67,13 @@ def _launch(spec: Path, world: int) -> list[dict]:
         )
         for r in range(world)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:  # generous: a shared CI machine may run these at a fraction of a core each
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:  # never leave ranks behind (a rank that failed leaves the others waiting in a collective)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [json.loads(x) for x in outs[0][0].splitlines() if x.startswith('{"step"')]
