@@ -263,6 +263,9 @@ def main() -> None:
         result = fn(spec, rank, world)
         if rank == 0:
             Path(spec["out"]).write_text(json.dumps(result))
+        # every rank done before any tears gloo down: without it a rank could exit while another's gloo threads
+        # still served it ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
         dist.destroy_process_group()
         return
     from torch.distributed.device_mesh import init_device_mesh
