@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-# The run takes ~7 min on 2 idle cores; the default 900 s limit left no margin for a busy machine (it timed out
+# The run takes ~9 min on 2 idle cores (523 s in CI, 2026-12-04); the default 900 s limit left no margin for a busy machine (it timed out
 # at 906 s while another full run shared the cores), so this module gets 40 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
