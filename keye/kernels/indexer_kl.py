@@ -205,7 +205,9 @@ def indexer_kl_stats(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, block_n:
     query rows [q_row0, q_row0 + n) (q, q_idx, w, indices hold those; k, k_idx all T rows)."""
     t_total, hq, d = q.shape  # query rows
     if q_row0 < 0 or q_row0 + t_total > k.shape[0]:
-        raise ValueError(f"query rows [{q_row0}, {q_row0 + t_total}) are not within the {k.shape[0]} key rows")
+        raise ValueError(
+            f"query rows [{q_row0}, {q_row0 + t_total}) are not within the {k.shape[0]} key rows"
+        )
     meta = _meta(q, k, q_idx)
     starts = row_starts(cu_seqlens, k.shape[0])
     sparse = indices is not None

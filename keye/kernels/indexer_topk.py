@@ -576,8 +576,8 @@ def indexer_topk(
     )  # fmt: skip
     for a, b in missed:
         _slab_rows(
-            q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True, k_scale, q_row0
-        )
+            q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True, k_scale, q_row0,
+        )  # fmt: skip
     return indices, scores
 
 

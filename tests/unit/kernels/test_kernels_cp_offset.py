@@ -42,7 +42,9 @@ def test_indexer_topk_offset_rejects_rows_past_the_keys() -> None:
 @pytest.mark.parametrize(("r0", "r1"), RANGES[:2])
 def test_sparse_attention_fewer_query_rows_than_keys(r0: int, r1: int) -> None:
     q, k, v = _rand(T, 4, 16, seed=4), _rand(T, 2, 16, seed=5), _rand(T, 2, 16, seed=6)
-    idx, _ = ref.indexer_topk_reference(_rand(T, 2, 16, seed=1), _rand(T, 16, seed=2), _rand(T, 2, seed=3), CU, 6)
+    idx, _ = ref.indexer_topk_reference(
+        _rand(T, 2, 16, seed=1), _rand(T, 16, seed=2), _rand(T, 2, seed=3), CU, 6
+    )
     qs = q[r0:r1].clone().requires_grad_()
     kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
     o, lse = sparse_attention(qs, kk, vv, idx[r0:r1], 0.25)
