@@ -7,13 +7,17 @@ Causal load balance: the pack is cut into 2 * cp equal chunks and rank r takes c
 late chunk: every rank attends about the same number of query-key pairs; Megatron-LM / torchtitan's split). Rows
 keep their global ids, so cu_seqlens stays the pack's and a chunk may start or end inside a sample.
 
-Attention of a rank's query rows over the gathered keys reuses the torch reference blocks of
-keye.kernels.dsa_reference (dense causal, indexer scores + top-k, sparse gather, indexer KL restricted to the
-selected set): for every (chunk, sample) segment the queries are placed at their offset in the sample, so each row
-gets exactly the keys, the top-k set and the KL term it gets on one device. The indexer KL of a rank is its share
-of the pack's mean (divided by the global T), so the ranks' losses add up to the single-device loss. Decode is
-untouched (no cp context). This is the reference path (CPU, correctness); Triton kernels with a query offset are
-not written yet.
+Attention of a rank's query rows over the gathered keys gives each row exactly the keys, the top-k set and the KL
+term it gets on one device, through what keye.kernels.dispatch picks for each part:
+- dense causal: torch SDPA per (chunk, sample) segment with a lower-right causal mask (the queries are the end of
+  their key span; FlashAttention on GPU), on every device;
+- indexer top-k and indexer KL: the Triton kernels with a query-row offset, one call per contiguous chunk (its query
+  rows only, every gathered key), on CUDA or under KEYE_KERNELS=triton;
+- sparse attention: the dispatched kernel with global key ids (it takes fewer query rows than keys).
+Otherwise (CPU under auto, and KEYE_KERNELS=reference everywhere) the torch reference blocks of
+keye.kernels.dsa_reference run per segment with the queries placed at their offset in the sample: the spec.
+The indexer KL of a rank is its share of the pack's mean (divided by the global T), so the ranks' losses add up to
+the single-device loss. Decode is untouched (no cp context).
 """
 
 from __future__ import annotations
