@@ -217,6 +217,59 @@ def timings(t: int, part: str) -> None:
         kernels_over_ideal=kl_k / (kl_w / cpn))  # fmt: skip
 
 
+def probe_sdpa(t: int) -> None:
+    """Which SDPA kernel the lower-right causal segment takes, and its time against alternatives: rank 0's late chunk
+    at CP=4 (t/8 queries over the last t/8 + 7t/8 keys)."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    n, length = t // 8, t
+    x = inputs(length, HQ, HKV, D, HI, DI)
+    q = x["q"][length - n :].transpose(0, 1).unsqueeze(0)
+    k, v = (x[c].transpose(0, 1).unsqueeze(0) for c in ("k", "v"))
+    ke, ve = (y.repeat_interleave(HQ // HKV, dim=1) for y in (k, v))
+    scale = D**-0.5
+    mask = causal_lower_right(n, length)
+    F = torch.nn.functional
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    variants = {
+        "causal_lower_right gqa (current)": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+        ),
+        "causal_lower_right kv expanded": lambda: F.scaled_dot_product_attention(
+            q, ke, ve, attn_mask=mask, scale=scale
+        ),
+        "aten flash op, is_causal (lower right), gqa": lambda: flash(
+            q, k, v, 0.0, is_causal=True, scale=scale
+        )[0],
+        "aten flash op, is_causal, kv expanded": lambda: flash(q, ke, ve, 0.0, is_causal=True, scale=scale)[
+            0
+        ],
+        "square causal n x n (reference point)": lambda: F.scaled_dot_product_attention(
+            q, k[:, :, -n:], v[:, :, -n:], is_causal=True, scale=scale, enable_gqa=True
+        ),
+    }
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        ref_o = variants["causal_lower_right kv expanded"]()
+        for name, fn in variants.items():
+            try:
+                ms = timeit(fn, reps=5)
+                e = err(fn(), ref_o) if "square" not in name else None
+                log(kind="probe_sdpa", variant=name, n=n, keys=length, ms=ms, max_err_vs_expanded=e)
+            except Exception as ex:  # noqa: BLE001
+                log(kind="probe_sdpa", variant=name, error=repr(ex)[-500:])
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            try:
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+                log(kind="probe_sdpa", variant="current under sdpa_kernel(FLASH)", ok=True)
+            except Exception as ex:  # noqa: BLE001
+                log(kind="probe_sdpa", variant="current under sdpa_kernel(FLASH)", error=repr(ex)[-500:])
+    log(kind="probe_sdpa", warnings=sorted({str(w.message)[:300] for w in caught}))
+
+
 def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -285,6 +338,7 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=131072)
     ap.add_argument("--skip-ref", action="store_true")
     ap.add_argument("--skip-gloo", action="store_true")
+    ap.add_argument("--probe-sdpa", action="store_true", help="only the lower-right SDPA kernel probe")
     ap.add_argument(
         "--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes: the checks only"
     )
@@ -299,6 +353,11 @@ def main() -> None:
         checks(120, 8)
         return
     log(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__)
+    if args.probe_sdpa:
+        probe_sdpa(args.t)
+        with open(os.path.join(args.out, "cp_sdpa_probe.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+        return
     for name, fn in (("checks", checks), ("timings", lambda: timings(args.t, "kernels")),
                      ("gloo", None if args.skip_gloo else lambda: gloo_step(args.out)),
                      ("reference", None if args.skip_ref else lambda: timings(args.t, "reference"))):  # fmt: skip
