@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 
 def dense_attention_sdpa(
@@ -27,3 +28,25 @@ def dense_attention_sdpa(
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         out[s:e] = o.squeeze(0).transpose(0, 1)
     return out, None
+
+
+def suffix_causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q [n, Hq, D] are the LAST n rows of a sample span whose keys are k/v [L, Hkv, D] (n <= L): query i sees keys
+    0..L-n+i (causal, aligned to the lower right). The context-parallel path: a rank's query rows [u0, u1) of a
+    sample starting at s0 over the gathered keys [s0, u1), without padding the queries to the sample start.
+
+    torch's lower-right CausalBias takes FlashAttention on CUDA for fp16/bf16 (GQA heads unexpanded) and a
+    materialised mask elsewhere; the memory-efficient kernel it would pick for fp32 on CUDA has no GQA, so KV heads
+    are expanded there."""
+    n, hq, _ = q.shape
+    length, hkv = k.shape[0], k.shape[1]
+    if n > length:
+        raise ValueError(f"{n} queries over {length} keys: the queries must be a suffix of the key span")
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16) and hq != hkv:
+        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    mask = causal_lower_right(n, length) if n < length else None
+    o = F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1]
+    )
+    return o.squeeze(0).transpose(0, 1)

@@ -114,6 +114,13 @@ def pick(name: str, like: Tensor) -> Callable[..., object]:
     return _REFERENCE[name]
 
 
+def fast(name: str, like: Tensor) -> Callable[..., object] | None:
+    """The non-reference implementation `pick` takes for `name`, or None when it takes the reference (context
+    parallelism calls the fast ones with extra arguments: a query-row offset)."""
+    fn = pick(name, like)
+    return None if fn is _REFERENCE[name] else fn
+
+
 def backend_name(name: str, like: Tensor) -> str:
     """'triton' or 'reference': which path `pick` takes (for logs and benchmarks)."""
     fn = pick(name, like)

@@ -19,8 +19,9 @@ from keye.kernels.indexer_topk import row_starts
 
 
 @triton.jit
-def _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE: tl.constexpr, BN: tl.constexpr):
-    """Rows of key block k0 of token t and their validity: selected indices, or the causal window [a, t]."""
+def _key_rows(IDX, t, tg, stride_it, a, k0, n_keys, SPARSE: tl.constexpr, BN: tl.constexpr):
+    """Rows of key block k0 of token t (global row tg) and their validity: selected indices, or the causal window
+    [a, tg]."""
     offs = k0 + tl.arange(0, BN)
     if SPARSE:
         idx = tl.load(IDX + t * stride_it + offs, mask=offs < n_keys, other=-1)
@@ -28,8 +29,8 @@ def _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE: tl.constexpr, BN: tl.con
         rows = tl.where(valid, idx, 0).to(tl.int64)
     else:
         rows = (a + offs).to(tl.int64)
-        valid = rows <= t
-        rows = tl.where(valid, rows, t)
+        valid = rows <= tg
+        rows = tl.where(valid, rows, tg)
     return rows, valid
 
 
@@ -37,13 +38,15 @@ def _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE: tl.constexpr, BN: tl.con
 def _attn_lse_kernel(
     Q, K, IDX, ROW_START, LSE, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_it, stride_lt, topk,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr, q_row0=0,
 ):  # fmt: skip
-    """Per-head softmax normaliser of the main attention over token t's key set (one program per (t, KV group))."""
+    """Per-head softmax normaliser of the main attention over token t's key set (one program per (t, KV group)).
+    Query-side rows are local (t), key-side global (tg = t + q_row0: context parallelism's query offset)."""
     t = tl.program_id(0).to(tl.int64)
+    tg = t + q_row0
     hk = tl.program_id(1)
-    a = tl.load(ROW_START + t).to(tl.int64)
-    n_keys = topk if SPARSE else t - a + 1
+    a = tl.load(ROW_START + tg).to(tl.int64)
+    n_keys = topk if SPARSE else tg - a + 1
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
@@ -54,7 +57,7 @@ def _attn_lse_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     for k0 in range(0, n_keys, BN):
-        rows, valid = _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE, BN)
+        rows, valid = _key_rows(IDX, t, tg, stride_it, a, k0, n_keys, SPARSE, BN)
         kt = tl.load(
             K + rows[None, :] * stride_kt + hk * stride_kh + offs_d[:, None], mask=valid[None, :], other=0.0
         )
@@ -110,17 +113,18 @@ def _kl_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_qit, stride_qih, stride_kit, stride_wt,
     stride_it, topk,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr, q_row0=0,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    a = tl.load(ROW_START + t).to(tl.int64)
-    n_keys = topk if SPARSE else t - a + 1
+    tg = t + q_row0
+    a = tl.load(ROW_START + tg).to(tl.int64)
+    n_keys = topk if SPARSE else tg - a + 1
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.zeros([], tl.float32)
     plogp = tl.zeros([], tl.float32)
     pI = tl.zeros([], tl.float32)
     for k0 in range(0, n_keys, BN):
-        rows, valid = _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE, BN)
+        rows, valid = _key_rows(IDX, t, tg, stride_it, a, k0, n_keys, SPARSE, BN)
         p, logit, x, qi, wt, ki = _block_probs_and_logits(
             Q, K, QI, KI, W, LSE, t, rows, valid, scale, idx_scale,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_qit, stride_qih, stride_kit, stride_wt,
@@ -143,12 +147,13 @@ def _kl_bwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_qit, stride_qih, stride_kit, stride_wt,
     stride_it, topk,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr, SPARSE: tl.constexpr, q_row0=0,
 ):  # fmt: skip
     """dI = (softmax(I) - p) * gscale; back through I = sum_j w_j relu(x_j): dq_idx, dw per token, dk_idx atomics."""
     t = tl.program_id(0).to(tl.int64)
-    a = tl.load(ROW_START + t).to(tl.int64)
-    n_keys = topk if SPARSE else t - a + 1
+    tg = t + q_row0
+    a = tl.load(ROW_START + tg).to(tl.int64)
+    n_keys = topk if SPARSE else tg - a + 1
     lse_i = tl.load(LSE_I + t)
     offs_j = tl.arange(0, HIP)
     offs_di = tl.arange(0, DI)
@@ -156,7 +161,7 @@ def _kl_bwd_kernel(
     dqi = tl.zeros([HIP, DI], tl.float32)
     dw = tl.zeros([HIP], tl.float32)
     for k0 in range(0, n_keys, BN):
-        rows, valid = _key_rows(IDX, t, stride_it, a, k0, n_keys, SPARSE, BN)
+        rows, valid = _key_rows(IDX, t, tg, stride_it, a, k0, n_keys, SPARSE, BN)
         p, logit, x, qi, wt, ki = _block_probs_and_logits(
             Q, K, QI, KI, W, LSE, t, rows, valid, scale, idx_scale,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, stride_qit, stride_qih, stride_kit, stride_wt,
@@ -195,11 +200,16 @@ def _meta(q: Tensor, k: Tensor, q_idx: Tensor) -> dict:
     )
 
 
-def indexer_kl_stats(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, block_n: int = 64):
-    """Forward: (per-token KL [T] f32, main-attention lse [T,Hq], index-logit lse [T], row starts)."""
-    t_total, hq, d = q.shape
+def indexer_kl_stats(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, block_n: int = 64, q_row0: int = 0):
+    """Forward: (per-token KL [n] f32, main-attention lse [n,Hq], index-logit lse [n], row starts [T]) of the n
+    query rows [q_row0, q_row0 + n) (q, q_idx, w, indices hold those; k, k_idx all T rows)."""
+    t_total, hq, d = q.shape  # query rows
+    if q_row0 < 0 or q_row0 + t_total > k.shape[0]:
+        raise ValueError(
+            f"query rows [{q_row0}, {q_row0 + t_total}) are not within the {k.shape[0]} key rows"
+        )
     meta = _meta(q, k, q_idx)
-    starts = row_starts(cu_seqlens, t_total)
+    starts = row_starts(cu_seqlens, k.shape[0])
     sparse = indices is not None
     idx = indices.to(torch.int32).contiguous() if sparse else starts
     topk = indices.shape[1] if sparse else 0
@@ -211,11 +221,12 @@ def indexer_kl_stats(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, block_n:
         return loss, lse, lse_i, starts
     _attn_lse_kernel[(t_total, meta["HKV"])](
         q, k, idx, starts, lse, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), stride_it, lse.stride(0),
-        topk, G=meta["G"], GP=meta["GP"], D=d, BN=block_n, SPARSE=sparse, num_warps=4,
+        topk, G=meta["G"], GP=meta["GP"], D=d, BN=block_n, SPARSE=sparse, q_row0=q_row0, num_warps=4,
     )  # fmt: skip
     _kl_fwd_kernel[(t_total,)](
         q, k, q_idx, k_idx, w, idx, starts, lse, loss, lse_i, scale, q_idx.shape[2] ** -0.5,
-        *_launch_args(q, k, q_idx, k_idx, w, lse), stride_it, topk, BN=block_n, SPARSE=sparse, num_warps=4, **meta,
+        *_launch_args(q, k, q_idx, k_idx, w, lse), stride_it, topk, BN=block_n, SPARSE=sparse, q_row0=q_row0,
+        num_warps=4, **meta,
     )  # fmt: skip
     return loss, lse, lse_i, starts
 
@@ -224,15 +235,18 @@ class IndexerKLFunction(torch.autograd.Function):
     """Scalar loss; gradients w.r.t. q_idx, k_idx, w only (the main-attention target is detached)."""
 
     @staticmethod
-    def forward(ctx, q, k, cu_seqlens, scale, q_idx, k_idx, w, indices):  # type: ignore[override]
+    def forward(ctx, q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, q_row0=0):  # type: ignore[override]
         q, k = q.detach().contiguous(), k.detach().contiguous()
         q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
-        loss, lse, lse_i, starts = indexer_kl_stats(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices)
+        loss, lse, lse_i, starts = indexer_kl_stats(
+            q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, q_row0=q_row0
+        )
         ctx.save_for_backward(
             q, k, q_idx, k_idx, w, indices if indices is not None else starts, lse, lse_i, starts
         )
         ctx.sparse = indices is not None
         ctx.scale = scale
+        ctx.q_row0 = q_row0
         return loss.sum() / max(1, q.shape[0])
 
     @staticmethod
@@ -248,9 +262,10 @@ class IndexerKLFunction(torch.autograd.Function):
             _kl_bwd_kernel[(t_total,)](
                 q, k, q_idx, k_idx, w, idx, starts, lse, lse_i, dqi, dki, dw, gscale, ctx.scale,
                 q_idx.shape[2] ** -0.5, *_launch_args(q, k, q_idx, k_idx, w, lse), idx.stride(0),
-                idx.shape[1] if ctx.sparse else 0, BN=64, SPARSE=ctx.sparse, num_warps=4, **meta,
+                idx.shape[1] if ctx.sparse else 0, BN=64, SPARSE=ctx.sparse, q_row0=ctx.q_row0, num_warps=4,
+                **meta,
             )  # fmt: skip
-        return None, None, None, None, dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(w.dtype), None
+        return None, None, None, None, dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(w.dtype), None, None
 
 
 def indexer_kl(
@@ -263,10 +278,15 @@ def indexer_kl(
     w: Tensor,
     indices: Tensor | None,
     block: int = 1024,
+    q_row0: int = 0,
 ) -> Tensor:
-    """Same contract as `indexer_kl_reference` (`block` unused: the kernels stream keys per token)."""
+    """Same contract as `indexer_kl_reference` (`block` unused: the kernels stream keys per token).
+
+    q_row0 (context parallelism): q, q_idx, w and indices hold only the n query rows [q_row0, q_row0 + n) of the
+    T rows that k, k_idx and cu_seqlens describe; the result is the mean over those n rows (their sum / n), with
+    gradients for those rows of q_idx, w and for every row of k_idx. 0: the whole pack."""
     del block
-    return IndexerKLFunction.apply(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices)
+    return IndexerKLFunction.apply(q, k, cu_seqlens, scale, q_idx, k_idx, w, indices, q_row0)
 
 
 __all__ = ["IndexerKLFunction", "indexer_kl", "indexer_kl_stats"]

@@ -48,9 +48,13 @@ def _indexer_scores_kernel(
     row0, n_rows, col0, n_cols, n_keys, scale, cstride,
     stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
     H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_KS: tl.constexpr = False,
+    q_shift=0, w_shift=0,
 ):  # fmt: skip
     """OUT[r, c] = I[row0 + r, col0 + c * cstride] for the tiles that touch some row's causal window (others
-    untouched); cstride > 1 scores a strided sample of the keys (threshold proposals of the fused path)."""
+    untouched); cstride > 1 scores a strided sample of the keys (threshold proposals of the fused path).
+    q_shift / w_shift: QI / W hold rows from q_row0 on (context parallelism), q_row0 * their row stride."""
+    QI -= q_shift
+    W -= w_shift
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     r_loc = pid_m * BM + tl.arange(0, BM)
@@ -264,9 +268,10 @@ def _topk_select_kernel(
     SCORES, ROW_START, SCR, OUT_IDX, OUT_SCORE,
     row0, col0, stride_s,
     TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-    CAP: tl.constexpr, SAMPLE: tl.constexpr, FORCE_RADIX: tl.constexpr,
+    CAP: tl.constexpr, SAMPLE: tl.constexpr, FORCE_RADIX: tl.constexpr, q_row0=0,
 ):  # fmt: skip
-    """One program per query row t: its window is global keys [start(t), t] = slab columns [start-col0, t-col0]."""
+    """One program per query row t: its window is global keys [start(t), t] = slab columns [start-col0, t-col0];
+    its output row is t - q_row0."""
     r = tl.program_id(0)
     t = row0 + r
     a = tl.load(ROW_START + t)
@@ -274,7 +279,7 @@ def _topk_select_kernel(
     need = tl.minimum(t - a + 1, TOPK)
     scr_row = SCR + r.to(tl.int64) * CAP
     _radix_topk_row(
-        base, base, a, t + 1, 0, need, scr_row, OUT_IDX, OUT_SCORE, t.to(tl.int64),
+        base, base, a, t + 1, 0, need, scr_row, OUT_IDX, OUT_SCORE, (t - q_row0).to(tl.int64),
         TOPK, KP, BLOCK, False, CAP, SAMPLE, FORCE_RADIX,
     )  # fmt: skip
 
@@ -308,13 +313,15 @@ def _scores_compact_kernel(
     row0, n_rows, n_keys, scale,
     stride_qt, stride_qh, stride_kt, stride_wt,
     H: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
-    HAS_KS: tl.constexpr = False, FOLDED: tl.constexpr = False,
+    HAS_KS: tl.constexpr = False, FOLDED: tl.constexpr = False, q_shift=0, w_shift=0,
 ):  # fmt: skip
     """Scores of BM rows against their whole windows, tile by tile (flash-style, never stored); the keys at or
     above each row's threshold are compacted in index order into SCR_S / SCR_I[r, :CAP] (score, index), their
     number into CNT[r]. Plain fp32 compares in the tile loop (no order keys: +0 == -0 holds for floats too).
     Slots are addressed from per-row base pointers with int32 offsets (fewer 64-bit address ops per pair: with the
     folded scale, 81 -> 74 ms bf16 / 63.5 -> 61 ms FP8 at 128K, bench/dsa_indexer_profile.py)."""
+    QI -= q_shift  # rows from q_row0 on (see _indexer_scores_kernel)
+    W -= w_shift
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest windows first
     r_loc = pid * BM + tl.arange(0, BM)
     rmask = r_loc < n_rows
@@ -354,7 +361,7 @@ def _scores_compact_kernel(
 @triton.jit
 def _select_candidates_kernel(
     SCR_S, SCR_I, CNT, ROW_START, OUT_IDX, OUT_SCORE, MISS, row0,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, q_row0=0,
 ):  # fmt: skip
     """Exact top-k of row t from its candidates; MISS[r] = 1 when the threshold left fewer than need or more than
     CAP candidates (the caller redoes those rows on the slab path)."""
@@ -369,7 +376,7 @@ def _select_candidates_kernel(
         off = r.to(tl.int64) * CAP + slots
         keys = _order_key(tl.load(SCR_S + off, mask=valid, other=float("-inf")))
         gidx = tl.load(SCR_I + off, mask=valid, other=-1)
-        _emit_selected(keys, gidx, valid, need, OUT_IDX, OUT_SCORE, t.to(tl.int64), TOPK, KP)
+        _emit_selected(keys, gidx, valid, need, OUT_IDX, OUT_SCORE, (t - q_row0).to(tl.int64), TOPK, KP)
     else:
         tl.store(MISS + r, 1)
 
@@ -387,10 +394,11 @@ def row_starts(cu_seqlens: Tensor, n_rows: int) -> Tensor:
 def _slab_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
     indices: Tensor, scores: Tensor, topk: int, cap: int, slab_bytes: int, select_block: int, sample: int,
-    force_radix: bool, tile: tuple[int, int, int], select: bool, k_scale: Tensor | None = None,
+    force_radix: bool, tile: tuple[int, int, int], select: bool, k_scale: Tensor | None = None, q_row0: int = 0,
 ) -> None:  # fmt: skip
     """Slab path for rows [row0, row_end): fp32 score slabs of bounded size, then one selection program per row."""
-    t_total, h_i, d_i = q_idx.shape
+    _, h_i, d_i = q_idx.shape
+    t_total = k_idx.shape[0]
     kp = triton.next_power_of_2(topk)
     bm, bn, warps = tile
     dev = q_idx.device
@@ -412,7 +420,8 @@ def _slab_rows(
             q_idx, k_idx, w, starts, slab, w if k_scale is None else k_scale,
             row0, n_rows, col0, n_cols, t_total, d_i**-0.5, 1,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), slab.stride(0),
-            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None, num_warps=warps,
+            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None,
+            q_shift=q_row0 * q_idx.stride(0), w_shift=q_row0 * w.stride(0), num_warps=warps,
         )  # fmt: skip
         if select:
             if scratch.shape[0] < n_rows:
@@ -420,7 +429,7 @@ def _slab_rows(
             _topk_select_kernel[(n_rows,)](
                 slab, starts, scratch, indices, scores, row0, col0, slab.stride(0),
                 TOPK=topk, KP=kp, BLOCK=select_block, CAP=cap, SAMPLE=sample, FORCE_RADIX=force_radix,
-                num_warps=8,
+                q_row0=q_row0, num_warps=8,
             )  # fmt: skip
         row0 = row1
 
@@ -429,10 +438,11 @@ def _fused_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
     indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int, sample_stride: int,
     tile: tuple[int, int, int], fused_tile: tuple[int, int, int], k_scale: Tensor | None = None,
-    select_warps: int = 4,
+    select_warps: int = 4, q_row0: int = 0,
 ) -> list[tuple[int, int]]:  # fmt: skip
     """Fused path for rows [row0, row_end); returns the row ranges whose threshold missed (for the slab path)."""
-    t_total, h_i, d_i = q_idx.shape
+    _, h_i, d_i = q_idx.shape
+    t_total = k_idx.shape[0]
     kp = triton.next_power_of_2(topk)
     bm, bn, warps = tile
     fbm, fbn, fwarps = fused_tile
@@ -455,7 +465,8 @@ def _fused_rows(
             q_idx, k_idx, w, starts, samp, w if k_scale is None else k_scale,
             row0, n_rows, col0, n_cols, t_total, d_i**-0.5, cstride,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w.stride(0), samp.stride(0),
-            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None, num_warps=warps,
+            H=h_i, DI=d_i, BM=bm, BN=bn, HAS_KS=k_scale is not None,
+            q_shift=q_row0 * q_idx.stride(0), w_shift=q_row0 * w.stride(0), num_warps=warps,
         )  # fmt: skip
         _sample_threshold_kernel[(n_rows,)](
             samp, starts, tau, row0, col0, cstride, n_cols, samp.stride(0),
@@ -469,11 +480,12 @@ def _fused_rows(
             q_idx, k_idx, w_folded, starts, tau, scr_s, scr_i, cnt, w if k_scale is None else k_scale,
             row0, n_rows, t_total, d_i**-0.5,
             q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0),
-            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, HAS_KS=k_scale is not None, FOLDED=True, num_warps=fwarps,
+            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, HAS_KS=k_scale is not None, FOLDED=True,
+            q_shift=q_row0 * q_idx.stride(0), w_shift=q_row0 * w_folded.stride(0), num_warps=fwarps,
         )  # fmt: skip
         miss = torch.zeros(n_rows, device=dev, dtype=torch.int32)
         _select_candidates_kernel[(n_rows,)](
-            scr_s, scr_i, cnt, starts, indices, scores, miss, row0, TOPK=topk, KP=kp, CAP=cap,
+            scr_s, scr_i, cnt, starts, indices, scores, miss, row0, TOPK=topk, KP=kp, CAP=cap, q_row0=q_row0,
             num_warps=select_warps,
         )  # fmt: skip
         bad = torch.nonzero(miss).flatten().tolist()
@@ -506,8 +518,13 @@ def indexer_topk(
     sample_stride: int = 0,
     fused_tile: tuple[int, int, int] = (64, 128, 4),
     k_scale: Tensor | None = None,
+    q_row0: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
+
+    q_row0 (context parallelism): q_idx and w hold only the query rows [q_row0, q_row0 + n) of the T rows that
+    k_idx and cu_seqlens describe (n <= T - q_row0); the outputs are [n, topk] for those rows (global key ids), the
+    rows being scored against every key of their sample (other ranks' rows included). 0: the whole pack.
 
     method "fused" (default): per-row thresholds from a strided sample of the scores (every `sample_stride`-th key,
     default cap / 128 so that the threshold's sample rank is ~64 and the candidate count lands within a factor 2
@@ -521,7 +538,10 @@ def indexer_topk(
     scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
     more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 119 ms; bench/RESULTS.md)."""
     del block
-    t_total, h_i, d_i = q_idx.shape
+    n_q, h_i, d_i = q_idx.shape
+    t_total = k_idx.shape[0]
+    if q_row0 < 0 or q_row0 + n_q > t_total:
+        raise ValueError(f"query rows [{q_row0}, {q_row0 + n_q}) are not within the {t_total} key rows")
     if d_i & (d_i - 1) or d_i < 16:
         raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
     if method not in ("fused", "slab"):
@@ -530,9 +550,9 @@ def indexer_topk(
     q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
-    indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
-    if t_total == 0 or topk == 0:
+    indices = torch.full((n_q, topk), -1, dtype=torch.int32, device=dev)
+    scores = torch.full((n_q, topk), float("-inf"), dtype=torch.float32, device=dev)
+    if n_q == 0 or topk == 0:
         return indices, scores
     starts = row_starts(cu_seqlens, t_total)
     starts_host = starts.tolist()
@@ -542,22 +562,22 @@ def indexer_topk(
         raise ValueError(f"cap {cap} must be a power of two >= 2 * next_pow2(topk) = {2 * kp}")
     if sample_max & (sample_max - 1):
         raise ValueError(f"sample_max {sample_max} must be a power of two")
-    row0, row_end = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    row0, row_end = max(int(cu_seqlens[0]), q_row0), min(int(cu_seqlens[-1]), q_row0 + n_q)
     slab = (slab_bytes, select_block, sample, force_radix, tile)
     if method == "slab" or force_radix or not select:
         _slab_rows(
             q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, *slab, select,
-            k_scale,
+            k_scale, q_row0,
         )  # fmt: skip
         return indices, scores
     missed = _fused_rows(
         q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, scratch_bytes,
-        sample_max, sample_stride or max(1, cap // 128), tile, fused_tile, k_scale,
+        sample_max, sample_stride or max(1, cap // 128), tile, fused_tile, k_scale, q_row0=q_row0,
     )  # fmt: skip
     for a, b in missed:
         _slab_rows(
-            q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True, k_scale
-        )
+            q_idx, k_idx, w, starts, starts_host, a, b, indices, scores, topk, cap, *slab, True, k_scale, q_row0,
+        )  # fmt: skip
     return indices, scores
 
 

@@ -7,13 +7,17 @@ Causal load balance: the pack is cut into 2 * cp equal chunks and rank r takes c
 late chunk: every rank attends about the same number of query-key pairs; Megatron-LM / torchtitan's split). Rows
 keep their global ids, so cu_seqlens stays the pack's and a chunk may start or end inside a sample.
 
-Attention of a rank's query rows over the gathered keys reuses the torch reference blocks of
-keye.kernels.dsa_reference (dense causal, indexer scores + top-k, sparse gather, indexer KL restricted to the
-selected set): for every (chunk, sample) segment the queries are placed at their offset in the sample, so each row
-gets exactly the keys, the top-k set and the KL term it gets on one device. The indexer KL of a rank is its share
-of the pack's mean (divided by the global T), so the ranks' losses add up to the single-device loss. Decode is
-untouched (no cp context). This is the reference path (CPU, correctness); Triton kernels with a query offset are
-not written yet.
+Attention of a rank's query rows over the gathered keys gives each row exactly the keys, the top-k set and the KL
+term it gets on one device, through what keye.kernels.dispatch picks for each part:
+- dense causal: torch SDPA per (chunk, sample) segment with a lower-right causal mask (the queries are the end of
+  their key span; FlashAttention on GPU), on every device;
+- indexer top-k and indexer KL: the Triton kernels with a query-row offset, one call per contiguous chunk (its query
+  rows only, every gathered key), on CUDA or under KEYE_KERNELS=triton;
+- sparse attention: the dispatched kernel with global key ids (it takes fewer query rows than keys).
+Otherwise (CPU under auto, and KEYE_KERNELS=reference everywhere) the torch reference blocks of
+keye.kernels.dsa_reference run per segment with the queries placed at their offset in the sample: the spec.
+The indexer KL of a rank is its share of the pack's mean (divided by the global T), so the ranks' losses add up to
+the single-device loss. Decode is untouched (no cp context).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from keye.kernels import dispatch
 from keye.kernels import dsa_reference as ref
+from keye.kernels.dense_sdpa import suffix_causal_sdpa
 
 
 def balanced_rows(total: int, cp: int, rank: int) -> Tensor:
@@ -94,23 +100,30 @@ def gather_rows(x: Tensor, cpc: CPContext) -> Tensor:
     return _GatherRows.apply(x, cpc)
 
 
-def _segments(cpc: CPContext) -> list[tuple[int, int, int, int]]:
-    """(local start, sample start s0, query start u0, query end u1): this rank's rows [u0, u1) of one sample,
-    at local offset `local start`; their keys are rows s0..u1-1."""
+def _chunks(cpc: CPContext) -> list[tuple[int, int, int]]:
+    """(local start, global start c0, global end c1): the contiguous runs of this rank's rows."""
     rows = cpc.rows.tolist()
     out = []
-    bounds = ref.sample_bounds(cpc.cu_seqlens)
     i = 0
     while i < len(rows):
         j = i
         while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
             j += 1
-        c0, c1 = rows[i], rows[j] + 1  # one contiguous chunk
+        out.append((i, rows[i], rows[j] + 1))
+        i = j + 1
+    return out
+
+
+def _segments(cpc: CPContext) -> list[tuple[int, int, int, int]]:
+    """(local start, sample start s0, query start u0, query end u1): this rank's rows [u0, u1) of one sample,
+    at local offset `local start`; their keys are rows s0..u1-1."""
+    out = []
+    bounds = ref.sample_bounds(cpc.cu_seqlens)
+    for i, c0, c1 in _chunks(cpc):
         for s0, s1 in bounds:
             u0, u1 = max(c0, s0), min(c1, s1)
             if u0 < u1:
                 out.append((i + u0 - c0, s0, u0, u1))
-        i = j + 1
     return out
 
 
@@ -135,7 +148,13 @@ def attention(
     covers: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """(o [T/cp, Hq, D], this rank's share of the indexer KL or None) for the local query rows; k, v, k_idx local
-    too (gathered here). Same semantics as keye.model.attention.Attention's token-selection modes."""
+    too (gathered here). Same semantics as keye.model.attention.Attention's token-selection modes.
+
+    Each part takes the implementation keye.kernels.dispatch picks for it: dense attention torch SDPA with a
+    lower-right causal mask per (chunk, sample) segment (every device; KEYE_KERNELS=reference: the reference
+    blocks), the indexer top-k and KL the Triton kernels with a query-row offset per chunk (CUDA, or
+    KEYE_KERNELS=triton), sparse attention the dispatched kernel over global key ids; otherwise the reference
+    blocks of keye.kernels.dsa_reference at the queries' offset in the sample (the spec)."""
     kf, vf = gather_rows(k, cpc), gather_rows(v, cpc)
     kif = gather_rows(k_idx, cpc) if k_idx is not None else None
     segs = _segments(cpc)
@@ -143,7 +162,17 @@ def attention(
     blk = max(1, block // g)
     sparse = mode == "dsa" and (not covers or want_kl)
     indices = None
-    if sparse:  # the indexer's top-k of every local query over the gathered keys (global row ids)
+    topk_fast = dispatch.fast("indexer_topk", q) if sparse else None
+    if topk_fast is not None:  # per chunk: its query rows at their global offset, every gathered key
+        parts = []
+        for lo, c0, c1 in _chunks(cpc):
+            sl = slice(lo, lo + c1 - c0)
+            idx, _ = topk_fast(
+                q_idx[sl].detach(), kif.detach(), w[sl].detach(), cpc.cu_seqlens, topk, block, q_row0=c0
+            )
+            parts.append(idx)
+        indices = torch.cat(parts)
+    elif sparse:  # the indexer's top-k of every local query over the gathered keys (global row ids)
         indices = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
         with torch.no_grad():
             for lo, s0, u0, u1 in segs:
@@ -157,8 +186,12 @@ def attention(
                     )
                     rows = slice(lo + q0 - (u0 - s0), lo + q1 - (u0 - s0))
                     indices[rows] = torch.where(torch.isfinite(vals), cols + s0, -1).to(torch.int32)
-    if mode == "dsa" and not covers:
-        o, _ = ref.sparse_attention_reference(q, kf, vf, indices, scale)
+    if mode == "dsa" and not covers:  # the kernels take fewer query rows than keys (indices: global rows)
+        o, _ = dispatch.sparse_attention(q, kf, vf, indices, scale)
+    elif dispatch.fast("dense_attention", q) is not None:  # SDPA: the queries are the end of their key span
+        o = torch.cat(
+            [suffix_causal_sdpa(q[lo : lo + u1 - u0], kf[s0:u1], vf[s0:u1], scale) for lo, s0, u0, u1 in segs]
+        )
     else:
         parts = []
         grad = q.requires_grad or kf.requires_grad or vf.requires_grad
@@ -172,7 +205,29 @@ def attention(
                 parts.append(ob)
         o = torch.cat(parts).to(q.dtype)
     kl = None
-    if want_kl:
+    kl_fast = dispatch.fast("indexer_kl", q) if want_kl else None
+    if kl_fast is not None:  # per chunk, its rows of the pack's own samples (not the padding)
+        kl = q_idx.new_zeros((), dtype=torch.float32)
+        for lo, c0, c1 in _chunks(cpc):
+            n = min(c1, cpc.valid) - c0
+            if n <= 0:
+                continue
+            sl = slice(lo, lo + n)
+            ib = None if indices is None else indices[sl]
+            part = kl_fast(
+                q[sl].detach(),
+                kf.detach(),
+                cpc.cu_seqlens,
+                scale,
+                q_idx[sl],
+                kif,
+                w[sl],
+                ib,
+                block,
+                q_row0=c0,
+            )
+            kl = kl + part * (n / cpc.valid)
+    elif want_kl:
         kl = q_idx.new_zeros((), dtype=torch.float32)
         for lo, s0, u0, u1 in segs:
             if s0 >= cpc.valid:  # the padding sample: no KL term

@@ -1,6 +1,9 @@
 """Context parallelism (keye.model.context_parallel) on 2 gloo CPU processes: a packed batch of 4 samples split in
 load-balanced chunks that cut through samples; dense attention (DSA warm-up: dense + the indexer's dense KL) and DSA (indexer top-k over keys held by the other
-rank, sparse gather, indexer KL) give the single-process loss and gradients (float32 tolerance)."""
+rank, sparse gather, indexer KL) give the single-process loss and gradients (float32 tolerance), on the default
+kernels (CPU: SDPA for dense attention, the reference for the rest) and with the Triton kernels forced
+(KEYE_KERNELS=triton under the interpreter: the indexer top-k and KL with a query-row offset, sparse attention over
+gathered keys)."""
 
 from __future__ import annotations
 
@@ -26,10 +29,13 @@ def test_causal_load_balance_split() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "attention", ["dsa_warmup", "dsa"]
-)  # dense attention + dense KL; top-k + sparse + KL
-def test_cp2_loss_and_gradients_equal_one_process(tmp_path: Path, attention: str) -> None:
-    spec = {"mode": "cp", "attention": attention, "topk": 8}
+    ("attention", "kernels"), [("dsa_warmup", "auto"), ("dsa", "auto"), ("dsa", "triton")]
+)  # dense attention + dense KL; top-k + sparse + KL (Triton: one layer, the interpreter is slow)
+def test_cp2_loss_and_gradients_equal_one_process(
+    tmp_path: Path, attention: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYE_KERNELS", kernels)  # the workers inherit it
+    spec = {"mode": "cp", "attention": attention, "topk": 8, **({"layers": 1} if kernels == "triton" else {})}
     one = launch({**spec, "grads": str(tmp_path / "g1.safetensors")}, 1, tmp_path, "cp1")
     two = launch({**spec, "grads": str(tmp_path / "g2.safetensors")}, 2, tmp_path, "cp2")
     assert two["rows"] == [*range(24), *range(72, 96)]  # rank 0: the first and the last chunk
