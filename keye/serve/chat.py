@@ -8,7 +8,9 @@ Content parts accepted (OpenAI chat-completions format plus two keye extensions)
         checkpoint's per-frame token bounds (only data: URLs: the server never fetches)
   {"type": "video_url", "video_url": {"url": "/path/or/file:///path.mp4", "start": s, "end": e, "fps": f}}
         frames planned by the checkpoint's sampling policy (fps overridden when given) over [start, end] seconds;
-        each frame is stamped with its time in the video (start + offset), as training stamps clip times
+        each frame is stamped with its time in the video (start + offset), as training stamps clip times;
+        "timestamps": "relative" stamps from 0 instead (the range shown as a clip of its own, as training shows
+        a grounding query's windows)
   {"type": "video_frames", "frames": [{"time": t, "url": "data:..."}, ...]}    frames already chosen by the
         client, each stamped with its time
 In process (rollouts) a video part may also carry decoded frames: {"type": "video", "frames": uint8 [N,H,W,3],
@@ -179,12 +181,17 @@ class ChatModel:
             raise ChatRequestError(
                 f"{where}: need 0 <= start < end <= {info.duration:.3f} s, got [{start}, {end}]"
             )
+        stamps = spec.get("timestamps") or "absolute"
+        if stamps not in ("absolute", "relative"):
+            raise ChatRequestError(f"{where}: timestamps must be 'absolute' or 'relative', got {stamps!r}")
         plan = plan_frames(end - start, info.width, info.height, policy, video_fps=info.fps or None)
         try:
             frames = decode_frames(path, [start + t for t in plan.timestamps], size=(plan.height, plan.width))
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: cannot decode frames of {path} ({e.reason})") from e
-        self._add_frames(out, [start + t for t in plan.timestamps], list(frames))
+        # relative: the range is shown as a clip of its own, stamped from 0 (as training shows a clip's windows)
+        offset = 0.0 if stamps == "relative" else start
+        self._add_frames(out, [offset + t for t in plan.timestamps], list(frames))
 
     def _add_frames(self, out: _Built, times: Sequence[float], frames: Sequence[np.ndarray]) -> None:
         sized = []

@@ -95,6 +95,44 @@ def test_prompts_are_the_eval_prompts_of_the_training_split(videos, checkpoint, 
         split_prompts(videos, tmp_path / "q", "train", kinds=("nope",))
 
 
+def test_window_prompts_show_a_window_as_its_own_clip_with_the_span_moved_into_it(
+    videos, checkpoint, tmp_path
+):
+    from keye.serve.chat import ChatModel
+
+    whole = split_prompts(videos, tmp_path / "p", "train")
+    prompts = split_prompts(videos, tmp_path / "w", "train", grounding_windows=3)
+    windows = [p for p in prompts if "@w" in p.id]
+    assert [p for p in prompts if "@w" not in p.id] == whole and windows
+    assert len(prompts) == len(split_prompts(videos, tmp_path / "w2", "train", grounding_windows=3))  # stable
+    chat = ChatModel.from_checkpoint(checkpoint)
+    for p in windows:
+        base = next(b for b in whole if p.id.startswith(b.id + "@w"))
+        part = p.messages[-1]["content"][0]["video_url"]
+        a, e = part["start"], part["end"]
+        length = p.reference["duration"]
+        assert part["timestamps"] == "relative" and e - a == pytest.approx(length) and length >= 3.0 - 1e-6
+        s0, e0 = base.reference["span"]
+        s1, e1 = p.reference["span"]
+        assert s1 == pytest.approx(max(s0, a) - a, abs=1e-3) and e1 == pytest.approx(min(e0, e) - a, abs=1e-3)
+        assert 0 <= s1 < e1 <= length + 1e-6
+    # the frames are stamped from 0: the same window asked with absolute stamps renders other timestamps
+    p = windows[0]
+    rel = chat.encode(p.messages)[0]
+    absolute = json.loads(json.dumps(p.messages))
+    absolute[-1]["content"][0]["video_url"]["timestamps"] = "absolute"
+    ab = chat.encode(absolute)[0]
+    assert torch.equal(rel.pixel_patches, ab.pixel_patches)
+    if p.messages[-1]["content"][0]["video_url"]["start"] > 0:
+        assert not torch.equal(rel.input_ids, ab.input_ids)
+    bad = json.loads(json.dumps(p.messages))
+    bad[-1]["content"][0]["video_url"]["timestamps"] = "local"
+    from keye.serve.chat import ChatRequestError
+
+    with pytest.raises(ChatRequestError, match="timestamps must be 'absolute' or 'relative'"):
+        chat.encode(bad)
+
+
 def test_prompt_cursor_is_a_seeded_permutation_per_epoch_that_resumes():
     prompts = [RolloutPrompt([], {}, str(i)) for i in range(5)]
     a = PromptCursor(prompts, seed=3)
