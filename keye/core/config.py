@@ -230,6 +230,13 @@ class VideoRLSettings(_Strict):
         default_factory=lambda: ["timelens"],
         description="question kinds of the training split to train on: timelens, videomme, videomme_v2, longvideobench",
     )
+    grounding_windows: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="each grounding prompt also asked on this many windows of its video, shown as clips of their "
+        "own (keye.rl.prompt_sets.window_prompts; the SFT curriculum's pack.grounding_windows)",
+    )
     rewards: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {
             "timelens": {"time_r1": 1.0},

@@ -85,7 +85,9 @@ def train(run: StageRun, plan: VideoRLPlan) -> None:
     s, lineage = run.config.video_rl, run.lineage
     members = set(lineage.members(plan.videoset_id))
     videos = [v["path"] for v in lineage.videos("ok") if v["video_id"] in members]
-    prompts = split_prompts(videos, plan.out_dir / "prompts", "train", kinds=s.tasks)
+    prompts = split_prompts(
+        videos, plan.out_dir / "prompts", "train", kinds=s.tasks, grounding_windows=s.grounding_windows
+    )
     options: dict[str, Any] = {}
     if s.engine == "openai":
         options = {"base_url": s.base_url, "model": s.served_model}
