@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
+from keye.core.config import load_config
 from keye.data.grounding_items import frame_span
-from keye.data.sampling import SamplingPolicy, plan_frames
+from keye.data.sampling import plan_frames
 from keye.datasets.synthetic import annotations, make_spec
 from keye.eval.metrics import temporal_iou
 
-POLICY = SamplingPolicy(
-    fps=1.0,
-    min_frames=4,
-    max_frames=8,
-    min_tokens_per_frame=4,
-    max_tokens_per_frame=16,
-    total_token_budget=128,
-    duration_scaling=False,
-)
+POLICY = load_config(
+    Path(__file__).resolve().parents[1] / "pipelines.yaml"
+).sampling  # the default frame plan
 
 
 def answers(start: float, end: float, ts: list[float], duration: float) -> dict[str, tuple[float, float]]:

@@ -19,12 +19,14 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from keye.core.config import load_config
 from keye.data.loader import collate_pack
 from keye.data.samples import (
     MCQ_ANSWER_STRIDE,
@@ -34,7 +36,6 @@ from keye.data.samples import (
     frame_span,
     usable_mcqs,
 )
-from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import train_bpe
 from keye.datasets.synthetic import annotations, dataset_specs, expected_frames, make_spec
 from keye.eval.metrics import temporal_iou
@@ -44,15 +45,7 @@ from keye.model.generate import Prompt, generate
 from keye.model.patches import frame_patches as patchify
 
 # the default pipeline's frame plan (pipelines.yaml `sampling`)
-POLICY = SamplingPolicy(
-    fps=1.0,
-    min_frames=4,
-    max_frames=8,
-    min_tokens_per_frame=4,
-    max_tokens_per_frame=16,
-    total_token_budget=128,
-    duration_scaling=False,
-)
+POLICY = load_config(Path(__file__).resolve().parents[1] / "pipelines.yaml").sampling
 
 
 def simplify(specs: list, how: set[str]) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
+from keye.core.config import load_config
 from keye.data.grounding_items import (
     GROUNDING_WINDOW_STRIDE,
     GroundingItem,
@@ -15,18 +17,11 @@ from keye.data.grounding_items import (
     grounding_window,
 )
 from keye.data.samples import build_sample, corpus_texts, frame_plan, sample_items
-from keye.data.sampling import SamplingPolicy
 from keye.data.tokenizer import train_bpe
 
-POLICY = SamplingPolicy(
-    fps=1.0,
-    min_frames=4,
-    max_frames=8,
-    min_tokens_per_frame=4,
-    max_tokens_per_frame=16,
-    total_token_budget=128,
-    duration_scaling=False,
-)
+POLICY = load_config(
+    Path(__file__).resolve().parents[3] / "pipelines.yaml"
+).sampling  # the default frame plan
 
 
 def _rec(duration: float = 8.0, start: float = 3.3, end: float = 5.6) -> dict:
