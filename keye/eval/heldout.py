@@ -14,7 +14,7 @@ from typing import Any
 
 from keye.core.atomic import atomic_write_json
 from keye.eval.export import write_heldout_benchmarks
-from keye.eval.metrics import mcq_significance, paired_advantage
+from keye.eval.metrics import mcq_significance, paired_advantage, paired_difference
 from keye.eval.readers import read_benchmark
 from keye.eval.runner import evaluate, score
 
@@ -77,6 +77,32 @@ def run_benchmarks(
 POOLED_MCQ_KINDS = ("videomme", "videomme_v2")
 
 
+def prediction_rows(path: str | Path) -> dict[str, dict[str, Any]]:
+    """{question id: its predictions.jsonl record}."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[str(row["id"])] = row
+    return out
+
+
+def paired_grounding(
+    new: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], kinds: tuple[str, ...] = ("timelens",)
+) -> dict[str, dict[str, Any]]:
+    """{bench: keye.eval.metrics.paired_difference of the per-query IoU (x100, as mIoU), new - base} for every
+    grounding bench both evals answered (results as run_benchmarks returns them); queries matched by id."""
+    out = {}
+    for name in sorted(new.keys() & base.keys()):
+        if new[name].get("kind") not in kinds:
+            continue
+        rn, rb = prediction_rows(new[name]["_predictions"]), prediction_rows(base[name]["_predictions"])
+        ids = sorted(rn.keys() & rb.keys())
+        res = paired_difference([100 * rn[i]["iou"] for i in ids], [100 * rb[i]["iou"] for i in ids])
+        out[name] = {"metric": "mIoU", **res}
+    return out
+
+
 def pooled_mcq_rows(
     results: dict[str, dict[str, Any]], kinds: tuple[str, ...]
 ) -> list[tuple[str, str | None, str, int]]:
@@ -86,11 +112,7 @@ def pooled_mcq_rows(
         if m.get("kind") not in kinds:
             continue
         bench = read_benchmark(m["_bench"], None, kind=m["kind"])
-        rows = {}
-        for line in Path(m["_predictions"]).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[str(row["id"])] = row
+        rows = prediction_rows(m["_predictions"])
         for q in bench.questions:
             if q.id in rows:  # an eval limit keeps the first questions only
                 rows_out.append((f"{name}/{q.id}", rows[q.id].get("parsed"), q.answer or "", len(q.options)))
@@ -132,9 +154,7 @@ def blank_frame_control(
     has likely answers), and ground above chance from the video's length alone (the frame stamps tell it); only the
     gap to its own blank-frame answers on the same questions is what it took from the pixels. Blank predictions and
     the comparison are written under `out_dir` (vision_control.json); grounding is compared per query on IoU
-    (keye.eval.compare.paired_difference, one-sided: real > blank)."""
-    from keye.eval.compare import compare_results  # compare builds on this module
-
+    (keye.eval.metrics.paired_difference, one-sided: real > blank)."""
     wanted = set(kinds) | set(grounding_kinds)
     blank_sets = [BenchSet(bs.videos_dir, {k: p for k, p in bs.files.items() if k in wanted}) for bs in sets]
 
@@ -150,11 +170,7 @@ def blank_frame_control(
         "real": _significance(real_rows),
         "blank": _significance(blank_rows),
         "real_vs_blank": paired_advantage([real_right[k] for k in keys], [blank_right[k] for k in keys]),
-        "grounding": {
-            name: c
-            for name, c in compare_results(results, blank).items()
-            if name != "mcq_pooled" and results[name].get("kind") in grounding_kinds
-        },
+        "grounding": paired_grounding(results, blank, grounding_kinds),
         "blank_predictions": {name: m["_predictions"] for name, m in blank.items()},
     }
     atomic_write_json(out_dir / "vision_control.json", control)

@@ -9,6 +9,8 @@
   chain of correct answers from the first question, on a map that depends on the group's structure; the
   Non-Lin score is the mean over groups. One deliberate difference: the official script stores an unparsable
   answer as -1, which its logic chain treats as correct and its relevance sum as minus one; here it is wrong.
+- Paired tests of two runs on the same questions (RL vs SFT, real vs blank frames): sign-flip permutation p,
+  exact sign test, seeded bootstrap interval, McNemar (keye.eval.compare reports them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ast
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -218,3 +221,68 @@ def group_chance(group_type: str, structure: str | None, n_options: Sequence[int
         prob = float(np.prod([pi if hit else 1.0 - pi for pi, hit in zip(p, pattern, strict=True)]))
         expected += prob * group_score(pattern, group_type, structure)
     return expected
+
+
+# ---------------------------------------------------------------- paired tests (two runs on the same questions)
+
+_EXACT_MAX = 20  # nonzero differences up to which every sign pattern is enumerated
+_DRAWS = 200_000
+_BOOT = 10_000
+
+
+def _bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    if diffs.size == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, diffs.size, size=(_BOOT, diffs.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def sign_flip_p(diffs: Sequence[float], seed: int = 0) -> float:
+    """One-sided p of mean(diffs) > 0 under the null that each difference's sign is a fair coin."""
+    d = np.asarray([x for x in diffs if x != 0], dtype=np.float64)
+    if d.size == 0:
+        return 1.0
+    observed = d.sum()
+    if d.size <= _EXACT_MAX:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+        sums = signs @ d
+        return float(np.mean(sums >= observed - 1e-12))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for a in range(0, _DRAWS, 20_000):
+        signs = rng.choice((1.0, -1.0), size=(min(20_000, _DRAWS - a), d.size))
+        hits += int(((signs @ d) >= observed - 1e-12).sum())
+    return (hits + 1) / (_DRAWS + 1)
+
+
+def paired_difference(new: Sequence[float], base: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """Mean of new - base over paired items with its bootstrap 95% interval, the sign-flip p (new > base) and the
+    exact sign test on the items that changed."""
+    a, b = np.asarray(new, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired runs differ in length: {a.size} vs {b.size}")
+    d = a - b
+    better, worse = int((d > 0).sum()), int((d < 0).sum())
+    lo, hi = _bootstrap_ci(d, seed)
+    return {
+        "n": int(d.size),
+        "new_mean": float(a.mean()) if a.size else 0.0,
+        "base_mean": float(b.mean()) if b.size else 0.0,
+        "delta": float(d.mean()) if d.size else 0.0,
+        "ci95": [lo, hi],
+        "better": better,
+        "worse": worse,
+        "p_value": sign_flip_p(d, seed),
+        "sign_test_p": at_least_k_probability(better, [0.5] * (better + worse)),
+    }
+
+
+def mcnemar_two_sided(only_new: int, only_base: int) -> float:
+    """Exact two-sided McNemar p on the discordant pairs."""
+    n = only_new + only_base
+    if n == 0:
+        return 1.0
+    k = min(only_new, only_base)
+    return min(1.0, 2.0 * (1.0 - at_least_k_probability(k + 1, [0.5] * n)))
