@@ -381,6 +381,16 @@ def _select_candidates_kernel(
         tl.store(MISS + r, 1)
 
 
+def empty_selection(q_idx: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """The top-k outputs of q_idx's rows before selection: indices -1 (int32) and scores -inf (fp32), [rows,
+    topk]; checks the indexer dim the score kernels need (a power of two >= 16)."""
+    n_q, _, d_i = q_idx.shape
+    if d_i & (d_i - 1) or d_i < 16:
+        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
+    indices = torch.full((n_q, topk), -1, dtype=torch.int32, device=q_idx.device)
+    return indices, torch.full((n_q, topk), float("-inf"), dtype=torch.float32, device=q_idx.device)
+
+
 def row_starts(cu_seqlens: Tensor, n_rows: int) -> Tensor:
     """int32 [T]: the first row of each row's sample (rows outside cu_seqlens start at themselves)."""
     cu = cu_seqlens.to(torch.int64)
@@ -542,16 +552,12 @@ def indexer_topk(
     t_total = k_idx.shape[0]
     if q_row0 < 0 or q_row0 + n_q > t_total:
         raise ValueError(f"query rows [{q_row0}, {q_row0 + n_q}) are not within the {t_total} key rows")
-    if d_i & (d_i - 1) or d_i < 16:
-        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
     if method not in ("fused", "slab"):
         raise ValueError(f"method must be 'fused' or 'slab', got {method!r}")
-    dev = q_idx.device
+    indices, scores = empty_selection(q_idx, topk)
     q_idx, k_idx, w = q_idx.contiguous(), k_idx.contiguous(), w.contiguous()
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
-    indices = torch.full((n_q, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((n_q, topk), float("-inf"), dtype=torch.float32, device=dev)
     if n_q == 0 or topk == 0:
         return indices, scores
     starts = row_starts(cu_seqlens, t_total)
@@ -581,4 +587,4 @@ def indexer_topk(
     return indices, scores
 
 
-__all__ = ["indexer_topk", "row_starts"]
+__all__ = ["empty_selection", "indexer_topk", "row_starts"]

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from keye.kernels.dsa_reference import topk_lowest_index_ties
-from keye.kernels.indexer_topk import _index_scores_tile, row_starts
+from keye.kernels.indexer_topk import _index_scores_tile, empty_selection, row_starts
 
 
 @triton.jit
@@ -132,14 +132,10 @@ def indexer_topk_twopass(
     `slab_dtype`; k_scale: per-key scales of FP8 keys (keye/kernels/indexer_fp8.py). select=False runs pass 1
     only (for timing)."""
     del block
-    t_total, h_i, d_i = q_idx.shape
-    if d_i & (d_i - 1) or d_i < 16:
-        raise ValueError(f"indexer dim {d_i} must be a power of two >= 16")
+    t_total, _, d_i = q_idx.shape
     if ties not in ("any", "lowest"):
         raise ValueError(f"ties must be 'any' or 'lowest', got {ties!r}")
-    dev = q_idx.device
-    indices = torch.full((t_total, topk), -1, dtype=torch.int32, device=dev)
-    scores = torch.full((t_total, topk), float("-inf"), dtype=torch.float32, device=dev)
+    indices, scores = empty_selection(q_idx, topk)
     if t_total == 0 or topk == 0:
         return indices, scores
     q_idx, k_idx = q_idx.contiguous(), k_idx.contiguous()
