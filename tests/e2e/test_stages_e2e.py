@@ -32,7 +32,7 @@ def _config(tmp_path: Path) -> Path:
               stages:
                 - {{name: align, kind: align, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
                 - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
-            video_rl: {{steps: 2, lr: 1.0e-4, prompts_per_step: 2, group_size: 2, max_new_tokens: 4,
+            video_rl: {{steps: 2, lr: 1.0e-4, prompts_per_step: 2, group_size: 2, max_new_tokens: 4, grounding_windows: 2,
                         filter_groups: false, save_every: 1, context_rl: {{enabled: false}}}}
             eval: {{limit: 2, max_new_tokens: 4, batch_size: 2, blank_control: false}}
             runner: {{kind: thread, max_workers: 2}}
@@ -77,6 +77,11 @@ def test_all_stages_then_a_rerun_that_makes_nothing(tmp_path):
     sft = store.query("SELECT checkpoint_id FROM checkpoints WHERE stage = 'sft'")[0]["checkpoint_id"]
     up = [r["id"] for r in store.upstream(rl)]
     assert sft in up and art["videoset"] in up
+    # the RL prompts: each training-split grounding query on its whole video and on up to 2 windows of it
+    meta = json.loads(store.query("SELECT meta FROM checkpoints WHERE stage = 'video_rl'")[0]["meta"])
+    bench = next(Path(art["checkpoint"]).parent.glob("prompts/set0/timelens/*.json"))
+    whole = sum(len(v["queries"]) for v in json.loads(bench.read_text()).values())
+    assert whole < meta["prompts"] <= 3 * whole
     assert Path(art["checkpoint"]).parent.name == rl
     comparison = json.loads((Path(first["report"]).parent / "comparison.json").read_text())
     assert comparison["baseline"].endswith("final") and "timelens" in comparison["scores"]
