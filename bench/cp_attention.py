@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cuda_timing import median_ms  # noqa: E402  (bench/, the script's folder)
+
 from keye.kernels import dsa_reference as ref  # noqa: E402
 from keye.kernels.dense_sdpa import dense_attention_sdpa, suffix_causal_sdpa  # noqa: E402
 from keye.kernels.indexer_kl import indexer_kl, indexer_kl_stats  # noqa: E402
@@ -49,19 +51,7 @@ def log(**row: object) -> None:
 
 def timeit(fn, reps: int = 5, warmup: int = 1) -> float:
     """Median milliseconds of `fn` (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, reps, warmup)
 
 
 def rnd(*shape: int, dtype=None, seed: int = 0) -> torch.Tensor:

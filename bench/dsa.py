@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cuda_timing import median_ms  # noqa: E402  (bench/, the script's folder)
+
 from keye.kernels import dsa_reference as ref  # noqa: E402
 from keye.kernels.decode import dsa_decode  # noqa: E402
 from keye.kernels.indexer_kl import indexer_kl  # noqa: E402
@@ -42,19 +44,7 @@ def log(**row: object) -> None:
 
 def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
     """Median milliseconds of `fn` over `reps` runs, timed with CUDA events after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, reps, warmup)
 
 
 def ceilings() -> tuple[float, float]:

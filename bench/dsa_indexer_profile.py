@@ -31,6 +31,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cuda_timing import median_ms  # noqa: E402  (bench/, the script's folder)
+
 from keye.kernels import indexer_topk as it  # noqa: E402
 from keye.kernels.indexer_fp8 import quantize_indexer_keys, quantize_indexer_query, topk_recall  # noqa: E402
 
@@ -50,19 +52,7 @@ def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
     if DEV == "cpu":  # interpreter smoke run: no timing value
         fn()
         return 0.0
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return round(times[len(times) // 2], 3)
+    return round(median_ms(fn, reps, warmup), 3)
 
 
 @triton.jit

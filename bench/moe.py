@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cuda_timing import median_ms  # noqa: E402  (bench/, the script's folder)
+
 from keye.kernels.moe import moe_experts, moe_layer  # noqa: E402
 from keye.kernels.moe_reference import experts_reference, moe_reference, route  # noqa: E402
 
@@ -34,19 +36,7 @@ def log(**row: object) -> None:
 
 
 def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, reps, warmup)
 
 
 def plain_grouped_mm_layer(x, w_router, w_gate, w_up, w_down, top_k):
