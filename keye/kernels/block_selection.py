@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from keye.kernels.dsa_reference import (
+    cache_sparse_attention,
     decode_index_scores,
     sparse_attention_reference,
     topk_lowest_index_ties,
@@ -199,7 +200,6 @@ def block_decode_reference(
     to itself: the rule of `block_topk` with the pool limited to the rows that exist (a prefill's blocks pool the
     whole block). Blocks start at multiples of `block` from each sequence's row 0, as `block_layout` cuts a sample.
     Returns (o [B, Hq, D] in q.dtype, lse f32 [B, Hq], indices int32 [B, topk + block] cache rows, -1 = unused)."""
-    bsz, lmax = k_cache.shape[0], k_cache.shape[1]
     pos = cache_lens.long() - 1
     first = pos - pos % block  # the block's first row: keys before it are scored, its own rows are appended
     vals, cols = topk_lowest_index_ties(decode_index_scores(q_pool, k_idx_cache, w_pool, first), topk)
@@ -207,11 +207,7 @@ def block_decode_reference(
     own = first[:, None] + torch.arange(block, device=first.device)[None, :]
     own = torch.where(own <= pos[:, None], own, -1)
     indices = torch.cat([picked, own.to(picked.device)], dim=1).to(torch.int32)
-    base = (torch.arange(bsz, device=q.device, dtype=torch.int32) * lmax)[:, None]
-    flat = torch.where(indices >= 0, indices + base, indices)
-    k_flat = k_cache.reshape(bsz * lmax, *k_cache.shape[2:])
-    v_flat = v_cache.reshape(bsz * lmax, *v_cache.shape[2:])
-    o, lse = sparse_attention_reference(q, k_flat, v_flat, flat, scale)
+    o, lse = cache_sparse_attention(q, k_cache, v_cache, indices, scale)
     return o, lse, indices
 
 

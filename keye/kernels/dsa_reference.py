@@ -346,15 +346,24 @@ def dsa_decode_reference(
     [B, L, D_I]; w [B, H_I]; cache_lens int [B] = valid cache rows per sequence, the new token's row included.
     Returns (o [B, Hq, D] in q.dtype, lse float32 [B, Hq], indices int32 [B, topk] cache rows, -1 = unused),
     with the same selection rule as `indexer_topk_reference` (ties to the smaller row, ascending row order)."""
-    bsz, lmax = k_cache.shape[0], k_cache.shape[1]
     vals, cols = topk_lowest_index_ties(decode_index_scores(q_idx, k_idx_cache, w, cache_lens), topk)
     indices = torch.where(torch.isfinite(vals), cols, -1).to(torch.int32)
+    o, lse = cache_sparse_attention(q, k_cache, v_cache, indices, scale)
+    return o, lse, indices
+
+
+def cache_sparse_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, indices: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Sparse attention of each sequence's new token q [B, Hq, D] over the rows `indices` [B, n] (int32 cache
+    rows of its own sequence, -1 = unused) of k_cache, v_cache [B, L, Hkv, D]: the caches flattened to one row
+    space, as sparse_attention_reference takes them. Returns (o [B, Hq, D], lse f32 [B, Hq])."""
+    bsz, lmax = k_cache.shape[0], k_cache.shape[1]
     base = (torch.arange(bsz, device=q.device, dtype=torch.int32) * lmax)[:, None]
     flat = torch.where(indices >= 0, indices + base, indices)
     k_flat = k_cache.reshape(bsz * lmax, *k_cache.shape[2:])
     v_flat = v_cache.reshape(bsz * lmax, *v_cache.shape[2:])
-    o, lse = sparse_attention_reference(q, k_flat, v_flat, flat, scale)
-    return o, lse, indices
+    return sparse_attention_reference(q, k_flat, v_flat, flat, scale)
 
 
 def decode_attention_reference(
