@@ -148,13 +148,8 @@ def attention(
     covers: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """(o [T/cp, Hq, D], this rank's share of the indexer KL or None) for the local query rows; k, v, k_idx local
-    too (gathered here). Same semantics as keye.model.attention.Attention's token-selection modes.
-
-    Each part takes the implementation keye.kernels.dispatch picks for it: dense attention torch SDPA with a
-    lower-right causal mask per (chunk, sample) segment (every device; KEYE_KERNELS=reference: the reference
-    blocks), the indexer top-k and KL the Triton kernels with a query-row offset per chunk (CUDA, or
-    KEYE_KERNELS=triton), sparse attention the dispatched kernel over global key ids; otherwise the reference
-    blocks of keye.kernels.dsa_reference at the queries' offset in the sample (the spec)."""
+    too (gathered here). Same semantics as keye.model.attention.Attention's token-selection modes; which
+    implementation runs each part: the module docstring."""
     kf, vf = gather_rows(k, cpc), gather_rows(v, cpc)
     kif = gather_rows(k_idx, cpc) if k_idx is not None else None
     segs = _segments(cpc)
