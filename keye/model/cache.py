@@ -98,6 +98,26 @@ class KVCache:
         if idx_k is not None:
             self.idx_k[layer][rows, self.lengths] = idx_k
 
+    def take_rows(self, rows: Tensor) -> KVCache:
+        """A cache whose row i is a copy of row rows[i] of this one: prompts prefilled once, decoded many times
+        (a group of samples of one prompt)."""
+        rows = rows.to(self.lengths.device)
+
+        def pick(ts: list[Tensor]) -> list[Tensor]:
+            return [t.index_select(0, rows.to(t.device)) for t in ts]
+
+        return KVCache(
+            k=pick(self.k),
+            v=pick(self.v),
+            idx_k=pick(self.idx_k),
+            lengths=self.lengths.index_select(0, rows),
+            decoding=self.decoding,
+            max_len=self.max_len,
+            extra={name: t.index_select(0, rows.to(t.device)) for name, t in self.extra.items()},
+            pool_q=pick(self.pool_q),
+            pool_w=pick(self.pool_w),
+        )
+
     def set_lengths(self, lengths: Tensor) -> None:
         self.lengths = lengths.to(self.lengths.device, torch.int64)
 

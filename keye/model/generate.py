@@ -134,29 +134,41 @@ def generate(
     was_training = model.training
     model.eval()
     device = model.device
-    ids_list = [torch.as_tensor(p.input_ids, dtype=torch.int64).cpu() for p in items]
-    pos_list = [_positions(model, p, ids) for p, ids in zip(items, ids_list, strict=True)]
-    lens = torch.tensor([len(x) for x in ids_list])
-    if int(lens.min()) < 1:
+    # rows that ask the very same prompt objects (a rollout group: G samples of one prompt) share one prefill,
+    # whose cache rows and last logits are then copied to each of them
+    first: dict[tuple[int, int, int], int] = {}
+    src = [
+        first.setdefault((id(p.input_ids), id(p.pixel_patches), id(p.patch_grids)), len(first)) for p in items
+    ]
+    uniq = [items[src.index(j)] for j in range(len(first))]
+    ids_u = [torch.as_tensor(p.input_ids, dtype=torch.int64).cpu() for p in uniq]
+    pos_u = [_positions(model, p, ids) for p, ids in zip(uniq, ids_u, strict=True)]
+    lens_u = torch.tensor([len(x) for x in ids_u])
+    if int(lens_u.min()) < 1:
         raise ValueError("every prompt needs at least one token")
     b = len(items)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]).to(torch.int32)
-    patches = [p.pixel_patches for p in items if p.pixel_patches is not None]
-    grids = [p.patch_grids for p in items if p.patch_grids is not None]
+    rows = torch.tensor(src, dtype=torch.int64)
+    lens, pos_list = lens_u[rows], [pos_u[j] for j in src]
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens_u, 0)]).to(torch.int32)
+    patches = [p.pixel_patches for p in uniq if p.pixel_patches is not None]
+    grids = [p.patch_grids for p in uniq if p.patch_grids is not None]
     max_new = max(limits)
     if max_new < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    cache = KVCache.allocate(model.config.lm, b, int(lens.max()) + max_new, model.dtype, device)
+    cache = KVCache.allocate(model.config.lm, len(uniq), int(lens.max()) + max_new, model.dtype, device)
     out = model(
-        input_ids=torch.cat(ids_list).to(device),
-        position_ids=torch.cat(pos_list, dim=1).to(device),
+        input_ids=torch.cat(ids_u).to(device),
+        position_ids=torch.cat(pos_u, dim=1).to(device),
         cu_seqlens=cu.to(device),
         pixel_patches=torch.cat(patches).to(device) if patches else None,
         patch_grids=torch.cat(grids).to(device) if grids else None,
         cache=cache,
         logits_index=(cu[1:] - 1).to(device, torch.int64),
     )
-    cache.set_lengths(lens.to(device))
+    cache.set_lengths(lens_u.to(device))
+    if len(uniq) < b:
+        cache = cache.take_rows(rows)
+        out.logits = out.logits.index_select(0, rows.to(out.logits.device))
     cache.decoding = True
     next_pos = torch.stack([p.max() + 1 for p in pos_list]).to(device)
     results = [GenerationResult([], [], "length", prompt_len=int(n)) for n in lens]

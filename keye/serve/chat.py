@@ -65,6 +65,37 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array(Image.fromarray(img).resize((width, height), Image.BICUBIC))
 
 
+class FrameCache:
+    """Decoded frames (and probes) of recent video_url parts, keyed by the file (path, mtime, size) and the exact
+    frame plan, least recently used first out past `max_bytes`. Why: RL asks the same prompts again and again
+    (G samples, dynamic-sampling refills, Context-RL resampling, later steps), and decoding a video's frames took
+    ~40% of a default Video-RL step on the 2-core CPU; a hit returns the very array a decode would make."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def get_or_make(self, key: Any, make: Any) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key][0]
+        self.misses += 1
+        value = make()
+        size = int(getattr(value, "nbytes", 0)) + 256
+        if size <= self.max_bytes:
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)  # shared by every later hit
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+        return value
+
+
 @dataclass
 class _Built:
     parts: list[dict[str, Any]] = field(default_factory=list)  # encode_chat content parts
@@ -93,6 +124,7 @@ class ChatModel:
         self.policy = policy or SamplingPolicy()
         self.media_root = Path(media_root).resolve() if media_root else None
         self.eos_ids = [tokenizer.eos_id, tokenizer.pad_id]
+        self.frames_cache = FrameCache()
 
     @classmethod
     def from_checkpoint(
@@ -163,8 +195,10 @@ class ChatModel:
         from keye.data.video import VideoRejected, decode_frames, probe
 
         path = self._video_path(spec.get("url"), where)
+        stat = path.stat()
+        file_key = (str(path), stat.st_mtime_ns, stat.st_size)
         try:
-            info = probe(path, min_duration=0.0)
+            info = self.frames_cache.get_or_make(("probe", file_key), lambda: probe(path, min_duration=0.0))
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: {path} cannot be read as a video ({e.reason})") from e
         try:
@@ -185,8 +219,12 @@ class ChatModel:
         if stamps not in ("absolute", "relative"):
             raise ChatRequestError(f"{where}: timestamps must be 'absolute' or 'relative', got {stamps!r}")
         plan = plan_frames(end - start, info.width, info.height, policy, video_fps=info.fps or None)
+        times = tuple(start + t for t in plan.timestamps)
         try:
-            frames = decode_frames(path, [start + t for t in plan.timestamps], size=(plan.height, plan.width))
+            frames = self.frames_cache.get_or_make(
+                ("frames", file_key, times, plan.height, plan.width),
+                lambda: decode_frames(path, times, size=(plan.height, plan.width)),
+            )
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: cannot decode frames of {path} ({e.reason})") from e
         # relative: the range is shown as a clip of its own, stamped from 0 (as training shows a clip's windows)

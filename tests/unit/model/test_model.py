@@ -270,6 +270,38 @@ def test_generation_with_cache_matches_full_forward(mode):
         assert res.finish_reason == "length" and len(res.token_ids) == 6
 
 
+@pytest.mark.parametrize("mode", ["dense", "dsa", "block"])
+def test_generation_shares_the_prefill_of_repeated_prompt_objects(mode):
+    """A rollout group passes the same Prompt tensors G times: prefilled once, the samples must equal those of
+    G separate copies of the prompt (same per-row generators)."""
+    if mode == "block":
+        model = _tiny("dsa", topk=4)
+        model.config.lm.dsa.selection = "block"
+    else:
+        model = _tiny(mode, topk=4)
+    vl_ids, patches, grids, _ = _vl_sample(2, 1, 56, 56, 3)
+    text = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13])
+
+    def rows(shared: bool) -> list[Prompt]:
+        out = []
+        for i, (ids, pp, gg) in enumerate([(vl_ids, patches, grids), (text, None, None)]):
+            for k in range(3):
+                a, b, c = (ids, pp, gg) if shared else (ids.clone(), _clone(pp), _clone(gg))
+                out.append(Prompt(a, b, c, generator=torch.Generator().manual_seed(100 * i + k)))
+        return out
+
+    shared = generate(model, rows(True), max_new_tokens=7, temperature=1.0)
+    apart = generate(model, rows(False), max_new_tokens=7, temperature=1.0)
+    for s, a in zip(shared, apart, strict=True):
+        assert s.token_ids == a.token_ids and s.prompt_len == a.prompt_len
+        assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(a.logprobs), atol=1e-5)
+    assert len({tuple(r.token_ids) for r in shared[:3]}) > 1  # the samples of one prompt differ
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
 def test_generation_sampling_stop_strings_and_eos():
     model = _tiny("dense")
     decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)
