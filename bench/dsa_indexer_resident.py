@@ -70,7 +70,8 @@ def check_small(out: str) -> None:
         for a, b in ((0, 1777), (1777, t)):
             want[a:b, a:b] = indexer_scores_block(*ref, a, a, b)
         fin = torch.isfinite(want)
-        for tile in ((8, 64, 4, 3, True), (16, 64, 8, 3, False), (8, 64, 4, 3, True, True)):
+        for tile in ((8, 64, 4, 3, True, False, True), (8, 64, 4, 3, True, False, True, True, True),
+                     (16, 64, 8, 3, False), (8, 64, 4, 3, True, True)):  # fmt: skip
             try:
                 got = resident_scores(args[0], args[1], args[2], cu, k_scale=args[3], tile=tile)
             except Exception as e:  # noqa: BLE001
@@ -89,7 +90,8 @@ def check_small(out: str) -> None:
         lidx, _ = it.indexer_topk(args[0], args[1], args[2], cu, 256, k_scale=args[3])
         log(out, check="topk_vs_reference", dtype=dtype, tile="library", T=t, k=256,
             rows_identical=round(float((lidx == ridx).all(1).float().mean()), 6))  # fmt: skip
-        for tile in ((8, 64, 4, 3, True), (8, 64, 4, 3, False), (8, 64, 4, 3, True, True)):
+        for tile in ((8, 64, 4, 3, True, False, True), (8, 64, 4, 3, True, False, True, True),
+                     (8, 64, 4, 3, True, False, True, False, True), (8, 64, 4, 3, True, True)):  # fmt: skip
             try:
                 idx, _ = it.indexer_topk(
                     args[0], args[1], args[2], cu, 256, k_scale=args[3], resident_tile=tile
@@ -228,7 +230,17 @@ def profile(out: str, t: int, dtype: str, tiles: list[tuple], n_full: int, deadl
         log(out, **row)
         results.append((ms_v, tile))
     results.sort(key=lambda r: r[0])
-    for ms_s, tile in results[:n_full]:
+    fulls = []
+    for _, tile in results[:n_full]:
+        for trans in (False, True):  # the compaction on the [BN, BM] tile or on its transpose
+            ft = (tuple(tile) + (False,) * 9)[:9]
+            ft = ft[:7] + (trans,) + ft[8:]
+            if len(tile) > 5 and not tile[5] and ft not in fulls:
+                fulls.append(ft)
+    for tile in fulls:
+        ms_s = {(tuple(r[1]) + (False,) * 9)[:9]: r[0] for r in results}.get(
+            tile[:7] + (False,) + tile[8:], 0.0
+        )
         try:
             _full(
                 out,
@@ -289,18 +301,18 @@ def main() -> None:
         global DEV
         DEV = prof.DEV = "cpu"
         args.t, args.dtypes, args.no_check = 300, "bf16", True
-        args.tiles = "[[8, 64, 4, 3, true], [8, 64, 4, 3, false], [8, 64, 4, 3, true, true]]"
+        args.tiles = "[[8, 64, 4, 3, true, false, true], [8, 64, 4, 3, true, false, true, false, true]]"
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
     log(args.out, device=name, torch=torch.__version__, triton=triton.__version__)
     if not args.no_check:
         check_small(args.out)
     # (BM, BN, warps, stages, keys on M[, head sum as a second dot])
+    # (BM, BN, warps, stages, keys on M, head sum as a second dot, heads in registers (perm), trans, swp)
+    P = (True, False, True)
     tiles = [
-        (8, 64, 4, 3, True), (8, 128, 4, 3, True), (8, 128, 8, 3, True), (16, 64, 4, 3, True),
-        (16, 64, 8, 3, True), (16, 128, 8, 3, True), (8, 64, 4, 2, True), (4, 64, 4, 3, True),
-        (8, 64, 4, 3, False), (8, 128, 4, 3, False), (16, 64, 8, 3, False), (16, 128, 8, 3, False),
-        (8, 64, 4, 3, True, True), (8, 128, 4, 3, True, True), (16, 64, 4, 3, True, True),
-        (16, 128, 8, 3, True, True),
+        (8, 128, 4, 3, True), (8, 64, 4, 3, *P), (8, 128, 4, 3, *P), (16, 64, 4, 3, *P), (16, 128, 8, 3, *P),
+        (16, 64, 8, 3, *P), (8, 128, 8, 3, *P), (8, 64, 4, 2, *P), (8, 64, 4, 3, *P, False, True),
+        (8, 128, 4, 3, *P, False, True), (16, 64, 4, 3, *P, False, True), (4, 64, 4, 3, *P),
     ]  # fmt: skip
     if args.tiles:
         tiles = [tuple(x) for x in json.loads(args.tiles)]

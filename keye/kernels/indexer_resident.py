@@ -31,16 +31,86 @@ from torch import Tensor
 
 
 @triton.jit
+def _tile_tail(
+    acc, cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best, OUT, stride_o, p_s, p_i,
+    KS, HAS_KS: tl.constexpr, MODE: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """Per [BM, BN] tile of head-summed scores: the key scales, the causal window, then MODE 0 (store the slab),
+    1 (row max) or 2 (compact the keys >= tau in index order, as `_scores_compact_kernel`)."""
+    if HAS_KS:
+        acc = acc * tl.load(KS + cols, mask=cmask, other=0.0)[None, :]
+    inwin = rmask[:, None] & (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
+    if MODE == 0:
+        dst = OUT + r_loc[:, None].to(tl.int64) * stride_o + cols[None, :]
+        tl.store(dst, tl.where(inwin, acc, float("-inf")), mask=rmask[:, None] & cmask[None, :])
+    elif MODE == 1:
+        best = tl.maximum(best, tl.max(tl.where(inwin, acc, float("-inf")), 1))
+    else:
+        take = inwin & (acc >= tau[:, None])
+        take_i = take.to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(take_i, 1) - 1
+        keep = take & (pos < CAP)
+        tl.store(p_s[:, None] + pos, acc, mask=keep)
+        tl.store(p_i[:, None] + pos, cols[None, :] + tl.zeros(acc.shape, tl.int32), mask=keep)
+        cnt += tl.sum(take_i, 1)
+    return cnt, best
+
+
+@triton.jit
+def _tile_tail_t(
+    acc, cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best, OUT, stride_o, p_s, p_i,
+    KS, HAS_KS: tl.constexpr, MODE: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """`_tile_tail` for a [BN, BM] tile (keys on the first axis: the compaction scans axis 0)."""
+    if HAS_KS:
+        acc = acc * tl.load(KS + cols, mask=cmask, other=0.0)[:, None]
+    inwin = rmask[None, :] & (cols[:, None] >= starts[None, :]) & (cols[:, None] <= rows[None, :])
+    if MODE == 0:
+        dst = OUT + r_loc[None, :].to(tl.int64) * stride_o + cols[:, None]
+        tl.store(dst, tl.where(inwin, acc, float("-inf")), mask=rmask[None, :] & cmask[:, None])
+    elif MODE == 1:
+        best = tl.maximum(best, tl.max(tl.where(inwin, acc, float("-inf")), 0))
+    else:
+        take = inwin & (acc >= tau[None, :])
+        take_i = take.to(tl.int32)
+        pos = cnt[None, :] + tl.cumsum(take_i, 0) - 1
+        keep = take & (pos < CAP)
+        tl.store(p_s[None, :] + pos, acc, mask=keep)
+        tl.store(p_i[None, :] + pos, cols[:, None] + tl.zeros(acc.shape, tl.int32), mask=keep)
+        cnt += tl.sum(take_i, 0)
+    return cnt, best
+
+
+@triton.jit
+def _head_sum_k(s, w2, wblk, BN: tl.constexpr, BM: tl.constexpr, HP: tl.constexpr,
+                HSUM_MMA: tl.constexpr, PERM: tl.constexpr, HS_DTYPE: tl.constexpr):  # fmt: skip
+    """[BN, BM*HP] scores of one key tile (keys on M) -> [BN, BM] head sums."""
+    if HSUM_MMA:
+        acc = tl.dot(tl.maximum(s, 0.0).to(HS_DTYPE), wblk)
+    elif PERM:  # columns ordered (m_hi, h_hi, m_lo, h0): the head bits are the accumulator's register bits
+        p = tl.reshape(tl.maximum(s, 0.0) * w2[None, :], [BN, BM // 4, HP // 2, 4, 2])
+        acc = tl.reshape(tl.sum(tl.sum(p, axis=4), axis=2), [BN, BM])
+    else:
+        acc = tl.sum(tl.reshape(tl.maximum(s, 0.0) * w2[None, :], [BN, BM, HP]), axis=2)
+    return acc
+
+
+@triton.jit
 def _resident_kernel(
     QI, KI, W, ROW_START, TAU, SCR_S, SCR_I, CNT, KS, OUT,
     row0, n_rows, n_keys,
     stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
     H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
     HAS_KS: tl.constexpr, MODE: tl.constexpr, KMAJOR: tl.constexpr, HSUM_MMA: tl.constexpr = False,
+    PERM: tl.constexpr = False, TRANS: tl.constexpr = False, SWP: tl.constexpr = False,
     HS_DTYPE: tl.constexpr = tl.bfloat16, q_row0=0,
 ):  # fmt: skip
     """BM query rows [row0 + pid*BM, ...) against their whole causal windows, one key tile of BN at a time.
-    W holds the head weights with the 1/sqrt(D_I) scale folded in (a positive scale commutes with the relu)."""
+    W holds the head weights with the 1/sqrt(D_I) scale folded in (a positive scale commutes with the relu).
+    KMAJOR options: PERM orders the resident columns so that a query's heads sit in one thread's registers (the
+    head sum needs no shuffles; the wgmma accumulator holds column bits 0 and >= 3 in registers, bits 1-2 in the
+    lanes of a quad); TRANS compacts on the transposed [BM, BN] tile; SWP issues the next tile's dot before the
+    current tile's epilogue."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest windows first
     r_loc = pid * BM + tl.arange(0, BM)
     rmask = r_loc < n_rows
@@ -49,13 +119,18 @@ def _resident_kernel(
     lo = tl.min(starts)
     hi = row0 + tl.minimum(pid * BM + BM, n_rows) - 1
     offs_d = tl.arange(0, DI)
-    # the resident queries: row i = m * HP + h (m-major: one query's heads are neighbouring MMA rows / columns)
+    # the resident queries: column i holds (query m, head h); m-major (i = m * HP + h) unless PERM
     i2 = tl.arange(0, BM * HP)
-    m2 = i2 // HP
-    h2 = i2 % HP
+    if PERM:
+        h2 = (i2 & 1) + 2 * ((i2 // 8) % (HP // 2))
+        m2 = ((i2 // 2) & 3) + 4 * (i2 // (4 * HP))
+    else:
+        m2 = i2 // HP
+        h2 = i2 % HP
     ok2 = ((pid * BM + m2) < n_rows) & (h2 < H)
     rows2 = (row0 - q_row0 + pid * BM + m2).to(tl.int64)  # QI / W hold rows from q_row0 on
     w2 = tl.load(W + rows2 * stride_wt + h2, mask=ok2, other=0.0).to(tl.float32)
+    wblk = w2
     if KMAJOR:
         q2 = tl.load(
             QI + rows2[None, :] * stride_qt + h2[None, :] * stride_qh + offs_d[:, None],
@@ -70,65 +145,60 @@ def _resident_kernel(
             mask=ok2[:, None],
             other=0.0,
         )  # [BM*HP, DI]
+    tau = tl.full([BM], float("inf"), tl.float32)
+    p_s = SCR_S + r_loc.to(tl.int64) * CAP
+    p_i = SCR_I + r_loc.to(tl.int64) * CAP
     if MODE == 2:
         tau = tl.load(TAU + rows, mask=rmask, other=float("inf"))
-        row_off = r_loc.to(tl.int64) * CAP
-        p_s = SCR_S + row_off
-        p_i = SCR_I + row_off
-        cnt = tl.zeros([BM], tl.int32)
+    cnt = tl.zeros([BM], tl.int32)
     best = tl.full([BM], float("-inf"), tl.float32)
-    for c0 in range(lo, hi + 1, BN):
-        cols = c0 + tl.arange(0, BN)
-        cmask = cols < n_keys
-        if KMAJOR:
-            kt = tl.load(
-                KI + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=cmask[:, None], other=0.0
-            )  # [BN, DI]
-            s = tl.dot(kt, q2)  # [BN, BM*HP]
-            if HSUM_MMA:
-                acc = tl.dot(tl.maximum(s, 0.0).to(HS_DTYPE), wblk)  # [BN, BM]
+    if KMAJOR and SWP:  # the dot of tile i + 1 is issued before tile i's epilogue
+        cols = lo + tl.arange(0, BN)
+        kt = tl.load(KI + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=(cols < n_keys)[:, None],
+                     other=0.0)  # fmt: skip
+        s = tl.dot(kt, q2)
+        for c0 in range(lo, hi + 1, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < n_keys
+            nxt = cols + BN
+            kn = tl.load(KI + nxt[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                         mask=((nxt < n_keys) & (nxt <= hi))[:, None], other=0.0)  # fmt: skip
+            s_next = tl.dot(kn, q2)
+            acc = _head_sum_k(s, w2, wblk, BN, BM, HP, HSUM_MMA, PERM, HS_DTYPE)
+            if TRANS:
+                cnt, best = _tile_tail(tl.trans(acc), cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best,
+                                       OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
             else:
-                p = tl.maximum(s, 0.0) * w2[None, :]
-                acc = tl.sum(tl.reshape(p, [BN, BM, HP]), axis=2)  # [BN, BM]
-            if HAS_KS:
-                acc = acc * tl.load(KS + cols, mask=cmask, other=0.0)[:, None]
-            inwin = rmask[None, :] & (cols[:, None] >= starts[None, :]) & (cols[:, None] <= rows[None, :])
-            if MODE == 0:
-                dst = OUT + r_loc[None, :].to(tl.int64) * stride_o + cols[:, None]
-                tl.store(dst, tl.where(inwin, acc, float("-inf")), mask=rmask[None, :] & cmask[:, None])
-            elif MODE == 1:
-                best = tl.maximum(best, tl.max(tl.where(inwin, acc, float("-inf")), 0))
+                cnt, best = _tile_tail_t(acc, cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best,
+                                         OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
+            s = s_next
+    else:
+        for c0 in range(lo, hi + 1, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < n_keys
+            if KMAJOR:
+                kt = tl.load(
+                    KI + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                    mask=cmask[:, None],
+                    other=0.0,
+                )  # [BN, DI]
+                acc = _head_sum_k(tl.dot(kt, q2), w2, wblk, BN, BM, HP, HSUM_MMA, PERM, HS_DTYPE)  # [BN, BM]
+                if TRANS:
+                    cnt, best = _tile_tail(tl.trans(acc), cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best,
+                                           OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
+                else:
+                    cnt, best = _tile_tail_t(acc, cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best,
+                                             OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
             else:
-                take = inwin & (acc >= tau[None, :])
-                take_i = take.to(tl.int32)
-                pos = cnt[None, :] + tl.cumsum(take_i, 0) - 1
-                keep = take & (pos < CAP)
-                tl.store(p_s[None, :] + pos, acc, mask=keep)
-                tl.store(p_i[None, :] + pos, cols[:, None] + tl.zeros([BN, BM], tl.int32), mask=keep)
-                cnt += tl.sum(take_i, 0)
-        else:
-            kt = tl.load(
-                KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None], mask=cmask[None, :], other=0.0
-            )  # [DI, BN]
-            s = tl.dot(q2, kt)  # [BM*HP, BN]
-            p = tl.maximum(s, 0.0) * w2[:, None]
-            acc = tl.sum(tl.reshape(p, [BM, HP, BN]), axis=1)  # [BM, BN]
-            if HAS_KS:
-                acc = acc * tl.load(KS + cols, mask=cmask, other=0.0)[None, :]
-            inwin = rmask[:, None] & (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
-            if MODE == 0:
-                dst = OUT + r_loc[:, None].to(tl.int64) * stride_o + cols[None, :]
-                tl.store(dst, tl.where(inwin, acc, float("-inf")), mask=rmask[:, None] & cmask[None, :])
-            elif MODE == 1:
-                best = tl.maximum(best, tl.max(tl.where(inwin, acc, float("-inf")), 1))
-            else:
-                take = inwin & (acc >= tau[:, None])
-                take_i = take.to(tl.int32)
-                pos = cnt[:, None] + tl.cumsum(take_i, 1) - 1
-                keep = take & (pos < CAP)
-                tl.store(p_s[:, None] + pos, acc, mask=keep)
-                tl.store(p_i[:, None] + pos, cols[None, :] + tl.zeros([BM, BN], tl.int32), mask=keep)
-                cnt += tl.sum(take_i, 1)
+                kt = tl.load(
+                    KI + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+                    mask=cmask[None, :],
+                    other=0.0,
+                )  # [DI, BN]
+                p = tl.maximum(tl.dot(q2, kt), 0.0) * w2[:, None]  # [BM*HP, BN]
+                acc = tl.sum(tl.reshape(p, [BM, HP, BN]), axis=1)  # [BM, BN]
+                cnt, best = _tile_tail(acc, cols, cmask, rows, r_loc, rmask, starts, tau, cnt, best,
+                                       OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
     if MODE == 2:
         tl.store(CNT + r_loc, cnt, mask=rmask)
     elif MODE == 1:
@@ -143,10 +213,10 @@ def launch_resident(
 ):  # fmt: skip
     """One launch over the global rows [row0, row0 + n_rows) (starts / tau indexed by global row; scr_* / cnt /
     out by row - row0; q_idx / w_folded hold rows from q_row0 on). tile = (BM, BN, warps, stages, kmajor[,
-    hsum_mma]). w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's
+    hsum_mma, perm, trans, swp]) (kernel options of the same names). w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's
     launch handle (the compiled kernel, for benches that read its IR)."""
     bm, bn, warps, stages, kmajor, *rest = tile
-    hsum_mma = bool(rest[0]) if rest else False
+    hsum_mma, perm, trans, swp = (list(map(bool, rest)) + [False] * 4)[:4]
     _, h_i, d_i = q_idx.shape
     dummy = w_folded
     interp = not q_idx.is_cuda
@@ -157,7 +227,7 @@ def launch_resident(
         row0, n_rows, k_idx.shape[0],
         q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0), 0 if out is None else out.stride(0),
         H=h_i, HP=triton.next_power_of_2(h_i), DI=d_i, BM=bm, BN=bn, CAP=cap, HAS_KS=k_scale is not None,
-        MODE=mode, KMAJOR=bool(kmajor), HSUM_MMA=hsum_mma, HS_DTYPE=tl.float32 if interp else tl.bfloat16,
+        MODE=mode, KMAJOR=bool(kmajor), HSUM_MMA=hsum_mma, PERM=perm, TRANS=trans, SWP=swp, HS_DTYPE=tl.float32 if interp else tl.bfloat16,
         q_row0=q_row0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 

@@ -558,7 +558,7 @@ def indexer_topk(
     = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing).
     scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
     more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 119 ms; bench/RESULTS.md).
-    resident_tile = (BM, BN, warps, stages, kmajor[, hsum_mma]): the fused path's score + compact kernel keeps all
+    resident_tile = (BM, BN, warps, stages, kmajor[, hsum_mma, perm, trans, swp]): the fused path's score + compact kernel keeps all
     heads' queries resident (keye/kernels/indexer_resident.py) instead of looping over heads; None: the loop."""
     del block
     n_q, h_i, d_i = q_idx.shape

@@ -34,6 +34,8 @@ def _reference_scores(q, k, w, cu) -> torch.Tensor:
         (4, (4, 16, 4, 2, False)),  # queries on the MMA's M, head sum over row groups
         (3, (4, 32, 4, 2, True)),  # keys on M (DeepGEMM's layout), 3 heads padded to 4
         (4, (8, 16, 4, 2, True, True)),  # head sum as a second dot (fp32 operands in the interpreter)
+        (3, (8, 16, 4, 2, True, False, True)),  # heads in one thread's registers (permuted columns)
+        (4, (4, 32, 4, 2, True, False, True, True, True)),  # + transposed epilogue, next dot issued early
     ],
 )
 def test_resident_scores_match_reference(h: int, tile: tuple) -> None:
@@ -61,7 +63,9 @@ def test_resident_scores_fp8_key_scales() -> None:
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tile", [(4, 16, 4, 2, True), (4, 32, 4, 2, False)])
+@pytest.mark.parametrize(
+    "tile", [(4, 16, 4, 2, True), (4, 32, 4, 2, False), (8, 16, 4, 2, True, False, True, True, True)]
+)
 def test_fused_topk_with_resident_scores(tile: tuple) -> None:
     t, h, topk = 97, 3, 6
     cu = torch.tensor([0, 5, 58, t], dtype=torch.int32)  # a sample shorter than topk
