@@ -69,7 +69,7 @@ def _tile_tail_t(
         dst = OUT + r_loc[None, :].to(tl.int64) * stride_o + cols[:, None]
         tl.store(dst, tl.where(inwin, acc, float("-inf")), mask=rmask[None, :] & cmask[:, None])
     elif MODE == 1:
-        best = tl.maximum(best, tl.max(tl.where(inwin, acc, float("-inf")), 0))
+        best = tl.maximum(best, tl.where(inwin, acc, float("-inf")))  # [BN, BM]: keys span warps, reduce once
     else:
         take = inwin & (acc >= tau[None, :])
         take_i = take.to(tl.int32)
@@ -102,7 +102,7 @@ def _resident_kernel(
     stride_qt, stride_qh, stride_kt, stride_wt, stride_o,
     H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
     HAS_KS: tl.constexpr, MODE: tl.constexpr, KMAJOR: tl.constexpr, HSUM_MMA: tl.constexpr = False,
-    PERM: tl.constexpr = False, TRANS: tl.constexpr = False, SWP: tl.constexpr = False,
+    PERM: tl.constexpr = False, TRANS: tl.constexpr = False, SWP: tl.constexpr = False, WS: tl.constexpr = False,
     HS_DTYPE: tl.constexpr = tl.bfloat16, q_row0=0,
 ):  # fmt: skip
     """BM query rows [row0 + pid*BM, ...) against their whole causal windows, one key tile of BN at a time.
@@ -110,7 +110,8 @@ def _resident_kernel(
     KMAJOR options: PERM orders the resident columns so that a query's heads sit in one thread's registers (the
     head sum needs no shuffles; the wgmma accumulator holds column bits 0 and >= 3 in registers, bits 1-2 in the
     lanes of a quad); TRANS compacts on the transposed [BM, BN] tile; SWP issues the next tile's dot before the
-    current tile's epilogue."""
+    current tile's epilogue; WS asks Triton to warp-specialise the key loop (`tl.range(warp_specialize=...)`).
+    MODE 1 keys on M keeps a running [BN, BM] max and reduces it once (keys span the warps)."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest windows first
     r_loc = pid * BM + tl.arange(0, BM)
     rmask = r_loc < n_rows
@@ -151,7 +152,10 @@ def _resident_kernel(
     if MODE == 2:
         tau = tl.load(TAU + rows, mask=rmask, other=float("inf"))
     cnt = tl.zeros([BM], tl.int32)
-    best = tl.full([BM], float("-inf"), tl.float32)
+    if KMAJOR and not TRANS:
+        best = tl.full([BN, BM], float("-inf"), tl.float32)
+    else:
+        best = tl.full([BM], float("-inf"), tl.float32)
     if KMAJOR and SWP:  # the dot of tile i + 1 is issued before tile i's epilogue
         cols = lo + tl.arange(0, BN)
         kt = tl.load(KI + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=(cols < n_keys)[:, None],
@@ -173,7 +177,7 @@ def _resident_kernel(
                                          OUT, stride_o, p_s, p_i, KS, HAS_KS, MODE, CAP)  # fmt: skip
             s = s_next
     else:
-        for c0 in range(lo, hi + 1, BN):
+        for c0 in tl.range(lo, hi + 1, BN, warp_specialize=WS):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < n_keys
             if KMAJOR:
@@ -202,6 +206,8 @@ def _resident_kernel(
     if MODE == 2:
         tl.store(CNT + r_loc, cnt, mask=rmask)
     elif MODE == 1:
+        if KMAJOR and not TRANS:
+            best = tl.max(best, 0)
         tl.store(CNT + r_loc, best.to(tl.int32, bitcast=True), mask=rmask)
 
 
@@ -216,7 +222,7 @@ def launch_resident(
     hsum_mma, perm, trans, swp]) (kernel options of the same names). w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's
     launch handle (the compiled kernel, for benches that read its IR)."""
     bm, bn, warps, stages, kmajor, *rest = tile
-    hsum_mma, perm, trans, swp = (list(map(bool, rest)) + [False] * 4)[:4]
+    hsum_mma, perm, trans, swp, ws = (list(map(bool, rest)) + [False] * 5)[:5]
     _, h_i, d_i = q_idx.shape
     dummy = w_folded
     interp = not q_idx.is_cuda
@@ -227,7 +233,7 @@ def launch_resident(
         row0, n_rows, k_idx.shape[0],
         q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0), 0 if out is None else out.stride(0),
         H=h_i, HP=triton.next_power_of_2(h_i), DI=d_i, BM=bm, BN=bn, CAP=cap, HAS_KS=k_scale is not None,
-        MODE=mode, KMAJOR=bool(kmajor), HSUM_MMA=hsum_mma, PERM=perm, TRANS=trans, SWP=swp, HS_DTYPE=tl.float32 if interp else tl.bfloat16,
+        MODE=mode, KMAJOR=bool(kmajor), HSUM_MMA=hsum_mma, PERM=perm, TRANS=trans, SWP=swp, WS=ws, HS_DTYPE=tl.float32 if interp else tl.bfloat16,
         q_row0=q_row0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
