@@ -219,14 +219,14 @@ def profile(out: str, t: int, dtype: str, tiles: list[tuple], n_full: int, deadl
             continue
         rel = float(((cnt.view(torch.float32) - best0).abs() / best0.abs().clamp(min=1e-3)).max())
         row = dict(dtype=dtype, T=t, op="resident_scores_only", tile=tile, ms=ms_v, rowmax_max_rel=rel)
-        if True:  # IR statistics (and the TTGIR file) of every tile
-            try:
-                row.update(ttgir_stats(run()))
-                if DEV == "cuda":
-                    with open(os.path.join(out, f"ttgir_{dtype}_{'_'.join(map(str, tile))}.mlir"), "w") as f:
-                        f.write(run().asm.get("ttgir", ""))
-            except Exception as e:  # noqa: BLE001
-                row["ttgir"] = f"{type(e).__name__}: {e}"[:120]
+        # IR statistics (and the TTGIR file) of every tile
+        try:
+            row.update(ttgir_stats(run()))
+            if DEV == "cuda":
+                with open(os.path.join(out, f"ttgir_{dtype}_{'_'.join(map(str, tile))}.mlir"), "w") as f:
+                    f.write(run().asm.get("ttgir", ""))
+        except Exception as e:  # noqa: BLE001
+            row["ttgir"] = f"{type(e).__name__}: {e}"[:120]
         log(out, **row)
         results.append((ms_v, tile))
     results.sort(key=lambda r: r[0])

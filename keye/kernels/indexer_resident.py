@@ -20,6 +20,13 @@ indexer_fp8.py). MODE 0 writes the masked scores to a [rows, keys] slab (tests, 
 scores only), 2 compacts the keys at or above each row's threshold in index order, exactly as
 `_scores_compact_kernel` does (same candidate lists up to fp32 summation order), for the library's select kernel.
 Heads are padded to a power of two (zero queries and weights).
+
+Measured (H200, 128K, bench/RESULTS.md `## dsa`, helper k20): keys on M with PERM (the head sum in-thread) is the
+only fast variant: scores only 24.2 ms FP8 / 34.5 bf16 vs 29.0 / 39.9 for the library's head loop; queries on M or
+unpermuted columns pay lane shuffles (42-71 ms); HSUM_MMA is 34 ms and inexact. As the fused top-k's score + compact
+kernel it is slower than the library's (FP8 score + compact 72.6-74.9 vs 60.3 ms): a row's keys span the 4 warps of
+the wgmma's M, so the compaction's prefix sum crosses warps every tile. Hence opt-in (`indexer_topk(...,
+resident_tile=...)`), not the default.
 """
 
 from __future__ import annotations
