@@ -448,7 +448,7 @@ def _fused_rows(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, starts: Tensor, starts_host: list[int], row0: int, row_end: int,
     indices: Tensor, scores: Tensor, topk: int, cap: int, scratch_bytes: int, sample_max: int, sample_stride: int,
     tile: tuple[int, int, int], fused_tile: tuple[int, int, int], k_scale: Tensor | None = None,
-    select_warps: int = 4, q_row0: int = 0,
+    select_warps: int = 4, q_row0: int = 0, resident_tile: tuple | None = None,
 ) -> list[tuple[int, int]]:  # fmt: skip
     """Fused path for rows [row0, row_end); returns the row ranges whose threshold missed (for the slab path)."""
     _, h_i, d_i = q_idx.shape
@@ -486,13 +486,23 @@ def _fused_rows(
         scr_s = torch.empty((n_rows, cap), device=dev, dtype=torch.float32)
         scr_i = torch.empty((n_rows, cap), device=dev, dtype=torch.int32)
         cnt = torch.empty(n_rows, device=dev, dtype=torch.int32)
-        _scores_compact_kernel[(triton.cdiv(n_rows, fbm),)](
-            q_idx, k_idx, w_folded, starts, tau, scr_s, scr_i, cnt, w if k_scale is None else k_scale,
-            row0, n_rows, t_total, d_i**-0.5,
-            q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0),
-            H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, HAS_KS=k_scale is not None, FOLDED=True,
-            q_shift=q_row0 * q_idx.stride(0), w_shift=q_row0 * w_folded.stride(0), num_warps=fwarps,
-        )  # fmt: skip
+        if (
+            resident_tile is not None
+        ):  # all heads' queries resident, one dot per key tile (indexer_resident.py)
+            from keye.kernels.indexer_resident import launch_resident
+
+            launch_resident(
+                q_idx, k_idx, w_folded, starts, row0, n_rows, 2, resident_tile, tau, scr_s, scr_i, cnt, k_scale,
+                cap=cap, q_row0=q_row0,
+            )  # fmt: skip
+        else:
+            _scores_compact_kernel[(triton.cdiv(n_rows, fbm),)](
+                q_idx, k_idx, w_folded, starts, tau, scr_s, scr_i, cnt, w if k_scale is None else k_scale,
+                row0, n_rows, t_total, d_i**-0.5,
+                q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0),
+                H=h_i, DI=d_i, BM=fbm, BN=fbn, CAP=cap, HAS_KS=k_scale is not None, FOLDED=True,
+                q_shift=q_row0 * q_idx.stride(0), w_shift=q_row0 * w_folded.stride(0), num_warps=fwarps,
+            )  # fmt: skip
         miss = torch.zeros(n_rows, device=dev, dtype=torch.int32)
         _select_candidates_kernel[(n_rows,)](
             scr_s, scr_i, cnt, starts, indices, scores, miss, row0, TOPK=topk, KP=kp, CAP=cap, q_row0=q_row0,
@@ -529,6 +539,7 @@ def indexer_topk(
     fused_tile: tuple[int, int, int] = (64, 128, 4),
     k_scale: Tensor | None = None,
     q_row0: int = 0,
+    resident_tile: tuple | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `indexer_topk_reference`; `block` is unused (kept for signature parity).
 
@@ -546,7 +557,9 @@ def indexer_topk(
     Every setting gives the same result. cap: a power of two >= 2 * next_pow2(topk) (default 4x). tile / fused_tile
     = (rows, keys, warps) of the score kernels; select=False (slab) computes the score slabs only (for timing).
     scratch_bytes bounds the fused path's candidate buffers (8 * cap bytes per row): more rows per launch means
-    more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 119 ms; bench/RESULTS.md)."""
+    more programs in flight (H200, 128K: 1 GiB 166 ms, 4 GiB 134 ms, 8 GiB 119 ms; bench/RESULTS.md).
+    resident_tile = (BM, BN, warps, stages, kmajor[, hsum_mma, perm, trans, swp]): the fused path's score + compact kernel keeps all
+    heads' queries resident (keye/kernels/indexer_resident.py) instead of looping over heads; None: the loop."""
     del block
     n_q, h_i, d_i = q_idx.shape
     t_total = k_idx.shape[0]
@@ -579,6 +592,7 @@ def indexer_topk(
     missed = _fused_rows(
         q_idx, k_idx, w, starts, starts_host, row0, row_end, indices, scores, topk, cap, scratch_bytes,
         sample_max, sample_stride or max(1, cap // 128), tile, fused_tile, k_scale, q_row0=q_row0,
+        resident_tile=resident_tile,
     )  # fmt: skip
     for a, b in missed:
         _slab_rows(
