@@ -267,6 +267,11 @@ class VideoRLSettings(_Strict):
     )
     served_model: str | None = Field(None, description="openai engine: the served model name")
     context_rl: ContextRLConfig = Field(default_factory=ContextRLConfig)
+    freeze_vision: bool = Field(
+        True,
+        description="keep the ViT and the projector as SFT left them (false: they train too; on the tiny default "
+        "that moved held-out grounding more, bench/RESULTS.md `## video_rl on 223 held-out queries`)",
+    )
     save_every: int = Field(25, ge=1)
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
 

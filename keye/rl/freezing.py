@@ -8,14 +8,14 @@ from typing import Any
 from keye.train.freezing import apply_trainable
 
 
-def freeze_vision_and_projector(model: Any) -> list[str]:
-    """requires_grad off for vision.* and projector.* (and for the DSA indexer in dense attention, as
-    keye.train.freezing does); returns the names still trained."""
+def freeze_vision_and_projector(model: Any, freeze: bool = True) -> list[str]:
+    """requires_grad off for vision.* and projector.* (unless freeze=False: the whole model trains) and for the
+    DSA indexer in dense attention, as keye.train.freezing does; returns the names still trained."""
     modes = set(model.config.lm.attention_modes or ["dense"])
     apply_trainable(model, "all", "dense" if modes == {"dense"} else "dsa")
     names = []
     for name, p in model.named_parameters():
-        if name.startswith(("vision.", "projector.")):
+        if freeze and name.startswith(("vision.", "projector.")):
             p.requires_grad_(False)
         elif p.requires_grad:
             names.append(name)

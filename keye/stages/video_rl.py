@@ -7,12 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keye.core.config import VideoRLSettings
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
-from keye.rl.context_rl import ContextRLSettings
-from keye.rl.grpo import GRPOSettings
 from keye.rl.prompt_sets import split_prompts
-from keye.rl.video_rl import VideoRLSchedule, train_video_rl
+from keye.rl.video_rl import VideoRLSchedule, grpo_settings, train_video_rl
 from keye.stages.artifact import StageRun
 
 
@@ -24,39 +21,6 @@ class VideoRLPlan:
     init_id: str
     videoset_id: str
     out_dir: Path
-
-
-def grpo_settings(s: VideoRLSettings) -> GRPOSettings:
-    """The library's settings from the config section (one name per knob, as verl / TRL name them)."""
-    c = s.context_rl
-    context = None
-    if c.enabled:
-        context = ContextRLSettings(
-            success_threshold=c.success_threshold,
-            context=c.context,
-            hint_level=c.hint_level,
-            resample_n=c.resample_n,
-            recovered_weight=c.recovered_weight,
-            max_recovered=c.max_recovered,
-        )
-    return GRPOSettings(
-        group_size=s.group_size,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        scale_rewards=s.scale_rewards,
-        loss_agg_mode=s.loss_agg_mode,
-        clip_ratio_low=s.clip_ratio_low,
-        clip_ratio_high=s.clip_ratio_high,
-        importance_sampling_level=s.importance_sampling_level,
-        kl_coef=s.kl_coef,
-        overlong_buffer_len=s.overlong_buffer_len,
-        filter_groups=s.filter_groups,
-        max_num_gen_batches=s.max_num_gen_batches,
-        ppo_epochs=s.ppo_epochs,
-        micro_batch_size=s.micro_batch_size,
-        context_rl=context,
-    )
 
 
 def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> VideoRLPlan:
@@ -98,6 +62,7 @@ def train(run: StageRun, plan: VideoRLPlan) -> None:
         prompts_per_step=s.prompts_per_step,
         save_every=s.save_every,
         seed=run.config.seed,
+        freeze_vision=s.freeze_vision,
     )
     result = train_video_rl(
         plan.init,

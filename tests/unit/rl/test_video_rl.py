@@ -158,9 +158,17 @@ def digit_share(completion, reference):
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
-def _run(checkpoint, prompts, out, steps, log):
+def _run(checkpoint, prompts, out, steps, log, freeze_vision=True):
     grpo = GRPOSettings(group_size=4, max_new_tokens=6, temperature=1.0, filter_groups=False)
-    schedule = VideoRLSchedule(steps=steps, lr=1e-3, prompts_per_step=2, save_every=1, keep_last=3, seed=1)
+    schedule = VideoRLSchedule(
+        steps=steps,
+        lr=1e-3,
+        prompts_per_step=2,
+        save_every=1,
+        keep_last=3,
+        seed=1,
+        freeze_vision=freeze_vision,
+    )
     return train_video_rl(
         checkpoint, prompts, out, schedule, grpo, {"timelens": {"test_digit_share": 1.0}}, log_metrics=log
     )
@@ -195,3 +203,13 @@ def test_train_resumes_bit_for_bit_and_exports_a_loadable_checkpoint(videos, che
     # a finished run returns at once
     done = _run(checkpoint, prompts, tmp_path / "a", 3, lambda m, s: pytest.fail("trained again"))
     assert done.steps == 3
+
+
+def test_freeze_vision_off_trains_the_vit_and_projector_too(videos, checkpoint, tmp_path):
+    from keye.model.checkpoint import read_state
+
+    prompts = split_prompts(videos, tmp_path / "p", "train")
+    res = _run(checkpoint, prompts, tmp_path / "u", 3, None, freeze_vision=False)
+    a, base = read_state(res.checkpoint_dir), read_state(checkpoint)
+    for part in ("vision.", "projector.", "lm."):
+        assert any(not torch.equal(a[k], base[k]) for k in a if k.startswith(part)), part
