@@ -116,7 +116,7 @@ def run_one(args: tuple) -> tuple[str, dict]:
     from keye.core.config import load_config
     from keye.rl.prompt_sets import split_prompts
     from keye.rl.video_rl import VideoRLSchedule, train_video_rl
-    from keye.stages.video_rl import grpo_settings
+    from keye.stages.video_rl_settings import grpo_settings
 
     s = load_config(config).video_rl
     s = s.model_copy(

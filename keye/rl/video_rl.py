@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from keye.determinism import seed_everything, without_timings
-from keye.rl.context_rl import ContextRLSettings
 from keye.rl.freezing import freeze_vision_and_projector
 from keye.rl.grpo import GRPOSettings, grpo_step
 from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
@@ -27,9 +26,6 @@ from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
 from keye.train import checkpointing as ckpt
 from keye.train.schedules import build_scheduler
-
-if TYPE_CHECKING:
-    from keye.core.config import VideoRLSettings
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -148,36 +144,3 @@ def train_video_rl(
             save_policy_step(chat.model, opt, sched, out_dir, step, trainer, schedule.keep_last, "video_rl")
     export_policy(chat, init_checkpoint, final)
     return VideoRLResult(final, step, trainer["last_metrics"])
-
-
-def grpo_settings(s: VideoRLSettings) -> GRPOSettings:
-    """The library's settings from the config section (one name per knob, as verl / TRL name them)."""
-    c = s.context_rl
-    context = None
-    if c.enabled:
-        context = ContextRLSettings(
-            success_threshold=c.success_threshold,
-            context=c.context,
-            hint_level=c.hint_level,
-            resample_n=c.resample_n,
-            recovered_weight=c.recovered_weight,
-            max_recovered=c.max_recovered,
-        )
-    return GRPOSettings(
-        group_size=s.group_size,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        scale_rewards=s.scale_rewards,
-        loss_agg_mode=s.loss_agg_mode,
-        clip_ratio_low=s.clip_ratio_low,
-        clip_ratio_high=s.clip_ratio_high,
-        importance_sampling_level=s.importance_sampling_level,
-        kl_coef=s.kl_coef,
-        overlong_buffer_len=s.overlong_buffer_len,
-        filter_groups=s.filter_groups,
-        max_num_gen_batches=s.max_num_gen_batches,
-        ppo_epochs=s.ppo_epochs,
-        micro_batch_size=s.micro_batch_size,
-        context_rl=context,
-    )

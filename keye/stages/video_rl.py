@@ -9,8 +9,9 @@ from typing import Any
 
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.rl.prompt_sets import split_prompts
-from keye.rl.video_rl import VideoRLSchedule, grpo_settings, train_video_rl
+from keye.rl.video_rl import VideoRLSchedule, train_video_rl
 from keye.stages.artifact import StageRun
+from keye.stages.video_rl_settings import grpo_settings
 
 
 @dataclass
