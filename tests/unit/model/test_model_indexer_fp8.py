@@ -21,9 +21,12 @@ VOCAB = 97
 IMG = 96
 
 
-def _tiny(indexer_dtype: str = "fp8", topk: int = 5, layers: int = 1, seed: int = 0) -> torch.nn.Module:
+def _tiny(
+    indexer_dtype: str = "fp8", topk: int = 5, layers: int = 1, seed: int = 0, index_dim: int = 16
+) -> torch.nn.Module:
     cfg = preset("tiny", vocab_size=VOCAB, image_token_id=IMG)
     cfg.lm.num_layers = layers
+    cfg.lm.dsa.index_dim = index_dim
     cfg.lm.dsa.topk = topk
     cfg.lm.dsa.block = 8
     cfg.lm.dsa.indexer_dtype = indexer_dtype
@@ -160,3 +163,44 @@ def test_fp8_training_step_has_finite_loss_and_gradients() -> None:
     grads = [p.grad for n, p in model.named_parameters() if ".indexer." not in n and p.grad is not None]
     assert grads and all(torch.isfinite(x).all() for x in grads)
     assert model.lm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_fp8_model_on_cuda_in_bf16_selects_as_the_reference_on_dequantised_values(monkeypatch) -> None:
+    """bf16 on CUDA, Triton FP8 kernels (e4m3 tensor-core dots, folded scales): every prefill top-k and decode
+    selection recalls the reference on the dequantised values (differences only from near-ties in the rounding);
+    a training step stays finite."""
+    from keye.kernels import indexer_fp8
+    from keye.model.generate import generate
+
+    model = _tiny(topk=16, layers=2, index_dim=64).to("cuda", torch.bfloat16)
+    assert dispatch.backend_name("dsa_decode_fp8", torch.zeros(1, device="cuda")) == "triton"
+    recalls: list[float] = []
+    real_topk, real_dec = dispatch.indexer_topk_fp8, dispatch.dsa_decode_fp8
+
+    def topk(*a):  # noqa: ANN002, ANN202
+        got = real_topk(*a)
+        recalls.append(indexer_fp8.topk_recall(got[0], indexer_fp8.indexer_topk_fp8_reference(*a)[0]))
+        return got
+
+    def dec(*a):  # noqa: ANN002, ANN202
+        got = real_dec(*a)
+        assert a[4].dtype == FP8
+        recalls.append(indexer_fp8.topk_recall(got[2], indexer_fp8.dsa_decode_fp8_reference(*a)[2]))
+        return got
+
+    monkeypatch.setattr(dispatch, "indexer_topk_fp8", topk)
+    monkeypatch.setattr(dispatch, "dsa_decode_fp8", dec)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, IMG, (n,), generator=g).tolist() for n in (300, 77)]
+    res = generate(model, prompts, max_new_tokens=6)
+    assert all(len(r.token_ids) == 6 for r in res)
+    assert len(recalls) == 2 + 2 * 5, recalls  # prefill per layer, then 5 decode steps per layer
+    assert min(recalls) >= 0.9 and sum(recalls) / len(recalls) >= 0.98, recalls
+    model.train()
+    ids = torch.randint(0, IMG, (200,), generator=g).cuda()
+    cu = torch.tensor([0, 120, 200], dtype=torch.int32, device="cuda")
+    out = model(input_ids=ids, cu_seqlens=cu, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.indexer_loss is not None and torch.isfinite(out.indexer_loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
