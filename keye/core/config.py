@@ -176,6 +176,11 @@ class TrainSettings(_Strict):
     dsa_selection_block: int | None = Field(
         None, ge=1, le=4096, description="query block of dsa_selection=block for every recipe that sets none"
     )
+    dsa_indexer_dtype: Literal["bf16", "fp8"] | None = Field(
+        None,
+        description="DSA indexer precision of every recipe that sets none: bf16 (the model dtype) | fp8 (e4m3 "
+        "top-k and indexer key cache, token selection); None: the checkpoint's (the preset's: bf16)",
+    )
 
     @field_validator("stages")
     @classmethod
@@ -191,7 +196,11 @@ class TrainSettings(_Strict):
     def _dsa_into_recipes(self) -> TrainSettings:
         """The model-wide DSA selection joins each recipe that leaves it unset, so the recipe (its cache key, its
         MLflow params, the trainer) states the mode it trains in; a recipe's own setting wins."""
-        fill = {"dsa_selection": self.dsa_selection, "dsa_selection_block": self.dsa_selection_block}
+        fill = {
+            "dsa_selection": self.dsa_selection,
+            "dsa_selection_block": self.dsa_selection_block,
+            "dsa_indexer_dtype": self.dsa_indexer_dtype,
+        }
         for recipe in self.stages:
             for name, value in fill.items():
                 if value is not None and getattr(recipe, name) is None:

@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from keye.kernels import block_selection, dsa_reference, moe_reference
+from keye.kernels import block_selection, dsa_reference, indexer_fp8, moe_reference
 
 KERNEL_NAMES = (
     "indexer_topk",
@@ -31,6 +31,8 @@ KERNEL_NAMES = (
     "block_sparse_attention",
     "block_topk",
     "block_decode",
+    "indexer_topk_fp8",
+    "dsa_decode_fp8",
 )
 
 _REFERENCE: dict[str, Callable[..., object]] = {
@@ -44,6 +46,9 @@ _REFERENCE: dict[str, Callable[..., object]] = {
     "block_sparse_attention": block_selection.block_sparse_attention_reference,
     "block_topk": block_selection.block_topk,
     "block_decode": block_selection.block_decode_reference,  # torch on every device (no Triton kernel yet)
+    # dsa.indexer_dtype=fp8: the reference quantises, dequantises and runs the references above
+    "indexer_topk_fp8": indexer_fp8.indexer_topk_fp8_reference,
+    "dsa_decode_fp8": indexer_fp8.dsa_decode_fp8_reference,
 }
 
 # Token selections whose neighbouring sets overlap at least this much (mean adjacent Jaccard, sampled) run as the
@@ -74,6 +79,8 @@ def _triton_table() -> dict[str, Callable[..., object]]:
         "dsa_decode": triton_dsa_decode,
         "block_sparse_attention": triton_block_sparse,
         "block_topk": block_topk_triton,
+        "indexer_topk_fp8": indexer_fp8.indexer_topk_fp8,
+        "dsa_decode_fp8": indexer_fp8.dsa_decode_fp8,
     }
 
 
@@ -133,6 +140,13 @@ def indexer_topk(
     q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int = 1024
 ) -> tuple[Tensor, Tensor]:
     return pick("indexer_topk", q_idx)(q_idx, k_idx, w, cu_seqlens, topk, block)
+
+
+def indexer_topk_fp8(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """`indexer_topk` of the FP8 indexer (e4m3 query and keys, per-token scales; keye/kernels/indexer_fp8.py)."""
+    return pick("indexer_topk_fp8", q_idx)(q_idx, k_idx, w, cu_seqlens, topk, block)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -208,6 +222,24 @@ def dsa_decode(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return pick("dsa_decode", q)(q, k_cache, v_cache, q_idx, k_idx_cache, w, cache_lens, topk, scale)
+
+
+def dsa_decode_fp8(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_idx: Tensor,
+    k8_cache: Tensor,
+    k_scale: Tensor,
+    w: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`dsa_decode` over an FP8 indexer key cache (e4m3 rows k8_cache [B, L, D_I], scales k_scale f32 [B, L]); the
+    new token's indexer query (q_idx, w in the model dtype) is quantised inside."""
+    fn = pick("dsa_decode_fp8", q)
+    return fn(q, k_cache, v_cache, q_idx, k8_cache, k_scale, w, cache_lens, topk, scale)
 
 
 def block_decode(

@@ -61,6 +61,68 @@ def indexer_topk_fp8(
     return indexer_topk(q8, k8, wq, cu_seqlens, topk, block, k_scale=sk, **options)
 
 
+def fake_quantize(x: Tensor) -> Tensor:
+    """x quantised per row to e4m3 and dequantised, in float32: what the FP8 kernels see, as the reference sees it."""
+    return dequantize(*quantize_rows(x))
+
+
+def indexer_topk_fp8_reference(
+    q_idx: Tensor, k_idx: Tensor, w: Tensor, cu_seqlens: Tensor, topk: int, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """The FP8 indexer's top-k by definition: `indexer_topk_reference` on the dequantised query and keys (float32)
+    with the unquantised weights (the Triton path folds the query scales into them; equal up to rounding)."""
+    from keye.kernels.dsa_reference import indexer_topk_reference
+
+    return indexer_topk_reference(
+        fake_quantize(q_idx), fake_quantize(k_idx), w.float(), cu_seqlens, topk, block
+    )
+
+
+def dsa_decode_fp8_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_idx: Tensor,
+    k8_cache: Tensor,
+    k_scale: Tensor,
+    w: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One DSA decode step over an FP8 indexer key cache (k8_cache [B, L, D_I] e4m3, k_scale f32 [B, L]): the new
+    token's indexer query quantised per head, both dequantised, then `dsa_decode_reference`."""
+    from keye.kernels.dsa_reference import dsa_decode_reference
+
+    k_deq = dequantize(k8_cache, k_scale)
+    return dsa_decode_reference(
+        q, k_cache, v_cache, fake_quantize(q_idx), k_deq, w.float(), cache_lens, topk, scale
+    )
+
+
+def dsa_decode_fp8(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_idx: Tensor,
+    k8_cache: Tensor,
+    k_scale: Tensor,
+    w: Tensor,
+    cache_lens: Tensor,
+    topk: int,
+    scale: float,
+    **options: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton `dsa_decode` on the FP8 cache: e4m3 query with its scales folded into the weights, per-row key scales
+    (`decode_topk(k_scale=)`). Off CUDA (the interpreter has no FP8) the e4m3 values travel as float32."""
+    from keye.kernels.decode import dsa_decode
+
+    dtype = FP8 if q_idx.is_cuda else torch.float32
+    q8, wq = quantize_indexer_query(q_idx, w, dtype)
+    k8 = k8_cache if k8_cache.dtype == dtype else k8_cache.to(dtype)
+    return dsa_decode(q, k_cache, v_cache, q8, k8, wq, cache_lens, topk, scale, k_scale=k_scale, **options)
+
+
 def topk_recall(got: Tensor, want: Tensor) -> float:
     """Mean over rows of |got & want| / |want| (index sets, -1 ignored; rows with empty want skipped)."""
     big = torch.iinfo(torch.int64).max
@@ -75,6 +137,10 @@ def topk_recall(got: Tensor, want: Tensor) -> float:
 
 __all__ = [
     "dequantize",
+    "dsa_decode_fp8",
+    "dsa_decode_fp8_reference",
+    "fake_quantize",
+    "indexer_topk_fp8_reference",
     "indexer_topk_fp8",
     "quantize_indexer_keys",
     "quantize_indexer_query",

@@ -8,6 +8,11 @@
               (keye/kernels/block_selection.py); each token attends to its block's keys at or before itself.
               Decode pools the block's rows so far (KVCache.pool_block; a prefill's blocks pool the whole block)
 
+dsa.indexer_dtype=fp8 (token selection only; block selection stays in the model dtype): the top-k runs the FP8
+indexer (e4m3 queries/keys, per-token scales; dispatch.indexer_topk_fp8), the KV cache keeps the indexer keys as
+e4m3 rows + scales and decode selects over them (dispatch.dsa_decode_fp8). Only the selection is quantised: the
+indexer's KL (its training signal) stays on the unquantised queries/keys.
+
 The heavy functions come from keye.kernels.dispatch (torch reference on CPU, Triton on CUDA when available).
 """
 
@@ -90,7 +95,8 @@ class Attention(nn.Module):
             )  # fmt: skip
             indices = block_selection.expand_block_indices(bidx, bstart, t) if want_kl else None
         elif mode == "dsa" and (not covers or want_kl):
-            indices, _ = dispatch.indexer_topk(
+            topk_fn = dispatch.indexer_topk_fp8 if self.cfg.dsa.fp8_indexer else dispatch.indexer_topk
+            indices, _ = topk_fn(
                 q_idx.detach(), k_idx.detach(), w.detach(), cu_seqlens, self.cfg.dsa.topk, block
             )
         if mode == "dsa" and not covers and by_block:
@@ -110,9 +116,9 @@ class Attention(nn.Module):
         """Attention of this rank's rows over the whole pack's keys (keye.model.context_parallel)."""
         from keye.model import context_parallel
 
-        if cache is not None or self.cfg.dsa.selection == "block":
+        if cache is not None or self.cfg.dsa.selection == "block" or self.cfg.dsa.fp8_indexer:
             raise NotImplementedError(
-                "context parallelism covers training with token selection (no cache, no block)"
+                "context parallelism covers training with token selection (no cache, no block, no FP8 indexer)"
             )
         mode, dsa = self.mode, self.cfg.dsa
         want_kl = mode != "dense" and ((self.training and torch.is_grad_enabled()) or self.force_indexer_loss)
@@ -132,6 +138,11 @@ class Attention(nn.Module):
             q_pool, w_pool = cache.pool_block(i, q_idx, w, dsa.selection_block)
             o, _, _ = dispatch.block_decode(
                 q, cache.k[i], cache.v[i], q_pool, cache.idx_k[i], w_pool, lens, dsa.topk, dsa.selection_block,
+                self.scale,
+            )  # fmt: skip
+        elif self.mode == "dsa" and cache.fp8_indexer:
+            o, _, _ = dispatch.dsa_decode_fp8(
+                q, cache.k[i], cache.v[i], q_idx, cache.idx_k[i], cache.idx_scale[i], w, lens, self.cfg.dsa.topk,
                 self.scale,
             )  # fmt: skip
         elif self.mode == "dsa":

@@ -2,6 +2,10 @@
 
 Prefill writes each packed sample's rows into its own batch row; decode appends one token per sequence. The layout
 ([B, L_max, H_kv, D]) matches the packed per-token tensors of the model, so no transposes are needed.
+
+With dsa.indexer_dtype=fp8 (token selection) the indexer keys are stored as e4m3 rows plus one float32 scale per row
+(`idx_scale`, keye/kernels/indexer_fp8.py `quantize_indexer_keys`): 1 + 4/D_I bytes per indexer dim instead of 2,
+so the decode top-k reads about half the bytes of a bf16 cache.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from keye.kernels.indexer_fp8 import FP8, quantize_indexer_keys
 from keye.model.config import LMConfig
 
 
@@ -27,6 +32,12 @@ class KVCache:
     # of each sequence's unfinished block, so a decode step scores with its block's pooled query as training did
     pool_q: list[Tensor] = field(default_factory=list)
     pool_w: list[Tensor] = field(default_factory=list)
+    # dsa.indexer_dtype=fp8: per layer, float32 [B, L_max] scales of the e4m3 rows of idx_k (empty: idx_k unscaled)
+    idx_scale: list[Tensor] = field(default_factory=list)
+
+    @property
+    def fp8_indexer(self) -> bool:
+        return bool(self.idx_scale)
 
     @classmethod
     def allocate(
@@ -36,12 +47,14 @@ class KVCache:
         n = cfg.num_layers
         by_block = cfg.dsa.selection == "block"
         h_i, d_i = cfg.dsa.index_heads, cfg.dsa.index_dim
+        fp8 = cfg.dsa.fp8_indexer
         return cls(
             k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             idx_k=[
-                torch.zeros(batch, max_len, cfg.dsa.index_dim, dtype=dtype, device=device) for _ in range(n)
+                torch.zeros(batch, max_len, d_i, dtype=FP8 if fp8 else dtype, device=device) for _ in range(n)
             ],
+            idx_scale=[torch.ones(batch, max_len, device=device) for _ in range(n)] if fp8 else [],
             lengths=torch.zeros(batch, dtype=torch.int64, device=device),
             max_len=max_len,
             pool_q=[torch.zeros(batch, h_i, d_i, device=device) for _ in range(n)] if by_block else [],
@@ -64,7 +77,7 @@ class KVCache:
             self.k[layer][b, : e - a] = k[a:e]
             self.v[layer][b, : e - a] = v[a:e]
             if idx_k is not None:
-                self.idx_k[layer][b, : e - a] = idx_k[a:e]
+                self._write_idx(layer, (b, slice(0, e - a)), idx_k[a:e])
 
     def write_block_pool(self, layer: int, q_idx: Tensor, w: Tensor, cu_seqlens: Tensor, block: int) -> None:
         """Prefill, block selection: each sequence's sums over its last unfinished block (zero when the prompt
@@ -96,7 +109,16 @@ class KVCache:
         self.k[layer][rows, self.lengths] = k
         self.v[layer][rows, self.lengths] = v
         if idx_k is not None:
-            self.idx_k[layer][rows, self.lengths] = idx_k
+            self._write_idx(layer, (rows, self.lengths), idx_k)
+
+    def _write_idx(self, layer: int, at: tuple, idx_k: Tensor) -> None:
+        """Indexer key rows into idx_k[layer][at], quantised per row when the cache is FP8."""
+        if self.fp8_indexer:
+            k8, sk = quantize_indexer_keys(idx_k)
+            self.idx_k[layer][at] = k8
+            self.idx_scale[layer][at] = sk
+        else:
+            self.idx_k[layer][at] = idx_k
 
     def take_rows(self, rows: Tensor) -> KVCache:
         """A cache whose row i is a copy of row rows[i] of this one: prompts prefilled once, decoded many times
@@ -116,6 +138,7 @@ class KVCache:
             extra={name: t.index_select(0, rows.to(t.device)) for name, t in self.extra.items()},
             pool_q=pick(self.pool_q),
             pool_w=pick(self.pool_w),
+            idx_scale=pick(self.idx_scale),
         )
 
     def set_lengths(self, lengths: Tensor) -> None:

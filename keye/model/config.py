@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_MODES = ("dense", "dsa_warmup", "dsa")
+INDEXER_DTYPES = ("bf16", "fp8")
 
 
 @dataclass
@@ -49,12 +50,23 @@ class DSAConfig:
     # their pooled indexer query (NSA / MoBA style; keye/kernels/block_selection.py), a compute-bound sparse kernel
     selection: str = "token"
     selection_block: int = 64
+    # fp8: token selection scores e4m3 queries/keys with per-token scales (keye/kernels/indexer_fp8.py) and the decode
+    # cache keeps the indexer keys as e4m3 rows + a float32 scale each; the indexer's KL stays in the model dtype.
+    # Block selection ignores it (bf16 pooled queries, bf16 key cache)
+    indexer_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.selection not in ("token", "block"):
             raise ValueError(f"dsa.selection must be 'token' or 'block', got {self.selection!r}")
         if self.selection_block < 1:
             raise ValueError(f"dsa.selection_block must be >= 1, got {self.selection_block}")
+        if self.indexer_dtype not in INDEXER_DTYPES:
+            raise ValueError(f"dsa.indexer_dtype must be 'bf16' or 'fp8', got {self.indexer_dtype!r}")
+
+    @property
+    def fp8_indexer(self) -> bool:
+        """Whether token selection (prefill top-k and the decode key cache) runs the FP8 indexer."""
+        return self.indexer_dtype == "fp8" and self.selection == "token"
 
 
 @dataclass
@@ -114,6 +126,7 @@ class ModelConfig:
         for m in lm.attention_modes:
             if m not in ATTENTION_MODES:
                 raise ValueError(f"attention mode {m!r} not in {ATTENTION_MODES}")
+        lm.dsa.__post_init__()  # fields set after construction (the trainer's) are checked here too
         if lm.dsa.index_dim % 4:
             raise ValueError("dsa.index_dim must be a multiple of 4 (RoPE on half of it)")
         v = self.vision

@@ -57,6 +57,12 @@ class StageSettings(BaseModel):
         le=4096,
         description="query tokens per block of dsa_selection=block (None: the start's, 64)",
     )
+    dsa_indexer_dtype: Literal["bf16", "fp8"] | None = Field(
+        None,
+        description="DSA indexer precision: fp8 runs the token top-k on e4m3 queries/keys (per-token scales) and "
+        "keeps decode's indexer key cache in e4m3; the indexer's KL stays in the model dtype. None: the start "
+        "checkpoint's (the preset's: bf16). Written into the checkpoint's model config",
+    )
     task_weights: dict[str, float] = Field(default_factory=dict)
     answer_only_loss: bool | None = None
     grad_clip: float = Field(1.0, gt=0)

@@ -146,6 +146,8 @@ def _prepare_model(
         cfg.lm.dsa.selection = settings.dsa_selection
     if settings.dsa_selection_block is not None:
         cfg.lm.dsa.selection_block = int(settings.dsa_selection_block)
+    if settings.dsa_indexer_dtype is not None:
+        cfg.lm.dsa.indexer_dtype = settings.dsa_indexer_dtype
     model.set_attention_mode(settings.attention_mode or "dense")
     cfg.lm.router_aux_loss_coef = settings.aux_coef if settings.moe_balance == "aux" else 0.0
     if settings.moe_balance == "bias":

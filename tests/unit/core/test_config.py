@@ -47,6 +47,7 @@ def test_overrides_and_short_source_forms(tmp_path):
         ("a: [unclosed\n", [], "not valid YAML"),
         ("", ["train.dsa_selection=blocks"], "train.dsa_selection"),
         ("", ["train.dsa_selection_block=0"], "train.dsa_selection_block"),
+        ("", ["train.dsa_indexer_dtype=fp16"], "train.dsa_indexer_dtype"),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
@@ -81,6 +82,31 @@ def test_dsa_selection_is_a_pipeline_setting_that_joins_every_recipe_without_its
     )
     a, b = load_config(p).train.stages
     assert (a.dsa_selection, b.dsa_selection) == ("token", "block") and a.dsa_selection_block is None
+
+
+def test_dsa_indexer_dtype_joins_every_recipe_without_its_own_and_reaches_the_model_config(tmp_path):
+    """`--set train.dsa_indexer_dtype=fp8` reaches each recipe (cache key, trainer -> model config); a recipe's own
+    wins; unset, the start checkpoint's (a fresh preset: bf16)."""
+    from keye.core.hashing import settings_hash
+    from keye.train.trainer import _prepare_model
+
+    base = load_config(ROOT / "pipelines.yaml")
+    cfg = load_config(ROOT / "pipelines.yaml", overrides=["train.dsa_indexer_dtype=fp8"])
+    assert all(s.dsa_indexer_dtype == "fp8" for s in cfg.train.stages)
+    assert all(s.dsa_indexer_dtype is None for s in base.train.stages)
+    assert all(
+        settings_hash(a) != settings_hash(b) for a, b in zip(base.train.stages, cfg.train.stages, strict=True)
+    )
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "train:\n  dsa_indexer_dtype: fp8\n  stages:\n"
+        "    - {name: a, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8, dsa_indexer_dtype: bf16}\n"
+        "    - {name: b, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8}\n"
+    )
+    a, b = load_config(p).train.stages
+    assert (a.dsa_indexer_dtype, b.dsa_indexer_dtype) == ("bf16", "fp8")
+    assert _prepare_model(b, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "fp8"
+    assert _prepare_model(a, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "bf16"
 
 
 def test_missing_file_and_bad_override(tmp_path):

@@ -122,6 +122,36 @@ def test_block_selection_trains_saves_and_generates_in_block_mode(
     assert len(calls) == 2 * model.config.lm.num_layers  # two decode steps, every layer in block mode
 
 
+def test_fp8_indexer_trains_saves_and_decodes_through_the_fp8_cache(
+    train_corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe's dsa_indexer_dtype=fp8 trains (finite KL), lands in the checkpoint's model config, and the loaded
+    model decodes through the FP8 indexer key cache."""
+    import math
+
+    from keye.kernels import dispatch
+    from keye.model.generate import generate
+
+    init, before = _init(train_corpus, tmp_path)
+    after, logged = _train(
+        train_corpus, tmp_path, init, "long_sparse", kind="long_sparse", steps=1, dsa_indexer_dtype="fp8"
+    )
+    assert (
+        _changed(before, after)
+        and math.isfinite(logged[-1][1]["indexer_kl"])
+        and logged[-1][1]["indexer_kl"] > 0
+    )
+    model = load_checkpoint(tmp_path / "long_sparse" / "final")
+    assert model.config.lm.dsa.indexer_dtype == "fp8"
+    model.config.lm.dsa.topk = 4  # sparse for these short prompts
+    calls: list[int] = []
+    real = dispatch.dsa_decode_fp8
+    monkeypatch.setattr(dispatch, "dsa_decode_fp8", lambda *a: calls.append(1) or real(*a))
+    res = generate(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4, 5]], max_new_tokens=3)
+    assert all(len(r.token_ids) == 3 for r in res)
+    assert len(calls) == 2 * model.config.lm.num_layers  # two decode steps, every layer on the FP8 cache
+
+
 def test_sft_loss_is_answer_only_and_pretrain_loss_covers_the_text(train_corpus: dict) -> None:
     tok = load_tokenizer(train_corpus["tokenizer_dir"])
     batch = next(
