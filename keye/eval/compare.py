@@ -45,16 +45,22 @@ def describe(comparison: dict[str, Any]) -> list[str]:
     for name, c in comparison.get("scores", {}).items():
         p = c.get("p_value_two_sided", c["p_value"])
         test = "McNemar two-sided" if "p_value_two_sided" in c else "paired one-sided"
+        power = ""
+        if "detectable_gain" in c and c["n"] > 1:
+            need = c["items_needed"]
+            power = f"; detectable at p < 0.01 with 80% power: {c['detectable_gain']:+.1f}" + (
+                f", ~{need} items for 80% power at this delta" if need > c["n"] else ""
+            )
         lines.append(
             f"{name} {c['metric']}: {c['base_mean']:.1f} -> {c['new_mean']:.1f} (delta {c['delta']:+.1f}, 95% CI "
             f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]; {c['better']} better, {c['worse']} worse of {c['n']}; "
-            f"{test} p {p:.2g})"
+            f"{test} p {p:.2g}{power})"
         )
     return lines
 
 
 def comparison_metrics(comparison: dict[str, Any]) -> dict[str, float]:
-    """Flat MLflow metrics: compare/<score>/{base,new,delta,ci_low,ci_high,p_value}."""
+    """Flat MLflow metrics: compare/<score>/{base,new,delta,ci_low,ci_high,p_value} (+ detectable_gain, paired)."""
     out = {}
     for name, c in comparison.get("scores", {}).items():
         key = f"compare/{name}"
@@ -68,4 +74,6 @@ def comparison_metrics(comparison: dict[str, Any]) -> dict[str, float]:
                 f"{key}/p_value": c.get("p_value_two_sided", c["p_value"]),
             }
         )
+        if "detectable_gain" in c and c["n"] > 1:
+            out[f"{key}/detectable_gain"] = c["detectable_gain"]
     return out

@@ -4,10 +4,12 @@ two real predictions files question by question."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from keye.eval.compare import compare_results, describe, mcnemar_two_sided, paired_difference, sign_flip_p
+from keye.eval.metrics import detectable_gain, items_needed
 
 
 def test_sign_flip_p_exact_cases():
@@ -34,6 +36,19 @@ def test_paired_difference_counts_and_interval():
     assert res["sign_test_p"] == pytest.approx(0.5)  # 2 of 3 changed ones better: P(X >= 2 | 3, 0.5)
     with pytest.raises(ValueError, match="differ in length"):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_paired_difference_says_what_the_set_can_detect():
+    # diffs 2, 0, 4, -1: mean 1.25, sample SD sqrt(((0.75)^2 + 1.25^2 + 2.75^2 + 2.25^2) / 3) = sqrt(14.75 / 3)
+    res = paired_difference([3.0, 2.0, 5.0, 1.0], [1.0, 2.0, 1.0, 2.0])
+    sd = (14.75 / 3) ** 0.5
+    assert res["sd"] == pytest.approx(sd)
+    z = 2.3263478740408408 + 0.8416212335729143  # one-sided 0.01, power 0.8
+    assert res["detectable_gain"] == pytest.approx(z * sd / 2.0)
+    assert res["items_needed"] == math.ceil((z * sd / 1.25) ** 2) == 32
+    # the session's case: SD 15 per grounding query, a +1.8 gain needs ~700 queries; 33 detect only ~8.3
+    assert items_needed(15.0, 1.8) == 697 and detectable_gain(15.0, 33) == pytest.approx(8.27, abs=0.01)
+    assert items_needed(0.0, 0.0) == 0 and items_needed(3.0, 0.0) == -1
 
 
 def test_mcnemar_two_sided():
