@@ -13,7 +13,8 @@ greedy, IoU against the exact span. Paired sign-flip test against the SFT checkp
   python bench/video_rl_heldout.py --sft WS/checkpoints/<sft>/final --grid grid.json --out OUT [--device cpu]
 grid.json: {"name": {overrides}}, overrides among: lr, steps, seed, scale_rewards, temperature, G (group size),
 P (prompts per step), kl, windows, ctx_off (Context-RL off), unfreeze (ViT + projector train), fresh (prompts from
-the fresh training videos); the name "sft" scores the SFT checkpoint itself (needed for the paired test).
+the fresh training videos), or {"checkpoint": DIR} to score a trained checkpoint as it is; the name "sft" scores the
+SFT checkpoint itself (needed for the paired test).
 """
 
 from __future__ import annotations
@@ -82,9 +83,13 @@ def span_iou(a: tuple[float, float] | None, b: tuple[float, float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def score_heldout(checkpoint: Path, root: Path, device: str, work: Path) -> list[float]:
-    """100 x IoU per extra held-out query, greedy, 24 new tokens (the eval stage's settings)."""
+def score_heldout(checkpoint: Path, root: Path, device: str, work: Path, samples: int = 0) -> list[float]:
+    """100 x IoU per extra held-out query, greedy, 24 new tokens (the eval stage's settings); samples > 0: the mean
+    IoU of that many answers sampled at temperature 1.0 instead (one seeded generator per answer)."""
+    import torch
+
     from keye.eval.parsing import parse_span
+    from keye.model.generate import Prompt
     from keye.model.generate import generate as gen
     from keye.rl.prompt_sets import split_prompts
     from keye.serve.chat import ChatModel
@@ -95,24 +100,44 @@ def score_heldout(checkpoint: Path, root: Path, device: str, work: Path) -> list
     for a in range(0, len(held), 64):
         batch = held[a : a + 64]
         prompts = [chat.build_prompt(p.messages) for p in batch]
-        results = gen(chat.model, prompts, max_new_tokens=24, eos_token_ids=chat.eos_ids, decode=chat.decode)
-        out += [
-            100 * span_iou(parse_span(r.text), p.reference["span"])
-            for p, r in zip(batch, results, strict=True)
-        ]
+        if samples:
+            prompts = [
+                Prompt(
+                    p.input_ids,
+                    p.pixel_patches,
+                    p.patch_grids,
+                    generator=torch.Generator().manual_seed(i * 64 + k),
+                )
+                for i, p in enumerate(prompts, start=a)
+                for k in range(samples)
+            ]
+        results = gen(
+            chat.model, prompts, max_new_tokens=24, temperature=1.0 if samples else 0.0,
+            eos_token_ids=chat.eos_ids, decode=chat.decode,
+        )  # fmt: skip
+        per = max(1, samples)
+        for i, p in enumerate(batch):
+            ious = [
+                span_iou(parse_span(r.text), p.reference["span"]) for r in results[i * per : (i + 1) * per]
+            ]
+            out.append(100 * sum(ious) / per)
     return out
 
 
 def run_one(args: tuple) -> tuple[str, dict]:
-    name, over, sft, root, config, device = args
+    name, over, sft, root, config, device, samples = args
     import torch
 
     torch.set_num_threads(1)
     t0 = time.time()
     work = Path(f"/tmp/video_rl_heldout/{name}")
     shutil.rmtree(work, ignore_errors=True)
-    if name == "sft":
-        return name, {"iou": score_heldout(Path(sft), root, device, work / "p"), "seconds": time.time() - t0}
+    if name == "sft" or "checkpoint" in over:  # score a checkpoint as it is
+        ck = Path(over.get("checkpoint", sft))
+        r = {"iou": score_heldout(ck, root, device, work / "p"), "over": over, "rl_seconds": 0.0, "curve": []}
+        if samples:
+            r["iou_sampled"] = score_heldout(ck, root, device, work / "s", samples)
+        return name, {**r, "seconds": time.time() - t0}
     from keye.core.config import load_config
     from keye.rl.prompt_sets import split_prompts
     from keye.rl.video_rl import VideoRLSchedule, train_video_rl
@@ -184,6 +209,15 @@ def summary(results: dict[str, dict]) -> list[str]:
             f"{(d < 0).sum()}, one-sided p {sign_flip_p(list(d)):.4f}) rl {r['rl_seconds']:.0f} s, "
             f"reward {r['curve'][:1]} .. {r['curve'][-3:]}"
         )
+    if "iou_sampled" in results["sft"]:
+        lines.append(
+            "sampled at T=1, mean IoU per query: "
+            + ", ".join(
+                f"{n} {np.mean(r['iou_sampled']):.2f}"
+                for n, r in sorted(results.items())
+                if "iou_sampled" in r
+            )
+        )
     return lines
 
 
@@ -199,6 +233,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: report what finished by then")
+    ap.add_argument("--sampled", type=int, default=0, help="also score K answers sampled at T=1 per query")
     a = ap.parse_args()
     t0 = time.time()
     out, root = Path(a.out), Path(a.videos)
@@ -208,7 +243,9 @@ def main() -> None:
     grid = json.loads(Path(a.grid).read_text())
     results: dict[str, dict] = {}
     ex = ProcessPoolExecutor(a.workers)
-    futures = [ex.submit(run_one, (n, o, a.sft, root, a.config, a.device)) for n, o in grid.items()]
+    futures = [
+        ex.submit(run_one, (n, o, a.sft, root, a.config, a.device, a.sampled)) for n, o in grid.items()
+    ]
     try:
         for f in as_completed(futures, timeout=max(1.0, t0 + a.budget - time.time())):
             name, r = f.result()
