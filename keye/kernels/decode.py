@@ -40,9 +40,13 @@ TAU_BITS: tl.constexpr = tl.constexpr(16)
 
 @triton.jit
 def _index_query(
-    QI, W, b, stride_qb, stride_qh, stride_wb, HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr
-):
-    """The new token's indexer queries [HIP, DI] (heads padded to HIP for the tensor-core dot) and weights [HIP]."""
+    QI, W, KI, b, stride_qb, stride_qh, stride_wb, HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr,
+    QUANT: tl.constexpr = False,
+):  # fmt: skip
+    """The new token's indexer queries [HIP, DI] (heads padded to HIP for the tensor-core dot) and weights [HIP].
+    QUANT: the query arrives in the model dtype and is made e4m3 here, one scale per head folded into its weight,
+    exactly as keye.kernels.indexer_fp8.quantize_indexer_query does in torch (in KI's element type: e4m3 on the
+    GPU, e4m3-rounded float32 under the interpreter), which saves ~8 launches of a decode step."""
     offs_j = tl.arange(0, HIP)
     jmask = offs_j < HI
     q = tl.load(
@@ -50,7 +54,26 @@ def _index_query(
         mask=jmask[:, None],
         other=0.0,
     )
-    return q, tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
+    wt = tl.load(W + b * stride_wb + offs_j, mask=jmask, other=0.0).to(tl.float32)
+    if QUANT:
+        qf = q.to(tl.float32)
+        sq = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0  # E4M3_MAX
+        q = _round_e4m3(tl.minimum(tl.maximum(qf / sq[:, None], -448.0), 448.0)).to(KI.dtype.element_ty)
+        wt = wt * sq
+    return q, wt
+
+
+@triton.jit
+def _round_e4m3(x):
+    """float32 in [-448, 448] -> the nearest e4m3fn value (ties to even), still float32: 3 mantissa bits by integer
+    rounding of the fp32 bits above 2^-6, multiples of 2^-9 below (the subnormals). Arithmetic rather than a cast
+    so the interpreter (whose fp8 cast drops a carry into the exponent: 7.86 -> 4.0) computes what the GPU does;
+    the result is exact in e4m3, so the cast to the cache's dtype after it is exact too."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0  # 1.5 * 2^14: x + it stays in [2^14, 2^15), whose ulp is 2^-9
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
 
 
 @triton.jit
@@ -58,7 +81,7 @@ def _decode_sample_kernel(
     QI, KI, W, LENS, SAMP, KS, scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_ksb,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, CAP: tl.constexpr,
-    HAS_KS: tl.constexpr = False,
+    HAS_KS: tl.constexpr = False, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     """SAMP[b, i] = score of cache row i * n / S, for the BS sample slots of this program (sequences of at most
     CAP rows need no threshold and are skipped). Many small programs: one per sequence was the step's longest
@@ -68,7 +91,7 @@ def _decode_sample_kernel(
     if n > CAP:
         i = tl.program_id(1) * BS + tl.arange(0, BS)
         rows = (i.to(tl.int64) * n) // S
-        q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
+        q, wt = _index_query(QI, W, KI, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI, QUANT)
         kt = tl.load(KI + b * stride_kb + rows[None, :] * stride_kt + tl.arange(0, DI)[:, None])
         sc = tl.sum(wt[:, None] * tl.maximum(tl.dot(q, kt) * scale, 0.0), 0)
         if HAS_KS:  # FP8 indexer key cache: per-row scale
@@ -102,7 +125,7 @@ def _decode_scores_compact_kernel(
     QI, KI, W, LENS, TAU, SCORES, CAND_S, CAND_I, SEGCNT, KS, scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_wb, stride_ksb, stride_sb, n_seg,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, SEG: tl.constexpr, BN: tl.constexpr,
-    HAS_KS: tl.constexpr = False,
+    HAS_KS: tl.constexpr = False, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     """Scores of one segment of rows (stored: the fallback needs them) and its rows at or above TAU[b], compacted
     in row order into CAND_S / CAND_I[(b * n_seg + sg) * SEG ...], their number into SEGCNT[b * n_seg + sg]."""
@@ -110,7 +133,7 @@ def _decode_scores_compact_kernel(
     sg = tl.program_id(1)
     n = tl.load(LENS + b)
     tau = tl.load(TAU + b)
-    q, wt = _index_query(QI, W, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI)
+    q, wt = _index_query(QI, W, KI, b, stride_qb, stride_qh, stride_wb, HI, HIP, DI, QUANT)
     offs_d = tl.arange(0, DI)
     out = (b * n_seg + sg) * SEG
     cnt = tl.zeros([], tl.int32)
@@ -250,6 +273,33 @@ def _decode_attn_merge_kernel(
     tl.store(LSE + b * hq + h, lse)
 
 
+@triton.jit
+def _write_fp8_rows_kernel(X, C, S, LENS, stride_xb, stride_cb, stride_ct, stride_sb, DI: tl.constexpr):
+    """Row b of X, quantised to e4m3 with one scale (amax / 448), into C[b, LENS[b]] and S[b, LENS[b]]."""
+    b = tl.program_id(0).to(tl.int64)
+    at = tl.load(LENS + b).to(tl.int64)
+    d = tl.arange(0, DI)
+    x = tl.load(X + b * stride_xb + d).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+    q = _round_e4m3(tl.minimum(tl.maximum(x / s, -448.0), 448.0))
+    tl.store(C + b * stride_cb + at * stride_ct + d, q.to(C.dtype.element_ty))
+    tl.store(S + b * stride_sb + at, s)
+
+
+def write_fp8_rows(rows: Tensor, cache8: Tensor, scales: Tensor, lengths: Tensor) -> None:
+    """A decode step's new indexer keys rows [B, D_I] into an FP8 cache: cache8[b, lengths[b]] (e4m3; float32
+    holding e4m3 values under the interpreter) and scales[b, lengths[b]], in one launch instead of the ~6 of
+    keye.kernels.indexer_fp8.write_fp8_rows_reference (same values: bench/RESULTS.md `## dsa`, FP8 decode)."""
+    bsz, d_i = rows.shape
+    if d_i & (d_i - 1):
+        raise ValueError(f"indexer dim {d_i} must be a power of two")
+    rows = rows.contiguous()
+    _write_fp8_rows_kernel[(bsz,)](
+        rows, cache8, scales, lengths, rows.stride(0), cache8.stride(0), cache8.stride(1), scales.stride(0),
+        DI=d_i, num_warps=1,
+    )  # fmt: skip
+
+
 def decode_topk(
     q_idx: Tensor,
     k_idx_cache: Tensor,
@@ -263,6 +313,7 @@ def decode_topk(
     cap: int = 0,
     tau_warps: int = 8,
     k_scale: Tensor | None = None,
+    quantize_query: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Top-k cache rows for each sequence's new token: q_idx [B,H_I,D_I], k_idx_cache [B,L,D_I], w [B,H_I],
     cache_lens int32 [B] (rows valid, the new token's included). Returns (indices int32 [B,topk] cache rows in
@@ -272,7 +323,7 @@ def decode_topk(
     select cheaper but need a larger sample to keep threshold misses rare); tau_warps: warps of the threshold
     kernel; select_warps / compact_block: the select kernel's warps and the compaction's rows per step.
     k_scale: f32 [B, L] per-row scales of an FP8 indexer key cache (keye/kernels/indexer_fp8.py; q_idx and w then
-    come from `quantize_indexer_query`)."""
+    come from `quantize_indexer_query`, or, with quantize_query=True, in the model dtype: the kernels quantise them)."""
     bsz, h_i, d_i = q_idx.shape
     lmax = k_idx_cache.shape[1]
     dev = q_idx.device
@@ -295,7 +346,8 @@ def decode_topk(
     bs = min(128, sample)
     _decode_sample_kernel[(bsz, sample // bs)](
         q_idx, k_idx_cache, w, lens, samp, ks, d_i**-0.5, *strides,
-        HI=h_i, HIP=hip, DI=d_i, S=sample, BS=bs, CAP=cap, HAS_KS=k_scale is not None, num_warps=4,
+        HI=h_i, HIP=hip, DI=d_i, S=sample, BS=bs, CAP=cap, HAS_KS=k_scale is not None, QUANT=quantize_query,
+        num_warps=4,
     )  # fmt: skip
     scores = torch.empty((bsz, max(lmax, 1)), device=dev, dtype=torch.float32)
     cand_s = torch.empty((bsz * n_seg * seg_len,), device=dev, dtype=torch.float32)
@@ -306,7 +358,7 @@ def decode_topk(
     _decode_scores_compact_kernel[(bsz, n_seg)](
         q_idx, k_idx_cache, w, lens, tau, scores, cand_s, cand_i, segcnt, ks, d_i**-0.5, *strides,
         scores.stride(0), n_seg, HI=h_i, HIP=hip, DI=d_i, SEG=seg_len, BN=min(compact_block, seg_len),
-        HAS_KS=k_scale is not None, num_warps=4,
+        HAS_KS=k_scale is not None, QUANT=quantize_query, num_warps=4,
     )  # fmt: skip
     out_idx = torch.empty((bsz, topk), device=dev, dtype=torch.int32)
     out_score = torch.empty((bsz, topk), device=dev, dtype=torch.float32)
@@ -386,4 +438,4 @@ def dsa_decode(
     return o, lse, indices
 
 
-__all__ = ["decode_sparse_attention", "decode_topk", "dsa_decode"]
+__all__ = ["decode_sparse_attention", "decode_topk", "dsa_decode", "write_fp8_rows"]

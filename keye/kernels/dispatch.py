@@ -33,6 +33,7 @@ KERNEL_NAMES = (
     "block_decode",
     "indexer_topk_fp8",
     "dsa_decode_fp8",
+    "write_fp8_rows",
 )
 
 _REFERENCE: dict[str, Callable[..., object]] = {
@@ -49,6 +50,7 @@ _REFERENCE: dict[str, Callable[..., object]] = {
     # dsa.indexer_dtype=fp8: the reference quantises, dequantises and runs the references above
     "indexer_topk_fp8": indexer_fp8.indexer_topk_fp8_reference,
     "dsa_decode_fp8": indexer_fp8.dsa_decode_fp8_reference,
+    "write_fp8_rows": indexer_fp8.write_fp8_rows_reference,
 }
 
 # Token selections whose neighbouring sets overlap at least this much (mean adjacent Jaccard, sampled) run as the
@@ -65,6 +67,7 @@ def _triton_table() -> dict[str, Callable[..., object]]:
         from keye.kernels.block_sparse_attention import block_sparse_attention as triton_block_sparse
         from keye.kernels.block_topk import block_topk_triton
         from keye.kernels.decode import dsa_decode as triton_dsa_decode
+        from keye.kernels.decode import write_fp8_rows as triton_write_fp8_rows
         from keye.kernels.indexer_kl import indexer_kl as triton_indexer_kl
         from keye.kernels.indexer_topk import indexer_topk as triton_indexer_topk
         from keye.kernels.moe import moe_experts as triton_moe_experts
@@ -81,6 +84,7 @@ def _triton_table() -> dict[str, Callable[..., object]]:
         "block_topk": block_topk_triton,
         "indexer_topk_fp8": indexer_fp8.indexer_topk_fp8,
         "dsa_decode_fp8": indexer_fp8.dsa_decode_fp8,
+        "write_fp8_rows": triton_write_fp8_rows,
     }
 
 
@@ -240,6 +244,11 @@ def dsa_decode_fp8(
     new token's indexer query (q_idx, w in the model dtype) is quantised inside."""
     fn = pick("dsa_decode_fp8", q)
     return fn(q, k_cache, v_cache, q_idx, k8_cache, k_scale, w, cache_lens, topk, scale)
+
+
+def write_fp8_rows(rows: Tensor, cache8: Tensor, scales: Tensor, lengths: Tensor) -> None:
+    """A decode step's new indexer keys into an FP8 key cache (e4m3 row + scale at each sequence's length)."""
+    pick("write_fp8_rows", rows)(rows, cache8, scales, lengths)
 
 
 def block_decode(

@@ -113,14 +113,36 @@ def dsa_decode_fp8(
     scale: float,
     **options: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton `dsa_decode` on the FP8 cache: e4m3 query with its scales folded into the weights, per-row key scales
-    (`decode_topk(k_scale=)`). Off CUDA (the interpreter has no FP8) the e4m3 values travel as float32."""
+    """Triton `dsa_decode` on the FP8 cache: the query made e4m3 inside the kernels with its scales folded into the
+    weights (`decode_topk(quantize_query=True)`), per-row key scales (`k_scale=`). Off CUDA the cache's e4m3 values
+    travel as float32 (the interpreter's dot has no FP8)."""
     from keye.kernels.decode import dsa_decode
 
     dtype = FP8 if q_idx.is_cuda else torch.float32
-    q8, wq = quantize_indexer_query(q_idx, w, dtype)
     k8 = k8_cache if k8_cache.dtype == dtype else k8_cache.to(dtype)
-    return dsa_decode(q, k_cache, v_cache, q8, k8, wq, cache_lens, topk, scale, k_scale=k_scale, **options)
+    return dsa_decode(
+        q,
+        k_cache,
+        v_cache,
+        q_idx,
+        k8,
+        w,
+        cache_lens,
+        topk,
+        scale,
+        k_scale=k_scale,
+        quantize_query=True,
+        **options,
+    )
+
+
+def write_fp8_rows_reference(rows: Tensor, cache8: Tensor, scales: Tensor, lengths: Tensor) -> None:
+    """A decode step's new indexer keys rows [B, D_I] into an FP8 key cache at each sequence's length:
+    cache8[b, lengths[b]] = e4m3 row (in cache8's dtype), scales[b, lengths[b]] = its scale."""
+    k8, sk = quantize_indexer_keys(rows, cache8.dtype)
+    b = torch.arange(rows.shape[0], device=lengths.device)
+    cache8[b, lengths] = k8
+    scales[b, lengths] = sk
 
 
 def topk_recall(got: Tensor, want: Tensor) -> float:
@@ -144,6 +166,7 @@ __all__ = [
     "indexer_topk_fp8",
     "quantize_indexer_keys",
     "quantize_indexer_query",
+    "write_fp8_rows_reference",
     "quantize_rows",
     "topk_recall",
 ]

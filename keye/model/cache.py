@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from keye.kernels import dispatch
 from keye.kernels.indexer_fp8 import FP8, quantize_indexer_keys
 from keye.model.config import LMConfig
 
@@ -108,7 +109,9 @@ class KVCache:
         rows = torch.arange(self.batch, device=self.lengths.device)
         self.k[layer][rows, self.lengths] = k
         self.v[layer][rows, self.lengths] = v
-        if idx_k is not None:
+        if idx_k is not None and self.fp8_indexer:  # one fused launch on the GPU (quantise + write)
+            dispatch.write_fp8_rows(idx_k, self.idx_k[layer], self.idx_scale[layer], self.lengths)
+        elif idx_k is not None:
             self._write_idx(layer, (rows, self.lengths), idx_k)
 
     def _write_idx(self, layer: int, at: tuple, idx_k: Tensor) -> None:
