@@ -23,3 +23,18 @@ def median_ms(fn: Callable[[], object], reps: int = 10, warmup: int = 2) -> floa
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_replay_ms(fn: Callable[[], object], reps: int = 200) -> float:
+    """Median milliseconds of one replay of `fn` captured in a CUDA graph (how a serving loop runs a decode step),
+    after three warm-up calls on a side stream (the capture needs allocations made outside it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, reps=reps, warmup=10)

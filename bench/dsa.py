@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cuda_timing import median_ms  # noqa: E402  (bench/, the script's folder)
+from cuda_timing import graph_replay_ms, median_ms  # noqa: E402  (bench/, the script's folder)
 
 from keye.kernels import dsa_reference as ref  # noqa: E402
 from keye.kernels.decode import dsa_decode  # noqa: E402
@@ -354,20 +354,6 @@ def bench_local_pattern(q, k, v, scale: float, reps: int, att_flops_random: floa
         fwd_tflops=n_sel * HQ * 4 * D / ms_f / 1e9)  # fmt: skip
 
 
-def decode_graph_ms(fn, reps: int = 200) -> float:
-    """Per-step milliseconds of `fn` replayed from a CUDA graph (how a serving loop runs a decode step)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timeit(graph.replay, reps=reps, warmup=10)
-
-
 def threshold_miss_rate(kic: torch.Tensor, n: int, draws: int = 512) -> None:
     """How often decode's sampled threshold misses (fewer than k or more than cap rows at or above it, so the slow
     exact fallback runs), for random indexer queries against one cache: the kernels' rule replayed in torch."""
@@ -418,7 +404,7 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
         dsa_floor_ms=min_bytes / bw / 1e6, dense_gbs=dense_bytes / ms_d / 1e6, dense_floor_ms=dense_bytes / bw / 1e6)  # fmt: skip
     for chunk, blk, warps in ((256, 64, 4), (2048, 64, 4), (2048, 64, 8), (2048, 128, 8), (1024, 64, 4),
                               (512, 64, 4)):  # fmt: skip
-        ms_g = decode_graph_ms(
+        ms_g = graph_replay_ms(
             lambda chunk=chunk, blk=blk, warps=warps: dsa_decode(
                 q, kc, vc, qi, kic, w, lens, TOPK, scale, chunk=chunk, attn_block=blk, attn_warps=warps
             )
@@ -426,8 +412,8 @@ def bench_decode(lcache: int, bsz: int, bw: float) -> None:
         log(kind="variant", op="decode_graph", B=bsz, chunk=chunk, attn_block=blk, attn_warps=warps, ms=ms_g)
     if bsz == 8:
         threshold_miss_rate(kic[0], lcache)
-    ms_g = decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
-    ms_dg = decode_graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
+    ms_g = graph_replay_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
+    ms_dg = graph_replay_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
     log(kind="time", op="decode_cuda_graph", B=bsz, L=lcache, dsa_ms=ms_g, dense_ms=ms_dg, ratio=ms_g / ms_dg)
 
 

@@ -286,9 +286,9 @@ def bench_decode_fp8(lcache: int, bsz: int) -> None:
     qd = q[:, :, None, :]
     kd = kc.permute(0, 2, 1, 3).contiguous()
     vd = vc.permute(0, 2, 1, 3).contiguous()
-    ms_bf = base.decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
-    ms_8 = base.decode_graph_ms(lambda: dsa_decode(q, kc, vc, qi8, kic8, wq, lens, TOPK, scale, k_scale=ks))
-    ms_d = base.decode_graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
+    ms_bf = base.graph_replay_ms(lambda: dsa_decode(q, kc, vc, qi, kic, w, lens, TOPK, scale))
+    ms_8 = base.graph_replay_ms(lambda: dsa_decode(q, kc, vc, qi8, kic8, wq, lens, TOPK, scale, k_scale=ks))
+    ms_d = base.graph_replay_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
     a, _ = decode_topk(qi, kic, w, lens, TOPK)
     b, _ = decode_topk(qi8, kic8, wq, lens, TOPK, k_scale=ks)
     log(kind="time", op="decode_cuda_graph", B=bsz, L=lcache, dsa_bf16_ms=ms_bf, dsa_fp8_cache_ms=ms_8, dense_ms=ms_d,

@@ -22,26 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import graph_replay_ms, median_ms  # noqa: E402
 
 from keye.kernels import indexer_fp8  # noqa: E402
 from keye.kernels.decode import dsa_decode, write_fp8_rows  # noqa: E402
 
 HQ, HKV, D, HI, DI, TOPK = 32, 4, 128, 16, 64, 2048
-
-
-def graph_ms(fn, reps: int = 200) -> float:
-    """Per-step milliseconds of `fn` replayed from a CUDA graph (warmed up on a side stream first)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay, reps=reps, warmup=10)
 
 
 def one_size(bsz: int, length: int) -> dict:
@@ -76,7 +62,7 @@ def one_size(bsz: int, length: int) -> dict:
     row = {"B": bsz, "L": length, "fp8_vs_bf16_selection_recall": recall}
     for name, fn in (("bf16", bf16_step), ("fp8", fp8_step), ("dense", dense_step)):
         row[f"{name}_eager_ms"] = median_ms(fn, reps=50, warmup=5)
-        row[f"{name}_graph_ms"] = graph_ms(fn)
+        row[f"{name}_graph_ms"] = graph_replay_ms(fn)
     for mode in ("eager", "graph"):
         row[f"fp8_vs_bf16_{mode}"] = row[f"fp8_{mode}_ms"] / row[f"bf16_{mode}_ms"]
         row[f"fp8_vs_dense_{mode}"] = row[f"fp8_{mode}_ms"] / row[f"dense_{mode}_ms"]
