@@ -75,19 +75,12 @@ def videos(root: Path, name: str) -> list[str]:
     return sorted(str(v) for v in (root / name).iterdir() if v.suffix in SUFFIXES)
 
 
-def span_iou(a: tuple[float, float] | None, b: tuple[float, float]) -> float:
-    if a is None:
-        return 0.0
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
-
-
 def score_heldout(checkpoint: Path, root: Path, device: str, work: Path, samples: int = 0) -> list[float]:
     """100 x IoU per extra held-out query, greedy, 24 new tokens (the eval stage's settings); samples > 0: the mean
     IoU of that many answers sampled at temperature 1.0 instead (one seeded generator per answer)."""
     import torch
 
+    from keye.eval.metrics import temporal_iou
     from keye.eval.parsing import parse_span
     from keye.model.generate import Prompt
     from keye.model.generate import generate as gen
@@ -118,7 +111,8 @@ def score_heldout(checkpoint: Path, root: Path, device: str, work: Path, samples
         per = max(1, samples)
         for i, p in enumerate(batch):
             ious = [
-                span_iou(parse_span(r.text), p.reference["span"]) for r in results[i * per : (i + 1) * per]
+                temporal_iou(parse_span(r.text), tuple(p.reference["span"]))
+                for r in results[i * per : (i + 1) * per]
             ]
             out.append(100 * sum(ious) / per)
     return out

@@ -58,17 +58,18 @@ def _index_query(
     if QUANT:
         qf = q.to(tl.float32)
         sq = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0  # E4M3_MAX
-        q = _round_e4m3(tl.minimum(tl.maximum(qf / sq[:, None], -448.0), 448.0)).to(KI.dtype.element_ty)
+        q = _round_e4m3(qf / sq[:, None]).to(KI.dtype.element_ty)
         wt = wt * sq
     return q, wt
 
 
 @triton.jit
 def _round_e4m3(x):
-    """float32 in [-448, 448] -> the nearest e4m3fn value (ties to even), still float32: 3 mantissa bits by integer
-    rounding of the fp32 bits above 2^-6, multiples of 2^-9 below (the subnormals). Arithmetic rather than a cast
-    so the interpreter (whose fp8 cast drops a carry into the exponent: 7.86 -> 4.0) computes what the GPU does;
-    the result is exact in e4m3, so the cast to the cache's dtype after it is exact too."""
+    """float32 -> the nearest e4m3fn value (ties to even, saturated to +-448, as quantize_rows clamps), still float32:
+    3 mantissa bits by integer rounding of the fp32 bits above 2^-6, multiples of 2^-9 below (the subnormals).
+    Arithmetic rather than a cast so the interpreter (whose fp8 cast drops a carry into the exponent: 7.86 -> 4.0)
+    computes what the GPU does; the result is exact in e4m3, so the cast to the cache's dtype after it is too."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
     normal = bits.to(tl.float32, bitcast=True)
@@ -281,7 +282,7 @@ def _write_fp8_rows_kernel(X, C, S, LENS, stride_xb, stride_cb, stride_ct, strid
     d = tl.arange(0, DI)
     x = tl.load(X + b * stride_xb + d).to(tl.float32)
     s = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
-    q = _round_e4m3(tl.minimum(tl.maximum(x / s, -448.0), 448.0))
+    q = _round_e4m3(x / s)
     tl.store(C + b * stride_cb + at * stride_ct + d, q.to(C.dtype.element_ty))
     tl.store(S + b * stride_sb + at, s)
 

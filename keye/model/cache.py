@@ -129,7 +129,7 @@ class KVCache:
         rows = rows.to(self.lengths.device)
 
         def pick(ts: list[Tensor]) -> list[Tensor]:
-            return [t.index_select(0, rows.to(t.device)) for t in ts]
+            return [t.index_select(0, rows) for t in ts]
 
         return KVCache(
             k=pick(self.k),
@@ -138,7 +138,7 @@ class KVCache:
             lengths=self.lengths.index_select(0, rows),
             decoding=self.decoding,
             max_len=self.max_len,
-            extra={name: t.index_select(0, rows.to(t.device)) for name, t in self.extra.items()},
+            extra={name: t.index_select(0, rows) for name, t in self.extra.items()},
             pool_q=pick(self.pool_q),
             pool_w=pick(self.pool_w),
             idx_scale=pick(self.idx_scale),

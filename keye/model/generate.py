@@ -137,10 +137,14 @@ def generate(
     # rows that ask the very same prompt objects (a rollout group: G samples of one prompt) share one prefill,
     # whose cache rows and last logits are then copied to each of them
     first: dict[tuple[int, int, int], int] = {}
-    src = [
-        first.setdefault((id(p.input_ids), id(p.pixel_patches), id(p.patch_grids)), len(first)) for p in items
-    ]
-    uniq = [items[src.index(j)] for j in range(len(first))]
+    uniq: list[Prompt] = []
+    src: list[int] = []  # row -> its prompt in uniq
+    for p in items:
+        key = (id(p.input_ids), id(p.pixel_patches), id(p.patch_grids))
+        if key not in first:
+            first[key] = len(uniq)
+            uniq.append(p)
+        src.append(first[key])
     ids_u = [torch.as_tensor(p.input_ids, dtype=torch.int64).cpu() for p in uniq]
     pos_u = [_positions(model, p, ids) for p, ids in zip(uniq, ids_u, strict=True)]
     lens_u = torch.tensor([len(x) for x in ids_u])
@@ -166,15 +170,15 @@ def generate(
         logits_index=(cu[1:] - 1).to(device, torch.int64),
     )
     cache.set_lengths(lens_u.to(device))
+    logits = out.logits
     if len(uniq) < b:
         cache = cache.take_rows(rows)
-        out.logits = out.logits.index_select(0, rows.to(out.logits.device))
+        logits = logits.index_select(0, rows.to(logits.device))
     cache.decoding = True
     next_pos = torch.stack([p.max() + 1 for p in pos_list]).to(device)
     results = [GenerationResult([], [], "length", prompt_len=int(n)) for n in lens]
     done = [False] * b
     eos = set(int(e) for e in eos_token_ids)
-    logits = out.logits
     step_cu = torch.arange(b + 1, dtype=torch.int32, device=device)
     temp_t = torch.tensor(temps, dtype=torch.float32, device=device)
     topp_t = torch.tensor(top_ps, dtype=torch.float32, device=device)
