@@ -3,39 +3,25 @@ run the library's RL loop on a machine without the tracking stack (MLflow, DuckD
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel
+
 from keye.core.config import VideoRLSettings
 from keye.rl.context_rl import ContextRLSettings
 from keye.rl.grpo import GRPOSettings
 
 
+def shared_fields(library_cls: type, section: BaseModel, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The section's values of every field the library dataclass also has: config and library name each knob
+    the same way (as verl / TRL name them), so a new knob needs no mapping line here."""
+    names = {f.name for f in dataclasses.fields(library_cls)} - set(exclude)
+    return {n: getattr(section, n) for n in type(section).model_fields if n in names}
+
+
 def grpo_settings(s: VideoRLSettings) -> GRPOSettings:
-    """The library's settings from the config section (one name per knob, as verl / TRL name them)."""
+    """The library's settings from the config section; Context-RL only when enabled."""
     c = s.context_rl
-    context = None
-    if c.enabled:
-        context = ContextRLSettings(
-            success_threshold=c.success_threshold,
-            context=c.context,
-            hint_level=c.hint_level,
-            resample_n=c.resample_n,
-            recovered_weight=c.recovered_weight,
-            max_recovered=c.max_recovered,
-        )
-    return GRPOSettings(
-        group_size=s.group_size,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        scale_rewards=s.scale_rewards,
-        loss_agg_mode=s.loss_agg_mode,
-        clip_ratio_low=s.clip_ratio_low,
-        clip_ratio_high=s.clip_ratio_high,
-        importance_sampling_level=s.importance_sampling_level,
-        kl_coef=s.kl_coef,
-        overlong_buffer_len=s.overlong_buffer_len,
-        filter_groups=s.filter_groups,
-        max_num_gen_batches=s.max_num_gen_batches,
-        ppo_epochs=s.ppo_epochs,
-        micro_batch_size=s.micro_batch_size,
-        context_rl=context,
-    )
+    context = ContextRLSettings(**shared_fields(ContextRLSettings, c)) if c.enabled else None
+    return GRPOSettings(**shared_fields(GRPOSettings, s, exclude=("context_rl",)), context_rl=context)
