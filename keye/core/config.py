@@ -244,7 +244,8 @@ class VideoRLSettings(_Strict):
         ge=0,
         le=64,
         description="each grounding prompt also asked on this many windows of its video, shown as clips of their "
-        "own (keye.rl.prompt_sets.window_prompts; the SFT curriculum's pack.grounding_windows)",
+        "own (keye.rl.prompt_sets.window_prompts; the SFT curriculum's pack.grounding_windows). On the tiny default, "
+        "RL on windows did not carry over to the whole-clip held-out queries (bench/RESULTS.md)",
     )
     rewards: dict[str, dict[str, float]] = Field(
         default_factory=lambda: {
@@ -279,7 +280,8 @@ class VideoRLSettings(_Strict):
     freeze_vision: bool = Field(
         True,
         description="keep the ViT and the projector as SFT left them (false: they train too; on the tiny default "
-        "that moved held-out grounding more, bench/RESULTS.md `## video_rl on 223 held-out queries`)",
+        "both gain alike with whole-clip prompts, frozen at 2/3 of the cost: bench/RESULTS.md `## video_rl on 467 "
+        "held-out queries`)",
     )
     save_every: int = Field(25, ge=1)
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
