@@ -59,54 +59,45 @@ def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
     assert str(p) in str(e.value) or "YAML" in str(e.value) or "top level" in str(e.value)
 
 
-def test_dsa_selection_is_a_pipeline_setting_that_joins_every_recipe_without_its_own(tmp_path):
-    """`--set train.dsa_selection=block` reaches each recipe (its cache key and the trainer); a recipe's own wins."""
+@pytest.mark.parametrize(
+    ("field", "value", "own", "extra"),
+    [
+        ("dsa_selection", "block", "token", {"dsa_selection_block": 32}),
+        ("dsa_indexer_dtype", "fp8", "bf16", {}),
+    ],
+)
+def test_a_pipeline_dsa_setting_joins_every_recipe_without_its_own(tmp_path, field, value, own, extra):
+    """`--set train.<field>=...` reaches each recipe (its cache key and the trainer); a recipe's own wins; unset,
+    every recipe takes the start checkpoint's (a fresh preset: token selection, bf16 indexer)."""
     from keye.core.hashing import settings_hash
 
     base = load_config(ROOT / "pipelines.yaml")
-    cfg = load_config(
-        ROOT / "pipelines.yaml", overrides=["train.dsa_selection=block", "train.dsa_selection_block=32"]
-    )
-    assert all(s.dsa_selection == "block" and s.dsa_selection_block == 32 for s in cfg.train.stages)
-    assert all(
-        s.dsa_selection is None for s in base.train.stages
-    )  # unset: the checkpoint's mode (preset: token)
+    sets = [f"train.{field}={value}"] + [f"train.{k}={v}" for k, v in extra.items()]
+    cfg = load_config(ROOT / "pipelines.yaml", overrides=sets)
+    for name, want in {field: value, **extra}.items():
+        assert all(getattr(s, name) == want for s in cfg.train.stages), name
+        assert all(getattr(s, name) is None for s in base.train.stages), name
     assert all(
         settings_hash(a) != settings_hash(b) for a, b in zip(base.train.stages, cfg.train.stages, strict=True)
     )
     p = tmp_path / "p.yaml"
     p.write_text(
-        "train:\n  dsa_selection: block\n  stages:\n"
-        "    - {name: a, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8, dsa_selection: token}\n"
+        f"train:\n  {field}: {value}\n  stages:\n"
+        f"    - {{name: a, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8, {field}: {own}}}\n"
         "    - {name: b, kind: sft, steps: 1, lr: 1.0, tokens_per_step: 8}\n"
     )
     a, b = load_config(p).train.stages
-    assert (a.dsa_selection, b.dsa_selection) == ("token", "block") and a.dsa_selection_block is None
+    assert (getattr(a, field), getattr(b, field)) == (own, value)
 
 
-def test_dsa_indexer_dtype_joins_every_recipe_without_its_own_and_reaches_the_model_config(tmp_path):
-    """`--set train.dsa_indexer_dtype=fp8` reaches each recipe (cache key, trainer -> model config); a recipe's own
-    wins; unset, the start checkpoint's (a fresh preset: bf16)."""
-    from keye.core.hashing import settings_hash
+def test_the_indexer_dtype_of_a_recipe_reaches_the_model_config():
     from keye.train.trainer import _prepare_model
 
-    base = load_config(ROOT / "pipelines.yaml")
     cfg = load_config(ROOT / "pipelines.yaml", overrides=["train.dsa_indexer_dtype=fp8"])
-    assert all(s.dsa_indexer_dtype == "fp8" for s in cfg.train.stages)
-    assert all(s.dsa_indexer_dtype is None for s in base.train.stages)
-    assert all(
-        settings_hash(a) != settings_hash(b) for a, b in zip(base.train.stages, cfg.train.stages, strict=True)
-    )
-    p = tmp_path / "p.yaml"
-    p.write_text(
-        "train:\n  dsa_indexer_dtype: fp8\n  stages:\n"
-        "    - {name: a, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8, dsa_indexer_dtype: bf16}\n"
-        "    - {name: b, kind: long_sparse, steps: 1, lr: 1.0, tokens_per_step: 8}\n"
-    )
-    a, b = load_config(p).train.stages
-    assert (a.dsa_indexer_dtype, b.dsa_indexer_dtype) == ("bf16", "fp8")
-    assert _prepare_model(b, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "fp8"
-    assert _prepare_model(a, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "bf16"
+    recipe = cfg.train.stages[0]
+    assert _prepare_model(recipe, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "fp8"
+    bf16 = recipe.model_copy(update={"dsa_indexer_dtype": "bf16"})
+    assert _prepare_model(bf16, None, "tiny", 97, 96).config.lm.dsa.indexer_dtype == "bf16"
 
 
 def test_missing_file_and_bad_override(tmp_path):
