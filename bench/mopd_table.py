@@ -11,6 +11,12 @@ keye_predict_fn): grounding mIoU (TimeLens layout), MCQ accuracy (Video-MME layo
 
   python bench/mopd_table.py --base /work/runs/base --out /tmp/mopd_table --steps 30
 
+The eval's own held-out split (33 grounding queries on the default set) cannot tell a +1-2 point difference from
+noise; `--extra-heldout N` scores on N new held-out videos of the base pipeline's generator instead (indices after
+the set's own, as bench/video_rl_heldout.py makes them), `--mcq-limit` caps the MCQs and captions asked there.
+`--grounding video_rl` trains the grounding specialist with the `video_rl` stage's recipe (the config's section:
+whole-clip prompts, keye.rl.video_rl) instead of the fixed-budget outcome RL below.
+
 Writes <out>/table.json and <out>/table.md (paste into bench/RESULTS.md with the date, machine and command).
 """
 
@@ -18,20 +24,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from keye.core.lineage import Lineage
 from keye.data.prompts import CAPTION_PROMPT
-from keye.eval.heldout import heldout_benchmarks, run_benchmarks
+from keye.eval.heldout import heldout_benchmarks, paired_grounding, run_benchmarks
 from keye.eval.predict import keye_predict_fn
 from keye.rl.mopd import MOPDSettings
 from keye.rl.mopd_prompts import domain_prompts
 from keye.rl.mopd_train import MOPDSchedule, TeacherSpec, train_mopd
 from keye.rl.rewards import caption_f1
 
+REPO = Path(__file__).resolve().parents[1]
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 REWARDS = {"grounding": "time_r1", "mcq": "mcq", "caption": "caption_f1"}
 DOMAINS = tuple(REWARDS)
 
@@ -69,18 +79,69 @@ def caption_scores(predict, videos: list[str]) -> tuple[float, float]:
 
 
 def evaluate(ckpt: str, videos: list[str], out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Grounding on every held-out query; MCQs (Video-MME layout) and captions up to --mcq-limit."""
+    from keye.eval.heldout import BenchSet
+
+    torch.set_num_threads(1)
     predict = keye_predict_fn(ckpt, device=args.device, max_new_tokens=24)
     sets = heldout_benchmarks(videos, out / "benchmarks", split="heldout")
-    res = run_benchmarks(predict, sets, out, args.batch, args.limit)
-    cap, cap_chance = caption_scores(predict, videos)
+    only = {"timelens": None, "videomme": args.mcq_limit}
+    res: dict[str, dict] = {}
+    for kind, limit in only.items():
+        picked = [BenchSet(b.videos_dir, {kind: b.files[kind]}) for b in sets if kind in b.files]
+        res.update(run_benchmarks(predict, picked, out, args.batch, limit))
+    held = [
+        v for v in videos if json.loads(Path(v).with_suffix(".json").read_text()).get("split") == "heldout"
+    ]
+    cap, cap_chance = caption_scores(predict, held[: args.mcq_limit] if args.mcq_limit else held)
     return {
         "grounding": res["timelens"]["mIoU"],
         "grounding_chance": res["timelens"]["chance"]["mIoU"],
+        "grounding_n": res["timelens"].get("n", 0),
         "mcq": res["videomme"]["accuracy"],
         "mcq_chance": res["videomme"]["chance"]["accuracy"],
         "caption": cap,
         "caption_chance": cap_chance,
+        "_results": {k: res[k] for k in only},
     }
+
+
+def _evaluate_job(job: tuple) -> tuple[str, dict[str, float]]:
+    name, ck, videos, out, args = job
+    return name, evaluate(ck, videos, out, args)
+
+
+def heldout_videos(args: argparse.Namespace) -> list[str] | None:
+    """--extra-heldout new held-out videos of the base pipeline's generator (None: the base's own split)."""
+    if not args.extra_heldout:
+        return None
+    sys.path.insert(0, str(REPO / "bench"))
+    from video_rl_heldout import generate, videos
+
+    generate(args.config, args.videos, args.extra_heldout, 0, args.workers)
+    return videos(args.videos, "extra")
+
+
+def video_rl_specialist(init: str, train_videos: list[str], out: Path, args: argparse.Namespace) -> str:
+    """The grounding teacher as the `video_rl` stage trains it (the config's section)."""
+    from keye.core.config import load_config
+    from keye.rl.prompt_sets import split_prompts
+    from keye.rl.video_rl import VideoRLSchedule, train_video_rl
+    from keye.stages.video_rl_settings import grpo_settings
+
+    cfg = load_config(args.config)
+    s = cfg.video_rl
+    prompts = split_prompts(
+        train_videos, out / "prompts", "train", kinds=s.tasks, grounding_windows=s.grounding_windows
+    )
+    schedule = VideoRLSchedule(
+        steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, prompts_per_step=s.prompts_per_step,
+        save_every=s.save_every, seed=cfg.seed, freeze_vision=s.freeze_vision,
+    )  # fmt: skip
+    res = train_video_rl(
+        init, prompts, out / "run", schedule, grpo_settings(s), s.rewards, device=args.device
+    )
+    return str(res.checkpoint_dir)
 
 
 def main() -> None:
@@ -96,11 +157,30 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="questions per benchmark")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--config", default=str(REPO / "pipelines.yaml"), help="the base workspace's pipeline file"
+    )
+    ap.add_argument(
+        "--extra-heldout", type=int, default=0, help="score on N new held-out videos (0: the base's)"
+    )
+    ap.add_argument("--videos", type=Path, default=Path("/tmp/mopd_table_videos"))
+    ap.add_argument("--mcq-limit", type=int, default=None, help="MCQs and captions asked per checkpoint")
+    ap.add_argument("--grounding", choices=("outcome", "video_rl"), default="outcome")
+    ap.add_argument("--mopd-steps", type=int, default=None, help="the MOPD run's updates (default: --steps)")
+    ap.add_argument("--mopd-lr", type=float, default=None, help="the MOPD run's lr (default: --lr)")
+    ap.add_argument("--full-vocab-kl", action="store_true", help="MOPD: exact reverse KL (shared tokenizer)")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="processes for the evaluations and video generation"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.out
     sft = sft_checkpoint(args.base)
-    videos = sorted(str(p) for p in (args.base / "videos").rglob("*.mp4") if p.with_suffix(".json").is_file())
+    videos = sorted(  # every container the set holds (.mp4, .mkv, .webm), as the stages read them
+        str(p)
+        for p in (args.base / "videos").rglob("*")
+        if p.suffix in VIDEO_SUFFIXES and p.with_suffix(".json").is_file()
+    )
     prompts = domain_prompts(videos, out / "prompts", "train", kinds=["timelens", "videomme"], captions=True)
     by = {d: [p for p in prompts if p.reference["domain"] == d] for d in DOMAINS}
     sched = MOPDSchedule(steps=args.steps, lr=args.lr, prompts_per_step=args.prompts, save_every=args.steps)
@@ -112,24 +192,44 @@ def main() -> None:
         r = train_mopd(init, {}, by[d], out / name, sched, s, {d: REWARDS[d]}, device=args.device)
         return str(r.checkpoint_dir)
 
+    held = heldout_videos(args) or videos
     ckpts, seconds = {"sft": sft}, {}
     for d in DOMAINS:
         t0 = time.perf_counter()
-        ckpts[f"specialist:{d}"] = rl(d, sft, f"specialist-{d}")
+        if d == "grounding" and args.grounding == "video_rl":
+            ckpts[f"specialist:{d}"] = video_rl_specialist(sft, videos, out / "specialist-grounding", args)
+        else:
+            ckpts[f"specialist:{d}"] = rl(d, sft, f"specialist-{d}")
         seconds[f"specialist:{d}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ckpts["sequential"] = rl("mcq", ckpts["specialist:grounding"], "sequential-mcq")
     seconds["sequential"] = time.perf_counter() - t0 + seconds["specialist:grounding"]
     t0 = time.perf_counter()
     teachers = {d: TeacherSpec(checkpoint=ckpts[f"specialist:{d}"]) for d in DOMAINS}
-    s = MOPDSettings(group_size=args.group, max_new_tokens=args.tokens, alpha=args.alpha, domains=DOMAINS)
+    s = MOPDSettings(
+        group_size=args.group, max_new_tokens=args.tokens, alpha=args.alpha, domains=DOMAINS,
+        full_vocab_kl=args.full_vocab_kl,
+    )  # fmt: skip
+    steps = args.mopd_steps or args.steps
+    sched_mopd = MOPDSchedule(
+        steps=steps, lr=args.mopd_lr or args.lr, prompts_per_step=args.prompts, save_every=steps
+    )
     ckpts["mopd"] = str(
-        train_mopd(sft, teachers, prompts, out / "mopd", sched, s, REWARDS, device=args.device).checkpoint_dir
+        train_mopd(
+            sft, teachers, prompts, out / "mopd", sched_mopd, s, REWARDS, device=args.device
+        ).checkpoint_dir
     )
     seconds["mopd"] = time.perf_counter() - t0
 
-    table = {
-        name: evaluate(ck, videos, out / "eval" / name.replace(":", "-"), args) for name, ck in ckpts.items()
+    jobs = [(name, ck, held, out / "eval" / name.replace(":", "-"), args) for name, ck in ckpts.items()]
+    with ProcessPoolExecutor(args.workers) as ex:
+        done = dict(ex.map(_evaluate_job, jobs))
+    results = {name: done[name].pop("_results") for name in ckpts}
+    table = {name: done[name] for name in ckpts}
+    vs_sft = {  # per-query IoU difference against the SFT checkpoint (paired sign-flip test)
+        name: paired_grounding(results[name], results["sft"]).get("timelens", {})
+        for name in ckpts
+        if name != "sft"
     }
     rel = {n: {d: row[d] - row[f"{d}_chance"] for d in DOMAINS} for n, row in table.items()}
     checks = {}
@@ -152,6 +252,7 @@ def main() -> None:
         "over_chance": rel,
         "checks": checks,
         "forgetting": forgetting,
+        "grounding_vs_sft": vs_sft,
         "train_seconds": seconds,
         "checkpoints": ckpts,
     }
@@ -175,6 +276,13 @@ def main() -> None:
     lines += [
         f"Grounding over chance after sequential {forgetting['grounding_sequential']:.1f}, after MOPD "
         f"{forgetting['grounding_mopd']:.1f}"
+    ]
+    lines += [
+        f"Grounding vs SFT ({len(held)} held-out videos): "
+        + ", ".join(
+            f"{n} {r.get('delta', float('nan')):+.2f} (p {r.get('p_value', float('nan')):.4f})"
+            for n, r in vs_sft.items()
+        )
     ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
