@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 REWARDS = {"grounding": "time_r1", "mcq": "mcq", "caption": "caption_f1"}
 DOMAINS = tuple(REWARDS)
+SFT_TASKS = {"grounding": "grounding", "mcq": "mcq", "caption": "caption"}  # domain -> pack task
 
 
 def sft_checkpoint(base: Path) -> str:
@@ -122,6 +123,37 @@ def heldout_videos(args: argparse.Namespace) -> list[str] | None:
     return videos(args.videos, "extra")
 
 
+def sft_specialist(init: str, domain: str, out: Path, args: argparse.Namespace) -> str:
+    """A teacher trained by SFT on its domain only (the issue's other way to make one): the train stage's trainer
+    on the base workspace's PackSet, from the SFT checkpoint, with loss only on the domain's pack tasks. The
+    domain-only pack index is cached beside the PackSet, as the train stage caches it."""
+    from keye.core.config import load_config
+    from keye.core.lineage import Lineage
+    from keye.data.tokenizer import load_tokenizer
+    from keye.stages.pack import shard_map, task_pack_index
+    from keye.train import StageSettings, train_stage
+
+    cfg = load_config(args.config)
+    lineage = Lineage(args.base, read_only=True)
+    packset_id = lineage.latest_artifact("packset")
+    tok_dir = Path(json.loads(lineage.artifact(packset_id)["meta"] or "{}")["tokenizer_dir"])
+    tok = load_tokenizer(tok_dir)
+    shards = shard_map(lineage, lineage.input_of_kind(packset_id, "shardset"))
+    recipe = StageSettings(
+        name=f"specialist_{domain}", kind="sft", steps=args.sft_steps, lr=args.sft_lr, warmup_steps=min(5, args.sft_steps),
+        schedule="wsd", tokens_per_step=4096, task_weights={SFT_TASKS[domain]: 1.0},
+    )  # fmt: skip
+    pack_index = task_pack_index(
+        args.base / "packs" / packset_id, recipe.tasks(), shards, tok, cfg.sampling, cfg.pack
+    )
+    res = train_stage(
+        recipe, init_checkpoint=init, model_preset=cfg.train.preset, vocab_size=len(tok),
+        image_token_id=tok.image_id, pack_index=pack_index, shards=shards, tokenizer_dir=tok_dir,
+        policy=cfg.sampling, out_dir=out, device=args.device,
+    )  # fmt: skip
+    return str(res.checkpoint_dir)
+
+
 def video_rl_specialist(init: str, train_videos: list[str], out: Path, args: argparse.Namespace) -> str:
     """The grounding teacher as the `video_rl` stage trains it (the config's section)."""
     from keye.core.config import load_config
@@ -166,6 +198,15 @@ def main() -> None:
     ap.add_argument("--videos", type=Path, default=Path("/tmp/mopd_table_videos"))
     ap.add_argument("--mcq-limit", type=int, default=None, help="MCQs and captions asked per checkpoint")
     ap.add_argument("--grounding", choices=("outcome", "video_rl"), default="outcome")
+    ap.add_argument(
+        "--sft-specialists",
+        default="",
+        help="comma-separated domains whose teacher is SFT on the domain only",
+    )
+    ap.add_argument(
+        "--sft-steps", type=int, default=150, help="updates of an SFT specialist (4096 tokens each)"
+    )
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--mopd-steps", type=int, default=None, help="the MOPD run's updates (default: --steps)")
     ap.add_argument("--mopd-lr", type=float, default=None, help="the MOPD run's lr (default: --lr)")
     ap.add_argument("--full-vocab-kl", action="store_true", help="MOPD: exact reverse KL (shared tokenizer)")
@@ -196,7 +237,9 @@ def main() -> None:
     ckpts, seconds = {"sft": sft}, {}
     for d in DOMAINS:
         t0 = time.perf_counter()
-        if d == "grounding" and args.grounding == "video_rl":
+        if d in args.sft_specialists.split(","):
+            ckpts[f"specialist:{d}"] = sft_specialist(sft, d, out / f"specialist-{d}-sft", args)
+        elif d == "grounding" and args.grounding == "video_rl":
             ckpts[f"specialist:{d}"] = video_rl_specialist(sft, videos, out / "specialist-grounding", args)
         else:
             ckpts[f"specialist:{d}"] = rl(d, sft, f"specialist-{d}")
