@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--mopd-steps", type=int, default=None, help="the MOPD run's updates (default: --steps)")
     ap.add_argument("--mopd-lr", type=float, default=None, help="the MOPD run's lr (default: --lr)")
+    ap.add_argument("--balance-domains", action="store_true", help="MOPD: each domain's prompts as many")
     ap.add_argument("--full-vocab-kl", action="store_true", help="MOPD: exact reverse KL (shared tokenizer)")
     ap.add_argument(
         "--workers", type=int, default=1, help="processes for the evaluations and video generation"
@@ -254,12 +255,16 @@ def main() -> None:
         full_vocab_kl=args.full_vocab_kl,
     )  # fmt: skip
     steps = args.mopd_steps or args.steps
+    mopd_prompts = prompts
+    if args.balance_domains:  # every domain as often as the largest (the pool is mostly MCQs otherwise)
+        most = max(len(v) for v in by.values())
+        mopd_prompts = [p for d in DOMAINS for p in (by[d] * (most // len(by[d]) + 1))[:most]]
     sched_mopd = MOPDSchedule(
         steps=steps, lr=args.mopd_lr or args.lr, prompts_per_step=args.prompts, save_every=steps
     )
     ckpts["mopd"] = str(
         train_mopd(
-            sft, teachers, prompts, out / "mopd", sched_mopd, s, REWARDS, device=args.device
+            sft, teachers, mopd_prompts, out / "mopd", sched_mopd, s, REWARDS, device=args.device
         ).checkpoint_dir
     )
     seconds["mopd"] = time.perf_counter() - t0
