@@ -44,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 REWARDS = {"grounding": "time_r1", "mcq": "mcq", "caption": "caption_f1"}
 DOMAINS = tuple(REWARDS)
-SFT_TASKS = {"grounding": "grounding", "mcq": "mcq", "caption": "caption"}  # domain -> pack task
 
 
 def sft_checkpoint(base: Path) -> str:
@@ -141,7 +140,7 @@ def sft_specialist(init: str, domain: str, out: Path, args: argparse.Namespace) 
     shards = shard_map(lineage, lineage.input_of_kind(packset_id, "shardset"))
     recipe = StageSettings(
         name=f"specialist_{domain}", kind="sft", steps=args.sft_steps, lr=args.sft_lr, warmup_steps=min(5, args.sft_steps),
-        schedule="wsd", tokens_per_step=4096, task_weights={SFT_TASKS[domain]: 1.0},
+        schedule="wsd", tokens_per_step=4096, task_weights={domain: 1.0},  # each domain is a pack task of its name
     )  # fmt: skip
     pack_index = task_pack_index(
         args.base / "packs" / packset_id, recipe.tasks(), shards, tok, cfg.sampling, cfg.pack
@@ -186,7 +185,6 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=24, help="max new tokens per rollout")
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--limit", type=int, default=None, help="questions per benchmark")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
