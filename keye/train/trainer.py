@@ -801,6 +801,14 @@ def main() -> None:  # pragma: no cover - exercised through subprocess tests and
     print(
         json.dumps({"done": True, "steps": res.steps, "resumed_from_step": res.resumed_from_step}), flush=True
     )
+    if dist.is_available() and dist.is_initialized():
+        # every rank done before any tears the group down, then out without interpreter finalisation: a gloo
+        # worker thread still holding a tensor then aborts the process ("terminate called without an active
+        # exception", pytorch/pytorch#179291) after all the work is safely on disk
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

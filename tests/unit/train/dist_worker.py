@@ -138,7 +138,11 @@ def expert_parallel_grads(spec: dict, rank: int, world: int) -> dict:
         elif world > 1:
             dist.all_reduce(g)
         grads[name] = g
-    result = {"loss": summed(loss), "expert_counts": out.expert_counts.tolist(), "aux": float(out.aux_loss)}
+    result = {
+        "loss": summed(loss),
+        "expert_counts": out.expert_counts.tolist(),
+        "aux": float(out.aux_loss.detach()),
+    }
     if rank == 0 and spec.get("grads"):
         save_file(grads, spec["grads"])
     if spec.get("update"):
@@ -263,11 +267,7 @@ def main() -> None:
         result = fn(spec, rank, world)
         if rank == 0:
             Path(spec["out"]).write_text(json.dumps(result))
-        # every rank done before any tears gloo down: without it a rank could exit while another's gloo threads
-        # still served it ("terminate called without an active exception", seen once in CI)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+        leave()
     from torch.distributed.device_mesh import init_device_mesh
 
     from keye.train.fsdp import shard_model
@@ -299,8 +299,19 @@ def main() -> None:
     result["losses"] = losses
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps(result))
+    leave()
+
+
+def leave() -> None:
+    """Tear gloo down and exit without interpreter finalisation. Every rank is done before any tears down (the
+    barrier); and exiting through os._exit skips the finaliser that destroys tensors gloo's worker threads may
+    still hold, which aborted a rank with "terminate called without an active exception" in CI twice (barrier alone
+    did not stop it; pytorch/pytorch#179291 describes the race)."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()  # exit without interpreter finalisation: see dist_worker.leave
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
