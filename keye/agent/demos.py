@@ -32,10 +32,12 @@ def _text(task: AgentTask) -> str:
 def teacher_turns(task: AgentTask) -> list[str] | None:
     """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for."""
     q, ref = _text(task), task.reference
-    if task.kind == "frames" and ref.get("type") == "number":  # a moment: look closely around it, then answer
+    if task.kind == "frames" and ref.get("type") == "number":  # a moment: look again between the two opening
+        # frames that bracket it (what the first view shows; never the answer itself), then answer
         t = float(ref["value"])
-        look = _call("frames", start=round(max(0.0, t - 1.0), 1), end=round(t + 1.0, 1), fps=4.0)
-        return ["Let me look closer at that moment. " + look, f"<answer>{t:.1f}</answer>"]
+        a, b = ref.get("bracket", (max(0.0, t - 1.0), t + 1.0))
+        look = _call("frames", start=round(float(a), 1), end=round(float(b), 1), fps=4.0)
+        return ["Let me look closer between those frames. " + look, f"<answer>{t:.1f}</answer>"]
     if task.kind == "frames" and ref.get("type") == "mcq":  # a missed object: look where it appears
         m = re.search(r"appears briefly at " + _NUM, q)
         if m is None:
@@ -54,8 +56,9 @@ def teacher_turns(task: AgentTask) -> list[str] | None:
         ]
     if task.kind == "python":
         spans = re.findall(_NUM + r" - " + _NUM + " s", q)
-        if spans:
-            code = f"spans = sorted({[(float(a), float(b)) for a, b in spans]})\ntotal, end = 0.0, -1.0\n"
+        if spans:  # the numbers as the question writes them: the model copies them, digit for digit
+            listed = ", ".join(f"({a}, {b})" for a, b in spans)
+            code = f"spans = sorted([{listed}])\ntotal, end = 0.0, -1.0\n"
             code += "for s, e in spans:\n    if e > end:\n        total += e - max(s, end)\n        end = e\nround(total, 2)"
         else:
             m = re.search(
@@ -63,7 +66,7 @@ def teacher_turns(task: AgentTask) -> list[str] | None:
             )
             if m is None:
                 return None
-            dur, a, b = (float(x) for x in m.groups())
+            dur, a, b = m.groups()
             code = f"round(100 * ({b} - {a}) / {dur}, 1)"
         return [_call("python", code=code), f"<answer>{ref['value']}</answer>"]
     return None

@@ -147,13 +147,21 @@ def moment_tasks(
         if what is None or e["t"] < 2 * tolerance or any(abs(e["t"] - t) < 2 * tolerance for t in shown):
             continue
         phrase = what.format(name=names.get(e.get("object"), "shape"))
+        # the two opening frames around the moment: where an agent that read the first view looks again
+        before = max((t for t in shown if t < e["t"]), default=0.0)
+        after = min((t for t in shown if t > e["t"]), default=float(duration or ann["duration"]))
         question = f"When {phrase}? Answer with the time in seconds, to one decimal."
         video_part = {"type": "video_url", "video_url": {"url": video, "fps": first_fps}}
         out.append(
             AgentTask(
                 id=f"{Path(ann['video']).stem}:moment:{i}",
                 messages=[{"role": "user", "content": [video_part, {"type": "text", "text": question}]}],
-                reference={"type": "number", "value": round(float(e["t"]), 3), "tolerance": tolerance},
+                reference={
+                    "type": "number",
+                    "value": round(float(e["t"]), 3),
+                    "tolerance": tolerance,
+                    "bracket": [round(before, 3), round(after, 3)],
+                },
                 video=video,
                 video_id=str(ann["video"]),
                 kind="frames",

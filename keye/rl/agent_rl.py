@@ -110,7 +110,12 @@ def demo_warmup(
     rng = np.random.default_rng([seed, 19])
     model.train()
     losses = []
-    for _ in range(steps):
+    ramp = max(1, steps // 20)
+    for step in range(steps):  # linear ramp over 5%, then cosine to 10% of lr: the last steps settle the copy
+        frac = (step - ramp) / max(1, steps - ramp)
+        scale = (step + 1) / ramp if step < ramp else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
         pick = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
         ids, pos, labels, patches, grids, lens = [], [], [], [], [], []
         for i in pick:

@@ -98,7 +98,7 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     )  # fmt: skip
     for path in result.trajectories:
         run.tracker.log_artifact(path, "trajectories")
-    comparison = _heldout_comparison(plan.init, str(result.checkpoint_dir), heldout, docs, tools, s, device)
+    comparison = heldout_comparison(plan.init, str(result.checkpoint_dir), heldout, docs, tools, s, device)
     atomic_write_json(plan.out_dir / "agent_eval.json", comparison)
     run.tracker.log_artifact(plan.out_dir / "agent_eval.json")
     sha = hash_checkpoint_dir(result.checkpoint_dir)
@@ -111,7 +111,7 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     lineage.complete_artifact(plan.checkpoint_id, sha256=sha, meta=meta)
 
 
-def _heldout_comparison(
+def heldout_comparison(
     init: str,
     final: str,
     tasks: list[Any],

@@ -115,6 +115,10 @@ def test_a_moment_task_asks_for_a_time_the_opening_view_only_brackets(tasks):
         shown = [float(x) for x in re.findall(r"<\|time_start\|>([0-9.]+) seconds", text)]
         when, tol = t.reference["value"], t.reference["tolerance"]
         assert shown and all(abs(when - s) >= 2 * tol - 0.051 for s in shown), (t.id, when, shown)
+        # the bracket an agent looks again in: the two shown frames around the moment, none shown between them
+        a, b = t.reference["bracket"]
+        assert a < when < b and not any(a + 0.051 < s < b - 0.051 for s in shown), (t.id, a, b, shown)
+        assert any(abs(a - s) < 0.051 for s in shown) or a == 0.0, (t.id, a, shown)
         assert agent_task_reward(f"<answer>{when + 0.2:.1f}</answer>", t.reference) == 1.0
         assert agent_task_reward(f"<answer>{when + 0.4:.1f} seconds</answer>", t.reference) == 0.0
 
@@ -192,6 +196,12 @@ def test_teacher_demonstrations_solve_every_kind_through_the_real_tools(tasks, d
             and "<tool_call>" in demo["messages"][-3]["content"]
         )
         tool_turn = demo["messages"][-2]["content"]
+        if key == "moment":  # it looks where the opening view brackets the moment, not where the answer is
+            call = json.loads(
+                demo["messages"][-3]["content"].split("<tool_call>")[1].split("</tool_call>")[0]
+            )
+            a, b = t.reference["bracket"]
+            assert call["arguments"]["start"] == round(a, 1) and call["arguments"]["end"] == round(b, 1), call
         assert not (isinstance(tool_turn, str) and tool_turn.startswith("Error")), (key, tool_turn)
         # the demonstration lays out through the one template (frames of the tool turn included)
         p = chat.build_prompt(demo["messages"], tools=demo["tools"], add_generation_prompt=False)
