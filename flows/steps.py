@@ -12,7 +12,7 @@ STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipe
     ("pack", pack.pack, "packset", ("shardset",)),
     ("train", train.train, "checkpoint", ("packset",)),
     ("video_rl", video_rl.video_rl, "checkpoint", ("checkpoint", "videoset")),
-    ("specialists", specialists.specialists, "teacherset", ("checkpoint", "videoset")),
+    ("specialists", specialists.specialists, "teacherset", ("checkpoint", "videoset", "packset")),
     ("mopd", mopd.mopd, "checkpoint", ("checkpoint", "teacherset", "videoset")),
     ("agent_rl", agent_rl.agent_rl, "checkpoint", ("checkpoint", "videoset")),
     ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),

@@ -357,19 +357,29 @@ class SpecialistDomain(_Strict):
         description="question kinds of the training split: timelens, videomme, ..., caption"
     )
     rewards: dict[str, float] = Field(description="registered reward name -> weight (keye.rl.rewards)")
+    method: Literal["rl", "sft"] = Field(
+        "rl", description="rl: outcome RL on the domain's prompts; sft: supervised steps on the PackSet's packs "
+        "of the domain's pack task only (a model that never samples the domain's answers, e.g. captions, "
+        "cannot learn them by RL)",
+    )  # fmt: skip
+    sft_task: str | None = Field(
+        None, description="method sft: the pack task trained (caption, dense, grounding, mcq, text; None: the "
+        "domain's name)",
+    )  # fmt: skip
 
 
 def _default_specialists() -> dict[str, SpecialistDomain]:
     return {
         "grounding": SpecialistDomain(kinds=["timelens"], rewards={"time_r1": 1.0}),
         "mcq": SpecialistDomain(kinds=["videomme"], rewards={"mcq": 1.0}),
-        "caption": SpecialistDomain(kinds=["caption"], rewards={"caption_f1": 1.0}),
+        # SFT: outcome RL cannot teach captions to a model that never samples one (bench/RESULTS.md mopd_table)
+        "caption": SpecialistDomain(kinds=["caption"], rewards={"caption_f1": 1.0}, method="sft"),
     }
 
 
 class SpecialistsSettings(_Strict):
-    """Per-domain teachers for MOPD, each trained from the SFT checkpoint by outcome RL on its domain only
-    (keye.rl.mopd_train without teachers: on-policy GRPO's gradient)."""
+    """Per-domain teachers for MOPD, each trained from the SFT checkpoint on its domain only: by outcome RL
+    (keye.rl.mopd_train without teachers: on-policy GRPO's gradient) or by SFT on the domain's pack task."""
 
     domains: dict[str, SpecialistDomain] = Field(default_factory=_default_specialists)
     steps: int = Field(100, ge=1)
@@ -379,7 +389,23 @@ class SpecialistsSettings(_Strict):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     save_every: int = Field(25, ge=1)
+    sft_steps: int = Field(150, ge=1, description="method sft: updates of each SFT specialist")
+    sft_lr: float = Field(1e-3, gt=0, description="method sft: peak lr (warm-up, stable, decay)")
+    sft_tokens_per_step: int = Field(4096, ge=1, description="method sft: tokens per update")
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+
+    @model_validator(mode="after")
+    def _sft_tasks_exist(self) -> SpecialistsSettings:
+        from keye.data.samples import TASKS
+
+        for name, d in self.domains.items():
+            task = d.sft_task or name
+            if d.method == "sft" and task not in TASKS:
+                raise ValueError(
+                    f"specialists.domains.{name}: method sft trains a pack task, and {task!r} is none; set "
+                    f"sft_task to one of {list(TASKS)}"
+                )
+        return self
 
 
 class TeacherConfig(_Strict):

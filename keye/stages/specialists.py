@@ -1,6 +1,8 @@
 """The specialists stage: one teacher per domain (grounding, multiple choice, captioning), each trained from the SFT
-checkpoint by outcome RL on its own domain's training-split prompts only, so that MOPD has a teacher that is best
-at each domain. Output: a TeacherSet (domain -> checkpoint) with lineage to every specialist, its data and parent."""
+checkpoint on its own domain only, by outcome RL on the domain's training-split prompts (method rl) or by
+supervised steps on the PackSet's packs of the domain's task (method sft: what makes a caption teacher, since a
+model that never samples a caption cannot be rewarded into one), so that MOPD has a teacher that is best at each
+domain. Output: a TeacherSet (domain -> checkpoint) with lineage to every specialist, its data and parent."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from keye.rl.mopd_prompts import domain_prompts
 from keye.rl.mopd_train import MOPDSchedule, train_mopd
 from keye.rl.rollouts import RolloutPrompt
 from keye.stages.artifact import StageRun
+from keye.train import StageSettings
 
 
 @dataclass
@@ -24,6 +27,7 @@ class SpecialistsPlan:
     init_id: str
     videoset_id: str
     out_dir: Path
+    packset_id: str | None = None  # the SFT specialists' packs (None: no domain uses method sft)
     todo: dict[str, str] = field(default_factory=dict)  # domain -> checkpoint id still to train
     checkpoints: dict[str, str] = field(default_factory=dict)  # domain -> checkpoint id
 
@@ -45,24 +49,37 @@ def training_prompts(
     return domain_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
 
 
-def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> SpecialistsPlan:
-    """Run alone: the newest trained checkpoint and the newest VideoSet."""
+def sft_recipe(s: Any, domain: str) -> StageSettings:
+    """A method-sft specialist's recipe: the train stage's sft kind, loss only on the domain's pack task."""
+    steps = s.sft_steps
+    return StageSettings(
+        name=f"specialist_{domain}", kind="sft", steps=steps, lr=s.sft_lr, warmup_steps=min(5, steps),
+        schedule="wsd", tokens_per_step=s.sft_tokens_per_step,
+        task_weights={s.domains[domain].sft_task or domain: 1.0},
+    )  # fmt: skip
+
+
+def plan(
+    run: StageRun, checkpoint_dir: str | None, videoset_id: str | None, packset_id: str | None = None
+) -> SpecialistsPlan:
+    """Run alone: the newest trained checkpoint, VideoSet and (with a method-sft domain) PackSet."""
     s = run.config.specialists
     init = checkpoint_dir or run.lineage.latest_checkpoint_path()
     sha = hash_checkpoint_dir(init)
     init_id = run.lineage.checkpoint_id_for(init, sha)
     videoset_id = run.input("videoset", videoset_id)
+    uses_sft = any(d.method == "sft" for d in s.domains.values())
+    packset_id = run.input("packset", packset_id) if uses_sft else None
     common = s.model_dump(mode="json", exclude={"domains"})
-    ts_id = run.key("ts", sha, videoset_id, settings_hash(s), run.config.seed)
+    ts_id = run.key("ts", sha, videoset_id, packset_id, settings_hash(s), run.config.seed)
     out_dir = run.workspace.checkpoints / ts_id
-    p = SpecialistsPlan(ts_id, False, str(init), init_id, videoset_id, out_dir)
+    p = SpecialistsPlan(ts_id, False, str(init), init_id, videoset_id, out_dir, packset_id)
     for domain, spec in sorted(s.domains.items()):
-        ck = run.key(
-            "sp", sha, videoset_id, domain, settings_hash(spec), settings_hash(common), run.config.seed
-        )
+        data = packset_id if spec.method == "sft" else videoset_id
+        ck = run.key("sp", sha, data, domain, settings_hash(spec), settings_hash(common), run.config.seed)
         p.checkpoints[domain] = ck
         path = str(out_dir / domain)
-        if run.produce(ck, "training", f"specialist:{domain}", spec, [init_id, videoset_id], path=path):
+        if run.produce(ck, "training", f"specialist:{domain}", spec, [init_id, data], path=path):
             p.todo[domain] = ck
     p.build = run.produce(
         ts_id, "teacherset", "specialists", s, list(p.checkpoints.values()), path=str(out_dir)
@@ -73,10 +90,26 @@ def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> 
 def train(run: StageRun, plan: SpecialistsPlan) -> None:
     """Each specialist still to train (resuming from its step checkpoints), then the TeacherSet."""
     s, lineage = run.config.specialists, run.lineage
-    kinds = sorted({k for d in s.domains.values() for k in d.kinds})
-    prompts = training_prompts(run, plan.videoset_id, plan.out_dir / "prompts", kinds) if plan.todo else []
+    kinds = sorted({k for d in s.domains.values() if d.method == "rl" for k in d.kinds})
+    rl_todo = [d for d in plan.todo if s.domains[d].method == "rl"]
+    prompts = training_prompts(run, plan.videoset_id, plan.out_dir / "prompts", kinds) if rl_todo else []
     for domain, ck in plan.todo.items():
         spec = s.domains[domain]
+
+        def log(m: dict[str, float], step: int, d: str = domain) -> None:
+            run.tracker.log_metrics({f"{d}/{k}" if "/" not in k else k: v for k, v in m.items()}, step)
+
+        if spec.method == "sft":
+            assert plan.packset_id is not None  # plan() resolves it whenever a domain uses sft
+            from keye.stages.train import train_on_packset
+
+            recipe = sft_recipe(s, domain)
+            result = train_on_packset(
+                run, recipe, plan.packset_id, plan.init, plan.out_dir / domain, log, device=s.device
+            )
+            numbers = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+            _record(run, plan, domain, ck, result.checkpoint_dir, result.steps, {"method": "sft", **numbers})
+            continue
         mine = [
             RolloutPrompt(p.messages, {**p.reference, "domain": domain}, p.id)
             for p in prompts
@@ -84,10 +117,6 @@ def train(run: StageRun, plan: SpecialistsPlan) -> None:
         ]
         if not mine:
             raise ValueError(f"specialists.domains.{domain}: no training prompts of kinds {spec.kinds}")
-
-        def log(m: dict[str, float], step: int, d: str = domain) -> None:
-            run.tracker.log_metrics({f"{d}/{k}" if "/" not in k else k: v for k, v in m.items()}, step)
-
         result = train_mopd(
             plan.init,
             {},
@@ -112,31 +141,34 @@ def train(run: StageRun, plan: SpecialistsPlan) -> None:
             device=device_of(run, s.device),
             log_metrics=log,
         )
-        sha = hash_checkpoint_dir(result.checkpoint_dir)
-        meta: dict[str, Any] = {
-            "steps": result.steps,
-            "prompts": len(mine),
-            "domain": domain,
-            **result.metrics,
-        }
-        path = str(result.checkpoint_dir.resolve())
-        lineage.record_checkpoint(
-            ck,
-            path,
-            sha,
-            f"specialist:{domain}",
-            result.steps,
-            run.run_id,
-            [plan.init_id, plan.videoset_id],
-            meta,
-        )
-        lineage.complete_artifact(ck, sha256=sha, meta={**meta, "path": path})
+        meta = {"method": "rl", "prompts": len(mine), **result.metrics}
+        _record(run, plan, domain, ck, result.checkpoint_dir, result.steps, meta)
     if plan.build:
         teachers = {
             d: {"checkpoint_id": ck, "path": run.meta(ck)["path"]} for d, ck in plan.checkpoints.items()
         }
         meta = {"teachers": teachers, "parent": plan.init, "parent_id": plan.init_id}
         lineage.complete_artifact(plan.teacherset_id, sha256=settings_hash(meta), meta=meta)
+
+
+def _record(
+    run: StageRun,
+    plan: SpecialistsPlan,
+    domain: str,
+    ck: str,
+    checkpoint: Path,
+    steps: int,
+    meta: dict[str, Any],
+) -> None:
+    """The specialist's checkpoint with edges from its parent and its data (the VideoSet, or the PackSet)."""
+    sha = hash_checkpoint_dir(checkpoint)
+    data = plan.packset_id if meta["method"] == "sft" else plan.videoset_id
+    meta = {"steps": steps, "domain": domain, **meta}
+    path = str(Path(checkpoint).resolve())
+    run.lineage.record_checkpoint(
+        ck, path, sha, f"specialist:{domain}", steps, run.run_id, [plan.init_id, data], meta
+    )
+    run.lineage.complete_artifact(ck, sha256=sha, meta={**meta, "path": path})
 
 
 def finish(run: StageRun, plan: SpecialistsPlan) -> str:

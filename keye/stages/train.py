@@ -59,23 +59,28 @@ def plan(
     return TrainPlan(ckpt_id, build, recipe, packset_id, init, out_dir)
 
 
-def train(run: StageRun, plan: TrainPlan) -> None:
-    """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
-    import os
-
+def train_on_packset(
+    run: StageRun,
+    recipe: StageSettings,
+    packset_id: str,
+    init: str | None,
+    out_dir: Path,
+    log_metrics: Any,
+    parallel: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> Any:
+    """One recipe on a PackSet's packs (its tokenizer, shards and the pack index of the recipe's tasks): the train
+    stage's recipes and the specialists stage's SFT teachers alike. Returns keye.train's TrainResult."""
     t, lineage = run.config.train, run.lineage
-    # several ranks (torchrun): the mesh of train.parallel (FSDP2, EP, CP, ViT apart); one process: the plain path
-    parallel = t.parallel.model_dump() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    tok_dir = Path(run.meta(plan.packset_id)["tokenizer_dir"])
+    tok_dir = Path(run.meta(packset_id)["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
-    shards = shard_map(lineage, lineage.input_of_kind(plan.packset_id, "shardset"))
-    pack_dir = run.workspace.packs / plan.packset_id
+    shards = shard_map(lineage, lineage.input_of_kind(packset_id, "shardset"))
     pack_index = task_pack_index(
-        pack_dir, plan.recipe.tasks(), shards, tok, run.config.sampling, run.config.pack
+        run.workspace.packs / packset_id, recipe.tasks(), shards, tok, run.config.sampling, run.config.pack
     )
-    result = train_stage(
-        plan.recipe,
-        init_checkpoint=plan.init,
+    return train_stage(
+        recipe,
+        init_checkpoint=init,
         model_preset=t.preset,
         vocab_size=len(tok),
         image_token_id=tok.image_id,
@@ -83,10 +88,23 @@ def train(run: StageRun, plan: TrainPlan) -> None:
         shards=shards,
         tokenizer_dir=tok_dir,
         policy=run.config.sampling,
-        out_dir=plan.out_dir,
-        log_metrics=run.tracker.log_metrics,
-        device=t.device,
+        out_dir=out_dir,
+        log_metrics=log_metrics,
+        device=device or t.device,
         parallel=parallel,
+    )
+
+
+def train(run: StageRun, plan: TrainPlan) -> None:
+    """Train the recipe (resuming from its step checkpoints; final/ carries the tokenizer and policy), record it."""
+    import os
+
+    lineage = run.lineage
+    # several ranks (torchrun): the mesh of train.parallel (FSDP2, EP, CP, ViT apart); one process: the plain path
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = run.config.train.parallel.model_dump() if world > 1 else None
+    result = train_on_packset(
+        run, plan.recipe, plan.packset_id, plan.init, plan.out_dir, run.tracker.log_metrics, parallel
     )
     sha = hash_checkpoint_dir(result.checkpoint_dir)
     path = str(result.checkpoint_dir.resolve())

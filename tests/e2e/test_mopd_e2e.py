@@ -5,6 +5,7 @@ per-domain curves; a second run makes nothing again."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -37,9 +38,11 @@ def _config(tmp_path: Path) -> Path:
               group_size: 2
               max_new_tokens: 4
               save_every: 1
+              sft_steps: 2
+              sft_tokens_per_step: 2048
               domains:
                 grounding: {{kinds: [timelens], rewards: {{time_r1: 1.0}}}}
-                caption: {{kinds: [caption], rewards: {{caption_f1: 1.0}}}}
+                caption: {{kinds: [caption], rewards: {{caption_f1: 1.0}}, method: sft}}
             mopd:
               steps: 2
               prompts_per_step: 2
@@ -80,10 +83,12 @@ def test_specialists_then_mopd_with_lineage_and_curves(tmp_path):
     sft_id = stages["sft"]["checkpoint_id"]
     student_id = stages["mopd"]["checkpoint_id"]
     up = {r["id"] for r in store.upstream(student_id)}
-    for d in ("grounding", "caption"):
+    for d, data in (("grounding", "videoset"), ("caption", "packset")):  # RL on prompts; SFT on packs
         spec_id = stages[f"specialist:{d}"]["checkpoint_id"]
         assert spec_id in up  # an edge from every teacher to the student
-        assert {sft_id, art["videoset"]} <= {r["id"] for r in store.upstream(spec_id)}  # data and parent
+        assert {sft_id, art[data]} <= {r["id"] for r in store.upstream(spec_id)}  # data and parent
+    caption_meta = json.loads(store.artifact(stages["specialist:caption"]["checkpoint_id"])["meta"])
+    assert caption_meta["method"] == "sft" and caption_meta["steps"] == 2, caption_meta
     assert sft_id in up and art["teacherset"] in up
     # MLflow: the mopd stage's run holds per-domain curves
     import mlflow

@@ -48,6 +48,12 @@ def test_overrides_and_short_source_forms(tmp_path):
         ("", ["train.dsa_selection=blocks"], "train.dsa_selection"),
         ("", ["train.dsa_selection_block=0"], "train.dsa_selection_block"),
         ("", ["train.dsa_indexer_dtype=fp16"], "train.dsa_indexer_dtype"),
+        (
+            "specialists:\n  domains:\n    ocr: {kinds: [videomme], rewards: {mcq: 1.0}, method: sft}\n",
+            [],
+            "specialists.domains.ocr: method sft trains a pack task, and 'ocr' is none",
+        ),
+        ("specialists:\n  domains:\n    mcq: {kinds: [videomme], rewards: {}, method: distil}\n", [], "method"),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
