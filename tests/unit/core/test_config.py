@@ -53,7 +53,11 @@ def test_overrides_and_short_source_forms(tmp_path):
             [],
             "specialists.domains.ocr: method sft trains a pack task, and 'ocr' is none",
         ),
-        ("specialists:\n  domains:\n    mcq: {kinds: [videomme], rewards: {}, method: distil}\n", [], "method"),
+        (
+            "specialists:\n  domains:\n    mcq: {kinds: [videomme], rewards: {}, method: distil}\n",
+            [],
+            "method",
+        ),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):
