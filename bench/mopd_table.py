@@ -175,6 +175,10 @@ def video_rl_specialist(init: str, train_videos: list[str], out: Path, args: arg
     return str(res.checkpoint_dir)
 
 
+def _shares(text: str) -> list[tuple[str, float]]:
+    return [(k, float(v)) for k, v in (x.split("=") for x in text.split(",") if x)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=Path("/work/runs/base"))
@@ -209,6 +213,9 @@ def main() -> None:
     ap.add_argument("--mopd-lr", type=float, default=None, help="the MOPD run's lr (default: --lr)")
     ap.add_argument("--balance-domains", action="store_true", help="MOPD: each domain's prompts as many")
     ap.add_argument("--full-vocab-kl", action="store_true", help="MOPD: exact reverse KL (shared tokenizer)")
+    ap.add_argument(
+        "--teacher-sampled", default="", help="MOPD: DOMAIN=SHARE,... groups sampled by the domain's teacher"
+    )
     ap.add_argument(
         "--workers", type=int, default=1, help="processes for the evaluations and video generation"
     )
@@ -250,7 +257,7 @@ def main() -> None:
     teachers = {d: TeacherSpec(checkpoint=ckpts[f"specialist:{d}"]) for d in DOMAINS}
     s = MOPDSettings(
         group_size=args.group, max_new_tokens=args.tokens, alpha=args.alpha, domains=DOMAINS,
-        full_vocab_kl=args.full_vocab_kl,
+        full_vocab_kl=args.full_vocab_kl, teacher_sampled=dict(_shares(args.teacher_sampled)),
     )  # fmt: skip
     steps = args.mopd_steps or args.steps
     mopd_prompts = prompts

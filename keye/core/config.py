@@ -450,9 +450,22 @@ class MOPDConfig(_Strict):
     full_vocab_kl: bool = Field(
         False, description="exact reverse KL (checkpoint teachers sharing the tokenizer)"
     )
+    teacher_sampled: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="domain -> share of its groups sampled by its teacher and learnt by "
+        "log-likelihood (off-policy, GKD); for a domain the student never samples, e.g. captions",
+    )  # fmt: skip
     micro_batch_size: int = Field(64, ge=1)
     save_every: int = Field(25, ge=1)
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+
+    @model_validator(mode="after")
+    def _sampling_teachers_exist(self) -> MOPDConfig:
+        unknown = sorted(set(self.teacher_sampled) - set(self.teachers))
+        if unknown:
+            raise ValueError(
+                f"teacher_sampled names domain(s) {unknown} without a teacher; teachers: {sorted(self.teachers)}"
+            )
+        return self
 
 
 class TrackingSettings(_Strict):

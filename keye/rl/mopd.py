@@ -11,6 +11,12 @@ gate, padding, tokens the teacher could not score (distillation part) and any `t
 carry no loss. `full_vocab_kl` replaces the sampled distillation term by the exact reverse KL
 sum_v pi_theta(v) (log pi_theta(v) - log pi_teacher(v)) at every answer position (teachers sharing the tokenizer;
 no sampling noise). Teachers are frozen: only their numbers enter, detached.
+
+`teacher_sampled` (domain -> share) has that share of a domain's groups sampled by its own teacher (on the teacher's
+view of the prompt) instead of the student, and trains the student on them by log-likelihood, the forward KL to the
+teacher on its own samples: GKD's mix of on- and off-policy data (Agarwal et al., arXiv 2306.13649, student share
+lambda = 1 - share). On-policy distillation corrects only what the student samples; a student that never writes a
+caption samples nothing caption-like for the caption teacher to correct (bench/RESULTS.md `## mopd_table`).
 """
 
 from __future__ import annotations
@@ -50,12 +56,18 @@ class MOPDSettings:
     max_grad_norm: float = 1.0
     stop: tuple[str, ...] = ()
     domains: tuple[str, ...] = field(default_factory=tuple)  # domains always reported (metrics 0 when absent)
+    teacher_sampled: dict[str, float] = field(
+        default_factory=dict
+    )  # domain -> share of groups its teacher samples
 
     def __post_init__(self) -> None:
         if not 0 < self.eps_low <= 1 <= self.eps_high:
             raise ValueError(
                 f"MOPD gate needs 0 < eps_low <= 1 <= eps_high, got [{self.eps_low}, {self.eps_high}]"
             )
+        bad = {d: v for d, v in self.teacher_sampled.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"teacher_sampled shares must lie in [0, 1], got {bad}")
 
     def sampling(self, seed: int | None) -> SamplingSettings:
         return SamplingSettings(
@@ -202,6 +214,9 @@ def train_on_samples(
     if teach.full is not None:
         tfull = torch.nn.functional.pad(teach.full, (0, 0, 0, width - teach.full.shape[1]))
     sampler_lp = _pad([s.logprobs for s in samples], width)
+    # teacher-sampled answers: log-likelihood (advantage 1, ratio 1, no distillation or outcome term)
+    off = torch.tensor([bool(s.extra.get("teacher_sampled")) for s in samples])
+    tmask[off] = 0.0
 
     order = torch.arange(len(samples))
     micro = [
@@ -226,6 +241,8 @@ def train_on_samples(
         lp = torch.nn.functional.pad(s.logprobs, (0, pad))
         m = mask[idx].to(device)
         tm = tmask[idx].to(device)
+        off_rows = off[idx].to(device)
+        behaviour = torch.where(off_rows[:, None], lp.detach(), sampler_lp[idx].to(device))
         rkl = None
         if settings.full_vocab_kl:
             sf = torch.nn.functional.pad(s.full, (0, 0, 0, pad))
@@ -237,9 +254,10 @@ def train_on_samples(
         else:
             adv = mopd_advantages(tlp[idx].to(device), lp, outcome[idx].to(device), settings.alpha, tm)
             rkl_tok[idx] = ((lp.detach() - tlp[idx].to(device)) * tm).cpu()
+        adv = torch.where(off_rows[:, None], torch.ones_like(adv), adv)
         out = mopd_loss(
             lp,
-            sampler_lp[idx].to(device),
+            behaviour,
             adv,
             m,
             eps_low=settings.eps_low,
@@ -274,7 +292,62 @@ def train_on_samples(
         metrics[f"{d}/reward"] = float(rewards[r].mean())
         metrics[f"{d}/response_length"] = float(sum(lens[i] for i in rows) / len(rows))
         metrics[f"{d}/samples"] = float(len(rows))
+        metrics[f"{d}/teacher_sampled"] = float(off[r].float().mean())
     return metrics
+
+
+def teacher_sampled_prompts(
+    prompts: Sequence[RolloutPrompt], router: TeacherRouter | None, settings: MOPDSettings, seed: int | None
+) -> dict[int, str]:
+    """prompt index -> domain, for the prompts whose group the domain's teacher samples (a seeded draw per prompt
+    against the domain's `teacher_sampled` share)."""
+    if router is None or not settings.teacher_sampled:
+        return {}
+    rng = torch.Generator().manual_seed(0 if seed is None else int(seed) + 17)
+    draws = torch.rand(len(prompts), generator=rng).tolist()
+    out = {}
+    for i, (p, u) in enumerate(zip(prompts, draws, strict=True)):
+        d = router.domain_of(p)
+        if u < settings.teacher_sampled.get(d, 0.0):
+            out[i] = d
+    return out
+
+
+def teacher_rollouts(
+    chat: Any,
+    prompts: Sequence[RolloutPrompt],
+    by_teacher: Mapping[int, str],
+    router: TeacherRouter | None,
+    settings: MOPDSettings,
+    seed: int | None,
+) -> dict[int, list[Sample]]:
+    """Groups sampled by each domain's teacher on its own view of the prompt, re-based on the student's prompt
+    (what the student is trained on) and marked teacher_sampled. The teacher must be a local checkpoint sharing
+    the student's tokenizer: its token ids become the student's answer."""
+    from keye.rl.rollouts import LocalEngine
+    from keye.rl.teachers import view_messages
+
+    out: dict[int, list[Sample]] = {}
+    for d in dict.fromkeys(by_teacher.values()):
+        assert router is not None
+        teacher = router.table[d]
+        t_chat = getattr(teacher, "chat", None)
+        if t_chat is None or len(t_chat.tok) != len(chat.tok):
+            raise ValueError(
+                f"mopd.teacher_sampled.{d}: the teacher must be a local checkpoint sharing the student's tokenizer "
+                "(its samples become the student's answers); drop the domain from teacher_sampled"
+            )
+        idx = [i for i, x in by_teacher.items() if x == d]
+        views = [
+            RolloutPrompt(view_messages(prompts[i], teacher.view), prompts[i].reference, prompts[i].id)
+            for i in idx
+        ]
+        for i, g in zip(idx, LocalEngine(t_chat).rollout(views, settings.sampling(seed)), strict=True):
+            base = chat.build_prompt(prompts[i].messages)
+            for s in g:
+                s.prompt, s.extra["teacher_sampled"] = base, True
+            out[i] = g
+    return out
 
 
 def mopd_step(
@@ -295,7 +368,16 @@ def mopd_step(
     for p in prompts if router is not None else ():
         router.domain_of(p)  # an unknown domain fails before any sampling
     t0 = time.perf_counter()
-    groups = engine.rollout(prompts, settings.sampling(seed))
+    by_teacher = teacher_sampled_prompts(prompts, router, settings, seed)
+    mine = [i for i in range(len(prompts)) if i not in by_teacher]
+    groups: list[list[Sample]] = [[] for _ in prompts]
+    for i, g in zip(mine, engine.rollout([prompts[i] for i in mine], settings.sampling(seed)), strict=True):
+        groups[i] = g
+    for i, g in teacher_rollouts(chat, prompts, by_teacher, router, settings, seed).items():
+        groups[i] = g
+    for i, g in enumerate(groups):
+        for s in g:
+            s.group = i
     rollout_s = time.perf_counter() - t0
     for g, p in zip(groups, prompts, strict=True):
         for s in g:

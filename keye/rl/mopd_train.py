@@ -112,6 +112,13 @@ def train_mopd(
         )
         for p in prompts:
             router.domain_of(p)  # every domain has a teacher before any work
+    for d in settings.teacher_sampled:  # a teacher that samples must be a local model sharing the tokenizer
+        t = router.table.get(d) if router is not None else None
+        if t is None or getattr(t, "chat", None) is None or len(t.chat.tok) != len(chat.tok):
+            raise ValueError(
+                f"mopd.teacher_sampled.{d}: needs the domain's teacher to be a checkpoint sharing the student's "
+                "tokenizer (an endpoint teacher only scores)"
+            )
     missing = sorted({str(p.reference.get("domain")) for p in prompts} - set(rewards))
     if missing:
         raise KeyError(f"no outcome reward for domain(s) {missing}; rewards are set for {sorted(rewards)}")

@@ -40,6 +40,7 @@ def settings(s: MOPDConfig) -> MOPDSettings:
         full_vocab_kl=s.full_vocab_kl,
         micro_batch_size=s.micro_batch_size,
         domains=tuple(sorted(s.teachers)),
+        teacher_sampled=dict(s.teacher_sampled),
     )
 
 

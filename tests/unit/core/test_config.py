@@ -58,6 +58,12 @@ def test_overrides_and_short_source_forms(tmp_path):
             [],
             "method",
         ),
+        (
+            "mopd:\n  teacher_sampled: {ocr: 0.5}\n",
+            [],
+            "teacher_sampled names domain(s) ['ocr'] without a teacher",
+        ),
+        ("mopd:\n  teacher_sampled: {caption: 1.5}\n", [], "mopd.teacher_sampled.caption"),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):

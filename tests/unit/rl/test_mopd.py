@@ -390,3 +390,87 @@ def test_without_teachers_the_update_is_grpos(tok):
             assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
             n += 1
     assert n > 5
+
+
+# ------------------------------------------------------------------------------------------------ teacher-sampled
+def test_teacher_sampled_groups_are_the_teachers_own_and_learnt_by_likelihood(tok):
+    """A domain with teacher_sampled 1.0: its groups are what its teacher samples on its own (text) view, re-based
+    on the student's prompt; their tokens are learnt by log-likelihood (no distillation, outcome or gate term),
+    while the other domain's student samples keep the MOPD loss, in one update."""
+    from keye.rl.mopd import teacher_rollouts, teacher_sampled_prompts
+
+    chat = _chat(tok, 3)
+    teacher = CheckpointTeacher(_chat(tok, 4), view="text")
+    router = TeacherRouter({"grounding": teacher, "caption": teacher})
+    settings = MOPDSettings(
+        group_size=2, max_new_tokens=5, alpha=0.0, loss_agg_mode="token-sum", max_grad_norm=1e9,
+        teacher_sampled={"caption": 1.0},
+    )  # fmt: skip
+    prompts = [_video_prompt(i, d) for i, d in enumerate(["grounding", "caption", "grounding", "caption"])]
+    picked = teacher_sampled_prompts(prompts, router, settings, seed=7)
+    assert picked == {1: "caption", 3: "caption"}
+    by_teacher = teacher_rollouts(chat, prompts, picked, router, settings, seed=7)
+    own = LocalEngine(teacher.chat).rollout(
+        [RolloutPrompt(view_messages(prompts[i], "text"), prompts[i].reference) for i in (1, 3)],
+        settings.sampling(7),
+    )
+    for i, g in zip((1, 3), own, strict=True):
+        assert [s.token_ids for s in by_teacher[i]] == [s.token_ids for s in g]  # the teacher's own samples
+        student_prompt = chat.build_prompt(prompts[i].messages)
+        for s in by_teacher[i]:
+            assert s.extra["teacher_sampled"] and torch.equal(s.prompt.input_ids, student_prompt.input_ids)
+            assert s.prompt.pixel_patches is not None  # the student sees the frames the text teacher did not
+
+    base = {i: chat.build_prompt(prompts[i].messages) for i in (0, 2)}
+    mine = {0: [105, 106, 107], 2: [108, 109]}
+    with torch.no_grad():
+        lp0 = answer_logprobs(chat.model, [base[0], base[2]], [mine[0], mine[2]]).logprobs
+    groups = [
+        [Sample(0, mine[0], lp0[0, :3].tolist(), "", "stop", prompt=base[0])],
+        [s for s in by_teacher[1]],
+        [Sample(2, mine[2], lp0[1, :2].tolist(), "", "stop", prompt=base[2])],
+        [s for s in by_teacher[3]],
+    ]
+    for g_i, g in enumerate(groups):
+        for s in g:
+            s.group = g_i
+    params = [p for p in chat.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    m = train_on_samples(chat, opt, prompts, groups, router, settings)
+    assert m["caption/teacher_sampled"] == 1.0 and m["grounding/teacher_sampled"] == 0.0
+    got = [p.grad.clone() for p in params if p.grad is not None]
+    opt.zero_grad()
+    samples = [s for g in groups for s in g]
+    answers = [s.token_ids for s in samples]
+    lp = answer_logprobs(chat.model, [s.prompt for s in samples], answers).logprobs
+    on = [i for i, s in enumerate(samples) if not s.extra.get("teacher_sampled")]
+    off = [i for i, s in enumerate(samples) if s.extra.get("teacher_sampled")]
+    t = teacher.score([prompts[samples[i].group] for i in on], [answers[i] for i in on]).logprobs
+    manual = -((t - lp[on, : t.shape[1]].detach()) * lp[on, : t.shape[1]]).sum()
+    width = lp.shape[1]
+    off_mask = torch.tensor([[1.0] * len(answers[i]) + [0.0] * (width - len(answers[i])) for i in off])
+    manual = manual - (lp[off] * off_mask).sum()
+    manual.backward()
+    want = [p.grad for p in params if p.grad is not None]
+    assert len(got) == len(want) > 5
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_sampled_draws_are_seeded_and_follow_the_share(tok):
+    teacher = CheckpointTeacher(_chat(tok, 4))
+    router = TeacherRouter({"grounding": teacher, "mcq": teacher})
+    settings = MOPDSettings(teacher_sampled={"mcq": 0.5})
+    prompts = _text_prompts(400)
+    a = teacher_sampled_prompts_of(prompts, router, settings, 3)
+    assert a == teacher_sampled_prompts_of(prompts, router, settings, 3)  # seeded
+    assert a != teacher_sampled_prompts_of(prompts, router, settings, 4)
+    assert set(a.values()) == {"mcq"} and 70 <= len(a) <= 130  # ~half of the 200 mcq prompts
+    with pytest.raises(ValueError, match="teacher_sampled shares must lie in"):
+        MOPDSettings(teacher_sampled={"mcq": 1.5})
+
+
+def teacher_sampled_prompts_of(prompts, router, settings, seed):
+    from keye.rl.mopd import teacher_sampled_prompts
+
+    return teacher_sampled_prompts(prompts, router, settings, seed)

@@ -76,7 +76,7 @@ def test_prompt_set_has_every_domain_with_transcripts(world):
         tag_domains([RolloutPrompt([{"role": "user", "content": "x"}], {"kind": "ocr"}, "x")])
 
 
-def _train(world, out, steps, prompts=None):
+def _train(world, out, steps, prompts=None, teacher_sampled=None):
     d, _, ckpts, all_prompts = world
     teachers = {
         "grounding": TeacherSpec(checkpoint=str(ckpts["grounding"])),
@@ -90,27 +90,63 @@ def _train(world, out, steps, prompts=None):
         prompts or all_prompts,
         out,
         MOPDSchedule(steps=steps, lr=1e-3, prompts_per_step=3, save_every=1, seed=7),
-        MOPDSettings(group_size=2, max_new_tokens=4, domains=("caption", "grounding", "mcq")),
+        MOPDSettings(
+            group_size=2,
+            max_new_tokens=4,
+            domains=("caption", "grounding", "mcq"),
+            teacher_sampled=teacher_sampled or {},
+        ),  # fmt: skip
         {"grounding": "time_r1", "mcq": "mcq", "caption": "caption_f1"},
         log_metrics=lambda m, s: logged.append((s, m)),
     )
     return result, logged
 
 
-def test_train_mopd_logs_per_domain_curves_and_resumes_exactly(world):
-    d = world[0]
-    straight, logged = _train(world, d / "straight", 3)
+@pytest.mark.parametrize("teacher_sampled", [None, {"caption": 1.0, "mcq": 0.5}], ids=["on-policy", "mixed"])
+def test_train_mopd_logs_per_domain_curves_and_resumes_exactly(world, teacher_sampled):
+    d = world[0] / ("mixed" if teacher_sampled else "on")
+    few = None
+    if teacher_sampled:  # each domain's first two prompts: every step meets a caption prompt
+        by = {
+            dom: [p for p in world[3] if p.reference["domain"] == dom][:2]
+            for dom in ("caption", "grounding", "mcq")
+        }
+        few = [p for ps in by.values() for p in ps]
+    straight, logged = _train(world, d / "straight", 3, few, teacher_sampled)
     assert straight.steps == 3 and (straight.checkpoint_dir / "tokenizer.json").is_file()
     assert [s for s, _ in logged] == [1, 2, 3]
     for _, m in logged:
         for dom in ("grounding", "mcq", "caption"):
             assert {f"{dom}/reverse_kl", f"{dom}/reward", f"{dom}/response_length"} <= set(m)
-    first, _ = _train(world, d / "resumed", 2)
+    if teacher_sampled:  # the caption teacher (text view) sampled every caption group; grounding: the student
+        shown = [m for _, m in logged if m.get("caption/samples", 0) > 0]
+        assert shown and all(m["caption/teacher_sampled"] == 1.0 for m in shown)
+        assert all(m.get("grounding/teacher_sampled", 0.0) == 0.0 for _, m in logged)
+    first, _ = _train(world, d / "resumed", 2, few, teacher_sampled)
     assert first.steps == 2
-    resumed, relogged = _train(world, d / "resumed", 3)
+    resumed, relogged = _train(world, d / "resumed", 3, few, teacher_sampled)
     assert [s for s, _ in relogged] == [3]  # only the missing step ran
     assert resumed.metrics == straight.metrics
     a, b = read_state(straight.checkpoint_dir), read_state(resumed.checkpoint_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    again, none = _train(world, d / "straight", 3)  # finished: returns at once
+    again, none = _train(world, d / "straight", 3, few, teacher_sampled)  # finished: returns at once
     assert none == [] and again.metrics == straight.metrics
+
+
+def test_a_teacher_that_cannot_sample_fails_before_any_work(world, tmp_path):
+    """teacher_sampled names a domain whose teacher only scores (an endpoint): a clear error before any work."""
+    _, _, ckpts, prompts = world
+
+    class ScoresOnly:  # an endpoint teacher's surface: a name, a view and score(); no local model to sample
+        name, view = "remote", "video"
+
+        def score(self, prompts, answers, *, temperature=1.0, full=False):  # pragma: no cover - never reached
+            raise AssertionError("no work may start")
+
+    caption = [p for p in prompts if p.reference["domain"] == "caption"]
+    with pytest.raises(ValueError, match="mopd.teacher_sampled.caption: needs the domain's teacher"):
+        train_mopd(
+            ckpts["student"], {"caption": ScoresOnly()}, caption, tmp_path / "out", MOPDSchedule(steps=1),
+            MOPDSettings(teacher_sampled={"caption": 1.0}), {"caption": "caption_f1"},
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
