@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keye.agent.env import AgentTask, ToolEnv
-from keye.data.tokenizer import TOOL_CALL_END, TOOL_CALL_START, format_time
+from keye.data.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
 
@@ -29,29 +29,15 @@ def _text(task: AgentTask) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
 
 
-def teacher_turns(task: AgentTask) -> list[Any] | None:
-    """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for. A turn is
-    text or, for an answer read from what a tool returned, a function of the conversation so far."""
+def teacher_turns(task: AgentTask) -> list[str] | None:
+    """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for."""
     q, ref = _text(task), task.reference
     if task.kind == "frames" and ref.get("type") == "number":  # a moment: look again between the two opening
         # frames that bracket it (what the first view shows; never the answer itself), then answer
         t = float(ref["value"])
         a, b = ref.get("bracket", (max(0.0, t - 1.0), t + 1.0))
         look = _call("frames", start=round(float(a), 1), end=round(float(b), 1), fps=4.0)
-        if not ref.get("span_ok"):
-            return ["Let me look closer between those frames. " + look, f"<answer>{t:.1f}</answer>"]
-
-        def around(
-            messages: list[dict[str, Any]],
-        ) -> str:  # the two frames of the close look around the moment
-            times = [x for m in messages for p in _parts(m) if p.get("type") == "video" for x in p["times"]]
-            lo = max((x for x in times if x <= t), default=None)
-            hi = min((x for x in times if x >= t), default=None)
-            if lo is None or hi is None or hi - lo > 2 * float(ref["tolerance"]):
-                return f"<answer>{t:.1f}</answer>"  # the look missed: the number form
-            return f"<answer>{format_time(lo)} - {format_time(hi)} seconds</answer>"
-
-        return ["Let me look closer between those frames. " + look, around]
+        return ["Let me look closer between those frames. " + look, f"<answer>{t:.1f}</answer>"]
     if task.kind == "frames" and ref.get("type") == "mcq":  # a missed object: look where it appears
         m = re.search(r"appears briefly at " + _NUM, q)
         if m is None:
@@ -86,11 +72,6 @@ def teacher_turns(task: AgentTask) -> list[Any] | None:
     return None
 
 
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    c = message.get("content")
-    return [p for p in c if isinstance(p, dict)] if isinstance(c, list) else []
-
-
 def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str, Any] | None:
     """{"messages", "tools", "reward"}: the teacher's conversation with the real tool turns (frames as decoded
     arrays, as keye.serve.chat takes them), or None without a script. `reward` is the environment's for the final
@@ -103,10 +84,7 @@ def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str,
         messages = env.reset(task)
         tools = env.tool_specs()
         reward = None
-        for (
-            turn
-        ) in turns:  # a turn is text, or a function of the tool turns so far (an answer read from them)
-            text = turn if isinstance(turn, str) else turn(messages)
+        for text in turns:
             step = env.step(text)
             messages.append({"role": "assistant", "content": text})
             if step.done:

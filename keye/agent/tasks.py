@@ -150,10 +150,7 @@ def moment_tasks(
         # the two opening frames around the moment: where an agent that read the first view looks again
         before = max((t for t in shown if t < e["t"]), default=0.0)
         after = min((t for t in shown if t > e["t"]), default=float(duration or ann["duration"]))
-        question = (
-            f"When {phrase}? Answer with the time in seconds, to one decimal, or with the two frame times around "
-            f"it as 'start - end seconds' (at most {2 * tolerance:g} s apart)."
-        )
+        question = f"When {phrase}? Answer with the time in seconds, to one decimal."
         video_part = {"type": "video_url", "video_url": {"url": video, "fps": first_fps}}
         out.append(
             AgentTask(
@@ -164,7 +161,6 @@ def moment_tasks(
                     "value": round(float(e["t"]), 3),
                     "tolerance": tolerance,
                     "bracket": [round(before, 3), round(after, 3)],
-                    "span_ok": True,
                 },
                 video=video,
                 video_id=str(ann["video"]),
@@ -334,8 +330,7 @@ def _final_answer(text: str) -> str:
 
 @register_reward("agent_task")
 def agent_task_reward(completion: str, reference: Mapping[str, Any]) -> float:
-    """1 for a right answer of the task's kind (mcq letter; span with IoU >= 0.5; number within tolerance, or for a
-    moment, `span_ok`, two times around it at most 2 x tolerance apart: what two frames of a close look show)."""
+    """1 for a right answer of the task's kind (mcq letter; span with IoU >= 0.5; number within tolerance)."""
     answer = _final_answer(completion)
     kind = reference.get("type")
     if kind == "mcq":
@@ -350,11 +345,6 @@ def agent_task_reward(completion: str, reference: Mapping[str, Any]) -> float:
         nums = _NUMBER.findall(answer)
         if not nums:
             return 0.0
-        tol = float(reference.get("tolerance", 0))
-        if reference.get("span_ok") and len(nums) >= 2 and "-" in answer:  # two frame times around the moment
-            a, b = float(nums[-2]), float(nums[-1])
-            t = float(reference["value"])  # frame times are read at one decimal: +-0.05 s of rounding
-            return 1.0 if a - 0.05 <= t <= b + 0.05 and b - a <= 2 * tol + 1e-9 else 0.0
         return (
             1.0
             if abs(float(nums[-1]) - float(reference["value"])) <= float(reference.get("tolerance", 0))

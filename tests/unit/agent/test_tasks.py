@@ -121,17 +121,6 @@ def test_a_moment_task_asks_for_a_time_the_opening_view_only_brackets(tasks):
         assert any(abs(a - s) < 0.051 for s in shown) or a == 0.0, (t.id, a, shown)
         assert agent_task_reward(f"<answer>{when + 0.2:.1f}</answer>", t.reference) == 1.0
         assert agent_task_reward(f"<answer>{when + 0.4:.1f} seconds</answer>", t.reference) == 0.0
-        # or the two frame times around it, at most 2 x tolerance apart (what a close look shows; the opening
-        # view's bracket is wider, and a span beside the moment is wrong)
-        assert (
-            agent_task_reward(f"<answer>{when - 0.2:.1f} - {when + 0.2:.1f} seconds</answer>", t.reference)
-            == 1.0
-        )
-        assert agent_task_reward(f"<answer>{a:.1f} - {b:.1f} seconds</answer>", t.reference) == 0.0
-        assert (
-            agent_task_reward(f"<answer>{when + 0.2:.1f} - {when + 0.6:.1f} seconds</answer>", t.reference)
-            == 0.0
-        )
 
 
 def test_a_search_task_is_answered_by_the_search_tool(tasks, dataset):
@@ -213,8 +202,6 @@ def test_teacher_demonstrations_solve_every_kind_through_the_real_tools(tasks, d
             )
             a, b = t.reference["bracket"]
             assert call["arguments"]["start"] == round(a, 1) and call["arguments"]["end"] == round(b, 1), call
-            answer = demo["messages"][-1]["content"]  # the two frames of the look around the moment
-            assert re.fullmatch(r"<answer>[0-9.]+ - [0-9.]+ seconds</answer>", answer), answer
         assert not (isinstance(tool_turn, str) and tool_turn.startswith("Error")), (key, tool_turn)
         # the demonstration lays out through the one template (frames of the tool turn included)
         p = chat.build_prompt(demo["messages"], tools=demo["tools"], add_generation_prompt=False)
