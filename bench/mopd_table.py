@@ -126,11 +126,12 @@ def sft_specialist(init: str, domain: str, out: Path, args: argparse.Namespace) 
     """A teacher trained by SFT on its domain only (the issue's other way to make one): the train stage's trainer
     on the base workspace's PackSet, from the SFT checkpoint, with loss only on the domain's pack tasks. The
     domain-only pack index is cached beside the PackSet, as the train stage caches it."""
-    from keye.core.config import load_config
+    from keye.core.config import SpecialistDomain, SpecialistsSettings, load_config
     from keye.core.lineage import Lineage
     from keye.data.tokenizer import load_tokenizer
     from keye.stages.pack import shard_map, task_pack_index
-    from keye.train import StageSettings, train_stage
+    from keye.stages.specialists import sft_recipe
+    from keye.train import train_stage
 
     cfg = load_config(args.config)
     lineage = Lineage(args.base, read_only=True)
@@ -138,10 +139,11 @@ def sft_specialist(init: str, domain: str, out: Path, args: argparse.Namespace) 
     tok_dir = Path(json.loads(lineage.artifact(packset_id)["meta"] or "{}")["tokenizer_dir"])
     tok = load_tokenizer(tok_dir)
     shards = shard_map(lineage, lineage.input_of_kind(packset_id, "shardset"))
-    recipe = StageSettings(
-        name=f"specialist_{domain}", kind="sft", steps=args.sft_steps, lr=args.sft_lr, warmup_steps=min(5, args.sft_steps),
-        schedule="wsd", tokens_per_step=4096, task_weights={domain: 1.0},  # each domain is a pack task of its name
+    spec = SpecialistsSettings(
+        sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_tokens_per_step=4096,
+        domains={domain: SpecialistDomain(kinds=[], rewards={}, method="sft")},  # the pack task of its name
     )  # fmt: skip
+    recipe = sft_recipe(spec, domain)  # the specialists stage's own recipe for a method-sft teacher
     pack_index = task_pack_index(
         args.base / "packs" / packset_id, recipe.tasks(), shards, tok, cfg.sampling, cfg.pack
     )
