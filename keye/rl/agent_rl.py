@@ -32,6 +32,7 @@ from keye.rl.grpo import GRPOSettings
 from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
 from keye.rl.rewards import get_reward
 from keye.train import checkpointing as ckpt
+from keye.train.schedules import lr_multiplier
 
 LogFn = Callable[[dict[str, float], int], None]
 TOOLS = ("frames", "search", "python")
@@ -112,10 +113,8 @@ def demo_warmup(
     losses = []
     ramp = max(1, steps // 20)
     for step in range(steps):  # linear ramp over 5%, then cosine to 10% of lr: the last steps settle the copy
-        frac = (step - ramp) / max(1, steps - ramp)
-        scale = (step + 1) / ramp if step < ramp else 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr * lr_multiplier(step, steps, ramp, "cosine")
         pick = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
         ids, pos, labels, patches, grids, lens = [], [], [], [], [], []
         for i in pick:

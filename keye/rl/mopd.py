@@ -56,9 +56,8 @@ class MOPDSettings:
     max_grad_norm: float = 1.0
     stop: tuple[str, ...] = ()
     domains: tuple[str, ...] = field(default_factory=tuple)  # domains always reported (metrics 0 when absent)
-    teacher_sampled: dict[str, float] = field(
-        default_factory=dict
-    )  # domain -> share of groups its teacher samples
+    # domain -> share of its groups sampled by its teacher (see the module docstring)
+    teacher_sampled: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 < self.eps_low <= 1 <= self.eps_high:
@@ -313,6 +312,19 @@ def teacher_sampled_prompts(
     return out
 
 
+def sampling_teacher(router: TeacherRouter | None, domain: str, chat: Any) -> Any:
+    """The domain's teacher, if it can sample for the student: a local checkpoint sharing its tokenizer (the
+    teacher's token ids become the student's answer); a clear error otherwise."""
+    teacher = router.table.get(domain) if router is not None else None
+    t_chat = getattr(teacher, "chat", None)
+    if t_chat is None or len(t_chat.tok) != len(chat.tok):
+        raise ValueError(
+            f"mopd.teacher_sampled.{domain}: needs the domain's teacher to be a checkpoint sharing the student's "
+            "tokenizer (an endpoint teacher only scores); drop the domain from teacher_sampled"
+        )
+    return teacher
+
+
 def teacher_rollouts(
     chat: Any,
     prompts: Sequence[RolloutPrompt],
@@ -329,20 +341,13 @@ def teacher_rollouts(
 
     out: dict[int, list[Sample]] = {}
     for d in dict.fromkeys(by_teacher.values()):
-        assert router is not None
-        teacher = router.table[d]
-        t_chat = getattr(teacher, "chat", None)
-        if t_chat is None or len(t_chat.tok) != len(chat.tok):
-            raise ValueError(
-                f"mopd.teacher_sampled.{d}: the teacher must be a local checkpoint sharing the student's tokenizer "
-                "(its samples become the student's answers); drop the domain from teacher_sampled"
-            )
+        teacher = sampling_teacher(router, d, chat)
         idx = [i for i, x in by_teacher.items() if x == d]
         views = [
             RolloutPrompt(view_messages(prompts[i], teacher.view), prompts[i].reference, prompts[i].id)
             for i in idx
         ]
-        for i, g in zip(idx, LocalEngine(t_chat).rollout(views, settings.sampling(seed)), strict=True):
+        for i, g in zip(idx, LocalEngine(teacher.chat).rollout(views, settings.sampling(seed)), strict=True):
             base = chat.build_prompt(prompts[i].messages)
             for s in g:
                 s.prompt, s.extra["teacher_sampled"] = base, True

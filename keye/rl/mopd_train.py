@@ -19,7 +19,7 @@ import torch
 
 from keye.determinism import seed_everything
 from keye.rl.freezing import freeze_vision_and_projector
-from keye.rl.mopd import MOPDSettings, mopd_step, reward_by_domain
+from keye.rl.mopd import MOPDSettings, mopd_step, reward_by_domain, sampling_teacher
 from keye.rl.policy_checkpoints import export_policy, load_policy_step, save_policy_step, seeded_take
 from keye.rl.rewards import combined_reward
 from keye.rl.rollouts import RolloutPrompt, make_engine
@@ -112,13 +112,8 @@ def train_mopd(
         )
         for p in prompts:
             router.domain_of(p)  # every domain has a teacher before any work
-    for d in settings.teacher_sampled:  # a teacher that samples must be a local model sharing the tokenizer
-        t = router.table.get(d) if router is not None else None
-        if t is None or getattr(t, "chat", None) is None or len(t.chat.tok) != len(chat.tok):
-            raise ValueError(
-                f"mopd.teacher_sampled.{d}: needs the domain's teacher to be a checkpoint sharing the student's "
-                "tokenizer (an endpoint teacher only scores)"
-            )
+    for d in settings.teacher_sampled:  # a teacher that samples must be able to, before any work
+        sampling_teacher(router, d, chat)
     missing = sorted({str(p.reference.get("domain")) for p in prompts} - set(rewards))
     if missing:
         raise KeyError(f"no outcome reward for domain(s) {missing}; rewards are set for {sorted(rewards)}")

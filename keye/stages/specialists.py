@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keye.core.config import SpecialistsSettings
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.rl.mopd import MOPDSettings
 from keye.rl.mopd_prompts import domain_prompts
@@ -49,7 +50,7 @@ def training_prompts(
     return domain_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
 
 
-def sft_recipe(s: Any, domain: str) -> StageSettings:
+def sft_recipe(s: SpecialistsSettings, domain: str) -> StageSettings:
     """A method-sft specialist's recipe: the train stage's sft kind, loss only on the domain's pack task."""
     steps = s.sft_steps
     return StageSettings(
@@ -162,7 +163,8 @@ def _record(
 ) -> None:
     """The specialist's checkpoint with edges from its parent and its data (the VideoSet, or the PackSet)."""
     sha = hash_checkpoint_dir(checkpoint)
-    data = plan.packset_id if meta["method"] == "sft" else plan.videoset_id
+    sft = run.config.specialists.domains[domain].method == "sft"
+    data = plan.packset_id if sft else plan.videoset_id
     meta = {"steps": steps, "domain": domain, **meta}
     path = str(Path(checkpoint).resolve())
     run.lineage.record_checkpoint(
