@@ -130,6 +130,27 @@ def _ce_chunk(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
+def _ce_chunk_tokens(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+
+
+def token_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 4096) -> Tensor:
+    """Per-target-token losses [n] (rows where targets != -100, in order), chunked like chunked_cross_entropy: for
+    losses that weight tokens unequally (e.g. each sample's mean, keye.train's seq-mean-token-mean)."""
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]
+    if targets.numel() == 0:
+        return hidden.sum(-1) * 0.0
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = [
+        checkpoint(_ce_chunk_tokens, *args, use_reentrant=False) if grad else _ce_chunk_tokens(*args)
+        for args in (
+            (hidden[s : s + chunk], weight, targets[s : s + chunk]) for s in range(0, targets.numel(), chunk)
+        )
+    ]
+    return torch.cat(parts)
+
+
 def chunked_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 4096
 ) -> tuple[Tensor, int]:

@@ -65,6 +65,12 @@ class StageSettings(BaseModel):
     )
     task_weights: dict[str, float] = Field(default_factory=dict)
     answer_only_loss: bool | None = None
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = Field(
+        "token-mean",
+        description="how target tokens make the step's loss (verl's names): token-mean weighs every target token "
+        "alike, so tasks with long answers (captions) take most of the gradient; seq-mean-token-mean averages "
+        "within each sample, then over the step's samples, so each sample counts once whatever its answer length",
+    )
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)

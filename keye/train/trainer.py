@@ -33,7 +33,7 @@ from keye.data.tokenizer import load_tokenizer
 from keye.determinism import seed_everything, without_timings
 from keye.model import KeyeVL, build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
-from keye.model.lm import chunked_cross_entropy, shifted_targets
+from keye.model.lm import chunked_cross_entropy, shifted_targets, token_cross_entropy
 from keye.train import checkpointing as ckpt
 from keye.train.bundle import bundle_checkpoint
 from keye.train.freezing import apply_trainable, param_groups
@@ -105,6 +105,30 @@ def _micro_inputs(batch: PackedBatch, labels: Tensor, pad_id: int, device: torch
             for k in ("pixel_patches", "patch_grids", "vision_cu_seqlens"):
                 inputs.pop(k)
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def _samples_with_targets(batch: PackedBatch, labels: Tensor) -> int:
+    """Samples of a pack with at least one target token: the unit seq-mean-token-mean averages over."""
+    if not batch.sample_ids:
+        return 0
+    keep = shifted_targets(labels, batch.cu_seqlens) != -100
+    sample = torch.searchsorted(batch.cu_seqlens[1:].to(torch.int64), torch.arange(keep.numel()), right=True)
+    return int(torch.unique(sample[keep]).numel())
+
+
+def _seq_mean_losses(hidden: Tensor, model: KeyeVL, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(token-mean loss, for the metrics; sum over samples of each sample's mean token loss, the objective)."""
+    targets = shifted_targets(inputs["labels"], inputs["cu_seqlens"])
+    keep = targets != -100
+    losses = token_cross_entropy(hidden, model.lm.lm_head.weight, targets)
+    if losses.numel() == 0:
+        zero = hidden.sum() * 0.0
+        return zero, zero
+    cu = inputs["cu_seqlens"].to(torch.int64)
+    rows = torch.arange(targets.numel(), device=targets.device)
+    sample = torch.searchsorted(cu[1:], rows, right=True)[keep]
+    per_sample = torch.bincount(sample, minlength=cu.numel() - 1).to(losses.dtype)
+    return losses.mean(), (losses / per_sample[sample]).sum()
 
 
 def pack_stream(loader: PackLoader) -> Iterator[PackedBatch]:
@@ -252,6 +276,12 @@ class Trainer:
                 "number of ranks whose data-parallel degree divides the packs of a step)"
             )
         self.step_no, self.bad_steps, self.consecutive_bad = 0, 0, 0
+        self.global_samples = 1.0
+        if self.sharded and self.shape.cp > 1 and settings.loss_agg_mode != "token-mean":
+            raise ValueError(
+                f"recipe {settings.name}: loss_agg_mode {settings.loss_agg_mode!r} is not supported with context "
+                "parallelism (train.parallel.cp > 1): use token-mean"
+            )
         self.last: dict[str, float] = {}
         if self.finished() is None:
             self._build(init_checkpoint, model_preset, vocab_size, image_token_id)
@@ -417,9 +447,14 @@ class Trainer:
                 continue
             n = int((shifted_targets(labels, b.cu_seqlens) != -100).sum()) if b.sample_ids else 0
             micro.append((b, labels, n, None))
-        counts = torch.tensor([float(sum(m[2] for m in micro))], dtype=torch.float64, device=self.acc.device)
+        counts = torch.tensor(
+            [float(sum(m[2] for m in micro)), float(sum(_samples_with_targets(m[0], m[1]) for m in micro))],
+            dtype=torch.float64,
+            device=self.acc.device,
+        )
         if self.world > 1:
             dist.all_reduce(counts)
+        self.global_samples = max(1.0, float(counts[1]))
         return micro, max(1.0, float(counts[0]))
 
     def _forward_backward(
@@ -442,12 +477,20 @@ class Trainer:
             if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
                 self.wrapped.set_requires_gradient_sync(sync)
             with acc.no_sync(self.wrapped) if (world > 1 and not sync and not self.sharded) else _null():
-                out = self.wrapped(**inputs)
+                if self.settings.loss_agg_mode == "seq-mean-token-mean" and "labels" in inputs:
+                    out = self.wrapped(
+                        **{k: v for k, v in inputs.items() if k != "labels"}, return_logits=False
+                    )
+                    out.lm_loss, lm_obj = _seq_mean_losses(out.hidden, model, inputs)
+                    lm_obj = lm_obj * (world / self.global_samples)
+                else:
+                    out = self.wrapped(**inputs)
+                    lm_obj = out.lm_loss * (n * world / global_n)
                 aux_t = out.aux_loss if out.aux_loss is not None else out.lm_loss * 0
                 idx_t = out.indexer_loss if out.indexer_loss is not None else out.lm_loss * 0
                 idx_t = idx_t * cp if cp > 1 else idx_t  # each cp rank holds its share of the pack's KL
                 coef = model.config.lm.router_aux_loss_coef
-                loss = out.lm_loss * (n * world / global_n) + (coef * aux_t + idx_t) / len(micro)
+                loss = lm_obj + (coef * aux_t + idx_t) / len(micro)
                 if not loss.requires_grad:  # e.g. a text-only pack in a projector-only stage
                     loss = loss + sum(p.reshape(-1)[0] * 0.0 for p in self.params)
                 loss.backward() if self.sharded else acc.backward(loss)

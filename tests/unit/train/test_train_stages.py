@@ -13,12 +13,13 @@ from keye.data.loader import open_loader
 from keye.data.tokenizer import load_tokenizer
 from keye.model import build_model, load_checkpoint, save_checkpoint
 from keye.model.checkpoint import read_state
+from keye.model.lm import shifted_targets
 from keye.model.vlm import KeyeVL
 from keye.train import NonFiniteLoss, StageSettings, train_stage
 from keye.train.checkpointing import list_checkpoints
 from keye.train.metrics import topk_mass_share, training_flops
 from keye.train.schedules import lr_multiplier
-from keye.train.trainer import stage_labels
+from keye.train.trainer import _seq_mean_losses, stage_labels
 
 
 def _init(train_corpus: dict, tmp_path: Path) -> tuple[Path, dict]:
@@ -173,6 +174,58 @@ def test_sft_loss_is_answer_only_and_pretrain_loss_covers_the_text(train_corpus:
         kept = (lm[cu[j] : cu[j + 1]] != -100).any()
         assert bool(kept) == (sid.split(":")[1] == "mcq")
     assert only_mcq.tasks() == ["mcq"]
+
+
+def test_seq_mean_token_mean_weighs_each_sample_once(train_corpus: dict) -> None:
+    """The objective is the sum of per-sample mean token losses (so a long answer counts as much as a short one),
+    while the logged lm_loss stays the token mean the model itself computes."""
+    tok = load_tokenizer(train_corpus["tokenizer_dir"])
+
+    def answer_lengths(b):  # target tokens of each sample of a pack
+        t = shifted_targets(b.labels, b.cu_seqlens)
+        cu = b.cu_seqlens.tolist()
+        return [int((t[a:z] != -100).sum()) for a, z in zip(cu[:-1], cu[1:], strict=True)]
+
+    loader = open_loader(train_corpus["pack_index"], train_corpus["shards"], tok, train_corpus["policy"])
+    batch = next(b for b in loader if len(set(answer_lengths(b)) - {0}) >= 2)
+    model = build_model(
+        "tiny", vocab_size=train_corpus["vocab_size"], image_token_id=train_corpus["image_token_id"], seed=0
+    )
+    inputs = batch.model_inputs()
+    inputs["labels"] = batch.labels
+    with torch.no_grad():
+        ref = model(**inputs, return_logits=True)
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, return_logits=False)
+        token_mean, objective = _seq_mean_losses(out.hidden, model, inputs)
+    targets = shifted_targets(batch.labels, batch.cu_seqlens)
+    per_token = torch.nn.functional.cross_entropy(
+        ref.logits.float(), targets, ignore_index=-100, reduction="none"
+    )
+    cu = batch.cu_seqlens.tolist()
+    means = [
+        per_token[a:b][targets[a:b] != -100].mean()
+        for a, b in zip(cu[:-1], cu[1:], strict=True)
+        if (targets[a:b] != -100).any()
+    ]
+    counts = {int((targets[a:b] != -100).sum()) for a, b in zip(cu[:-1], cu[1:], strict=True)} - {0}
+    assert len(means) >= 2 and len(counts) >= 2  # samples with answers of different lengths
+    torch.testing.assert_close(objective, torch.stack(means).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(token_mean, ref.lm_loss, rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(objective / len(means), token_mean)  # the two weightings do differ here
+
+
+def test_seq_mean_logs_the_same_first_loss_and_takes_a_different_step(
+    train_corpus: dict, tmp_path: Path
+) -> None:
+    init, _ = _init(train_corpus, tmp_path)
+    a, la = _train(train_corpus, tmp_path, init, "tok", kind="sft", steps=1)
+    b, lb = _train(
+        train_corpus, tmp_path, init, "seq", kind="sft", steps=1, loss_agg_mode="seq-mean-token-mean"
+    )
+    assert la[0][1]["lm_loss"] == pytest.approx(lb[0][1]["lm_loss"], rel=1e-5)
+    assert _changed(a, b)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        StageSettings(name="x", kind="sft", steps=1, lr=1e-3, tokens_per_step=10, loss_agg_mode="sample")
 
 
 def test_stage_settings_reject_contradictions() -> None:
