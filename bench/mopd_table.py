@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 
 from keye.core.lineage import Lineage
-from keye.data.prompts import CAPTION_PROMPT
-from keye.eval.heldout import heldout_benchmarks, paired_grounding, run_benchmarks
-from keye.eval.predict import keye_predict_fn
+from keye.eval.domain_table import score_domains
+from keye.eval.heldout import paired_grounding
 from keye.rl.mopd import MOPDSettings
 from keye.rl.mopd_prompts import domain_prompts
 from keye.rl.mopd_train import MOPDSchedule, TeacherSpec, train_mopd
-from keye.rl.rewards import caption_f1
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
@@ -55,55 +53,10 @@ def sft_checkpoint(base: Path) -> str:
     return rows[0]["path"]
 
 
-def caption_scores(predict, videos: list[str]) -> tuple[float, float]:
-    """(mean word F1 of the model's captions, chance: mean F1 of the next video's caption), in percent."""
-    held = [
-        v for v in videos if json.loads(Path(v).with_suffix(".json").read_text()).get("split") == "heldout"
-    ]
-    refs = [json.loads(Path(v).with_suffix(".json").read_text())["caption"] for v in held]
-    chats = [
-        [
-            {
-                "role": "user",
-                "content": [{"type": "video", "video": v}, {"type": "text", "text": CAPTION_PROMPT}],
-            }
-        ]
-        for v in held
-    ]
-    answers = predict.chat(chats)
-    score = sum(caption_f1(a, {"caption": r}) for a, r in zip(answers, refs, strict=True)) / len(refs)
-    chance = sum(caption_f1(refs[(i + 1) % len(refs)], {"caption": r}) for i, r in enumerate(refs)) / len(
-        refs
-    )
-    return 100 * score, 100 * chance
-
-
-def evaluate(ckpt: str, videos: list[str], out: Path, args: argparse.Namespace) -> dict[str, float]:
+def evaluate(ckpt: str, videos: list[str], out: Path, args: argparse.Namespace) -> dict:
     """Grounding on every held-out query; MCQs (Video-MME layout) and captions up to --mcq-limit."""
-    from keye.eval.heldout import BenchSet
-
     torch.set_num_threads(1)
-    predict = keye_predict_fn(ckpt, device=args.device, max_new_tokens=24)
-    sets = heldout_benchmarks(videos, out / "benchmarks", split="heldout")
-    only = {"timelens": None, "videomme": args.mcq_limit}
-    res: dict[str, dict] = {}
-    for kind, limit in only.items():
-        picked = [BenchSet(b.videos_dir, {kind: b.files[kind]}) for b in sets if kind in b.files]
-        res.update(run_benchmarks(predict, picked, out, args.batch, limit))
-    held = [
-        v for v in videos if json.loads(Path(v).with_suffix(".json").read_text()).get("split") == "heldout"
-    ]
-    cap, cap_chance = caption_scores(predict, held[: args.mcq_limit] if args.mcq_limit else held)
-    return {
-        "grounding": res["timelens"]["mIoU"],
-        "grounding_chance": res["timelens"]["chance"]["mIoU"],
-        "grounding_n": res["timelens"].get("n", 0),
-        "mcq": res["videomme"]["accuracy"],
-        "mcq_chance": res["videomme"]["chance"]["accuracy"],
-        "caption": cap,
-        "caption_chance": cap_chance,
-        "_results": {k: res[k] for k in only},
-    }
+    return score_domains(ckpt, videos, out, device=args.device, batch_size=args.batch, limit=args.mcq_limit)
 
 
 def _evaluate_job(job: tuple) -> tuple[str, dict[str, float]]:
@@ -221,6 +174,11 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=1, help="processes for the evaluations and video generation"
     )
+    ap.add_argument(
+        "--score-only",
+        action="store_true",
+        help="only score the base's SFT checkpoint on the held-out set (an SFT recipe's row), then stop",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.out
@@ -242,6 +200,12 @@ def main() -> None:
         return str(r.checkpoint_dir)
 
     held = heldout_videos(args) or videos
+    if args.score_only:
+        row = evaluate(sft, held, out / "eval" / "sft", args)
+        row.pop("_results", None)
+        (out / "score.json").write_text(json.dumps({"checkpoint": sft, **row}, indent=1))
+        print(json.dumps(row))
+        return
     ckpts, seconds = {"sft": sft}, {}
     for d in DOMAINS:
         t0 = time.perf_counter()

@@ -457,6 +457,15 @@ class MOPDConfig(_Strict):
     micro_batch_size: int = Field(64, ge=1)
     save_every: int = Field(25, ge=1)
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+    heldout_table: bool = Field(
+        True,
+        description="after training, score the student's start, every checkpoint specialist and the student on the "
+        "held-out videos per domain (grounding mIoU, MCQ accuracy, caption F1; keye.eval.domain_table): the "
+        "table goes to the run summary, MLflow and <checkpoint>/heldout_table",
+    )
+    table_limit: int | None = Field(
+        None, ge=1, description="held-out MCQs and captions asked per checkpoint for the table (None: all)"
+    )
 
     @model_validator(mode="after")
     def _sampling_teachers_exist(self) -> MOPDConfig:

@@ -114,13 +114,53 @@ def train(run: StageRun, plan: MOPDPlan) -> None:
         device=device_of(run, s.device),
         log_metrics=run.tracker.log_metrics,
     )
+    table = heldout_table(run, plan, str(result.checkpoint_dir)) if s.heldout_table else {}
     sha = hash_checkpoint_dir(result.checkpoint_dir)
-    meta = {"steps": result.steps, "prompts": len(prompts), "teachers": plan.teacher_ids, **result.metrics}
+    meta = {
+        "steps": result.steps,
+        "prompts": len(prompts),
+        "teachers": plan.teacher_ids,
+        **result.metrics,
+        **table,
+    }
     path = str(result.checkpoint_dir.resolve())
     lineage.record_checkpoint(
         plan.checkpoint_id, path, sha, "mopd", result.steps, run.run_id, run.inputs, meta
     )
     lineage.complete_artifact(plan.checkpoint_id, sha256=sha, meta=meta)
+
+
+def heldout_table(run: StageRun, plan: MOPDPlan, student_dir: str) -> dict[str, float]:
+    """The per-domain held-out table (start, each checkpoint specialist, student) on the VideoSet's held-out videos;
+    written beside the student (heldout_table/table.json, table.md) and to MLflow; returns its flat numbers."""
+    import json
+
+    from keye.core.atomic import atomic_dir
+    from keye.eval import domain_table as dt
+
+    s = run.config.mopd
+    members = set(run.lineage.members(plan.videoset_id))
+    videos = [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
+    names = {"sft": plan.student}
+    specialists = {}
+    for d, t in sorted(plan.teachers.items()):
+        if t.checkpoint is not None:  # an endpoint teacher is not scored here (its view may not be video)
+            names[f"specialist:{d}"] = t.checkpoint
+            specialists[d] = f"specialist:{d}"
+    names["mopd"] = student_dir
+    final = plan.out_dir / "heldout_table"
+    with atomic_dir(final) as tmp:
+        device = device_of(run, s.device)
+        rows = {
+            n: dt.score_domains(ck, videos, tmp / n.replace(":", "-"), device=device, limit=s.table_limit)
+            for n, ck in names.items()
+        }
+        table = dt.domain_table(rows, specialists, student="mopd", start="sft")
+        (tmp / "table.json").write_text(json.dumps(table, indent=1, default=float))
+        (tmp / "table.md").write_text(dt.markdown(table))
+    run.tracker.log_dict(table, "heldout_table.json")
+    run.tracker.log_text(dt.markdown(table), "heldout_table.md")
+    return dt.metrics(table)
 
 
 def finish(run: StageRun, plan: MOPDPlan) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from keye.core.lineage import Lineage
@@ -73,6 +74,17 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
             s["comparison"] = {"baseline": c["baseline"], "scores": c["scores"], "path": str(comparison)}
     if ck := outputs.get("checkpoint"):
         s["checkpoint_dir"] = ck
+        table = Path(ck).parent / "heldout_table" / "table.json"
+        if table.is_file():  # a MOPD student: its per-domain table (keye.eval.domain_table)
+            import json
+
+            t = json.loads(table.read_text(encoding="utf-8"))
+            s["domain_table"] = {
+                "rows": t["rows"],
+                "checks": t["checks"],
+                "goal": t["goal"],
+                "path": str(table),
+            }
     return s
 
 
@@ -156,6 +168,19 @@ def render(summary: dict[str, Any]) -> str:
 
         lines.append(f"  vs start    {c['baseline']}")
         lines += [f"    {line}" for line in describe(c)]
+    if t := summary.get("domain_table"):
+        lines.append("  domains     held-out grounding mIoU / MCQ accuracy / caption F1 (chance)")
+        for name, r in t["rows"].items():
+            cells = " / ".join(
+                f"{r[d]:.1f} ({r[d + '_chance']:.1f})" for d in ("grounding", "mcq", "caption")
+            )
+            lines.append(f"    {name:<20} {cells}")
+        for d, c in t["checks"].items():
+            verdict = "meets" if c["meets_goal"] else "misses"
+            lines.append(
+                f"    {d}: student {c['student_over_chance']:.1f} / specialist {c['specialist_over_chance']:.1f} "
+                f"over chance = {100 * c['share']:.0f}% ({verdict} {100 * t['goal']:.0f}%)"
+            )
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")
     for kind, aid in summary.get("artifacts", {}).items():

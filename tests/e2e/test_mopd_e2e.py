@@ -50,6 +50,7 @@ def _config(tmp_path: Path) -> Path:
               max_new_tokens: 4
               kinds: [timelens, caption]
               teachers: {{grounding: {{source: specialist}}, caption: {{source: specialist, view: text}}}}
+              table_limit: 4
             runner: {{kind: thread, max_workers: 2}}
             """
         )
@@ -103,3 +104,13 @@ def test_specialists_then_mopd_with_lineage_and_curves(tmp_path):
         assert {f"{d}/reverse_kl", f"{d}/reward", f"{d}/response_length"} <= keys, keys
         steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, f"{d}/reverse_kl")}
         assert {1, 2} <= steps  # one point per MOPD step (the stage summary adds its own at step 0)
+    # the per-domain held-out table: start, every specialist, student; in the summary, MLflow and beside the student
+    table = first["domain_table"]
+    assert list(table["rows"]) == ["sft", "specialist:caption", "specialist:grounding", "mopd"], table["rows"]
+    for row in table["rows"].values():
+        assert 0 <= row["grounding"] <= 100 and 0 <= row["caption"] <= 100 and row["grounding_n"] >= 1, row
+    assert set(table["checks"]) == {"grounding", "caption"}
+    assert table["checks"]["caption"]["specialist"] == "specialist:caption"
+    assert (Path(art["checkpoint"]).parent / "heldout_table" / "table.md").is_file()
+    assert {"table/mopd/grounding", "table/specialist_caption/caption", "table/sft/mcq"} <= keys, keys
+    assert second["domain_table"]["rows"] == table["rows"]  # the second run reuses the stage and its table

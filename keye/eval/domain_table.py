@@ -1,0 +1,147 @@
+"""The per-domain held-out table of a distillation (issue 18): the start checkpoint, each domain's specialist and the
+student, scored on the same held-out videos (grounding mIoU, MCQ accuracy, caption word F1), each over its chance,
+with the student's share of every specialist's gain over chance on the specialist's own domain.
+
+Why a table and not one score: MOPD's promise is that one student keeps every specialist's skill, and forgetting
+shows only in the columns a teacher was not trained for. Chance differs by domain (a constant span, a random letter,
+another video's caption), so shares are taken over chance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from keye.data.prompts import CAPTION_PROMPT
+from keye.eval.heldout import BenchSet, heldout_benchmarks, paired_grounding, run_benchmarks
+from keye.rl.rewards import caption_f1
+
+DOMAINS = ("grounding", "mcq", "caption")
+SHARE_GOAL = 0.95  # the student's gain over chance / the specialist's, on the specialist's domain
+
+
+def _split(video: str) -> str | None:
+    return json.loads(Path(video).with_suffix(".json").read_text()).get("split")
+
+
+def caption_scores(predict: Any, videos: Sequence[str], limit: int | None = None) -> tuple[float, float]:
+    """(mean word F1 of the model's captions of the held-out videos, chance: the mean F1 of the next video's
+    caption against each reference), in percent."""
+    held = [v for v in videos if _split(v) == "heldout"][:limit]
+    if not held:
+        return float("nan"), float("nan")
+    refs = [json.loads(Path(v).with_suffix(".json").read_text())["caption"] for v in held]
+    chats = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": v}, {"type": "text", "text": CAPTION_PROMPT}],
+            }
+        ]
+        for v in held
+    ]
+    answers = predict.chat(chats)
+    score = sum(caption_f1(a, {"caption": r}) for a, r in zip(answers, refs, strict=True)) / len(refs)
+    chance = sum(caption_f1(refs[(i + 1) % len(refs)], {"caption": r}) for i, r in enumerate(refs)) / len(
+        refs
+    )
+    return 100 * score, 100 * chance
+
+
+def score_domains(
+    checkpoint: str,
+    videos: Sequence[str],
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """One row: every held-out grounding query (TimeLens layout), the Video-MME-layout MCQs and the captions (both
+    up to `limit`), greedy, 24 new tokens. `_results` keeps run_benchmarks' output for paired tests."""
+    from keye.eval.predict import keye_predict_fn
+
+    predict = keye_predict_fn(checkpoint, device=device, max_new_tokens=24)
+    sets = heldout_benchmarks(list(videos), Path(out_dir) / "benchmarks", split="heldout")
+    res: dict[str, dict[str, Any]] = {}
+    for kind, lim in {"timelens": None, "videomme": limit}.items():
+        picked = [BenchSet(b.videos_dir, {kind: b.files[kind]}) for b in sets if kind in b.files]
+        if picked:
+            res.update(run_benchmarks(predict, picked, Path(out_dir), batch_size, lim))
+    cap, cap_chance = caption_scores(predict, videos, limit)
+    nan = float("nan")
+    g, m = res.get("timelens", {}), res.get("videomme", {})
+    return {
+        "grounding": g.get("mIoU", nan),
+        "grounding_chance": g.get("chance", {}).get("mIoU", nan),
+        "grounding_n": g.get("n", 0),
+        "mcq": m.get("accuracy", nan),
+        "mcq_chance": m.get("chance", {}).get("accuracy", nan),
+        "caption": cap,
+        "caption_chance": cap_chance,
+        "_results": res,
+    }
+
+
+def domain_table(
+    rows: Mapping[str, Mapping[str, Any]], specialists: Mapping[str, str], student: str, start: str
+) -> dict[str, Any]:
+    """rows: {name: score_domains(...)}; specialists: {domain: row name of its specialist}; student / start: row
+    names. The student's share of each specialist's gain over chance on its domain (goal >= SHARE_GOAL), and the
+    per-query paired grounding difference of every row against the start."""
+    table = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in rows.items()}
+    over = {n: {d: r[d] - r[f"{d}_chance"] for d in DOMAINS if d in r} for n, r in table.items()}
+    checks = {}
+    for d, name in sorted(specialists.items()):
+        if d not in DOMAINS or name not in over:
+            continue
+        teacher, mine = over[name][d], over[student][d]
+        share = mine / teacher if teacher > 0 else float("nan")
+        checks[d] = {
+            "specialist": name,
+            "specialist_over_chance": teacher,
+            "student_over_chance": mine,
+            "share": share,
+            "meets_goal": bool(teacher > 0 and share >= SHARE_GOAL),
+        }
+    base = rows[start].get("_results", {})
+    vs_start = {
+        n: paired_grounding(r.get("_results", {}), base).get("timelens", {})
+        for n, r in rows.items()
+        if n != start
+    }
+    return {"rows": table, "over_chance": over, "checks": checks, "grounding_vs_start": vs_start,
+            "goal": SHARE_GOAL}  # fmt: skip
+
+
+def metrics(table: Mapping[str, Any]) -> dict[str, float]:
+    """Flat numbers for the run summary and MLflow: `table/<row>/<domain>`, `table/<domain>/share`."""
+    out: dict[str, float] = {}
+    for name, row in table["rows"].items():
+        key = name.replace(":", "_")
+        for d in DOMAINS:
+            if d in row:
+                out[f"table/{key}/{d}"] = float(row[d])
+    for d, c in table["checks"].items():
+        out[f"table/{d}/share"] = float(c["share"])
+        out[f"table/{d}/meets_goal"] = float(c["meets_goal"])
+    return out
+
+
+def markdown(table: Mapping[str, Any]) -> str:
+    """The table as bench/RESULTS.md prints it."""
+    lines = [
+        "| checkpoint | grounding mIoU (chance) | MCQ acc (chance) | caption F1 (chance) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in table["rows"].items():
+        cells = [f"{r[d]:.1f} ({r[f'{d}_chance']:.1f})" for d in DOMAINS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    shares = ", ".join(
+        f"{d} {c['student_over_chance']:.1f} / {c['specialist_over_chance']:.1f} = {100 * c['share']:.0f}%"
+        f" ({'meets' if c['meets_goal'] else 'misses'} {100 * table['goal']:.0f}%)"
+        for d, c in table["checks"].items()
+    )
+    return "\n".join(lines) + f"\n\nStudent vs specialist, over chance: {shares}\n"

@@ -1,0 +1,42 @@
+"""The per-domain table's arithmetic on hand-made rows: shares of each specialist's gain over chance, the goal,
+the flat metric names and the markdown."""
+
+from __future__ import annotations
+
+import math
+
+from keye.eval.domain_table import domain_table, markdown, metrics
+
+
+def _row(g: float, m: float, c: float) -> dict:
+    return {"grounding": g, "grounding_chance": 27.0, "grounding_n": 10, "mcq": m, "mcq_chance": 25.0,
+            "caption": c, "caption_chance": 60.0}  # fmt: skip
+
+
+def test_shares_over_chance_and_the_goal() -> None:
+    rows = {
+        "sft": _row(47.0, 35.0, 67.0),
+        "specialist:grounding": _row(49.0, 34.0, 66.0),  # 22 over chance on its domain
+        "specialist:caption": _row(5.0, 25.0, 70.0),  # 10 over chance
+        "mopd": _row(48.0, 36.0, 69.4),  # 21 / 22 = 95.45% grounding, 9.4 / 10 = 94% caption
+    }
+    t = domain_table(
+        rows, {"grounding": "specialist:grounding", "caption": "specialist:caption"}, "mopd", "sft"
+    )
+    g, c = t["checks"]["grounding"], t["checks"]["caption"]
+    assert math.isclose(g["share"], 21 / 22) and g["meets_goal"]
+    assert math.isclose(c["share"], 9.4 / 10) and not c["meets_goal"]
+    assert math.isclose(t["over_chance"]["specialist:caption"]["grounding"], -22.0)
+    flat = metrics(t)
+    assert flat["table/specialist_grounding/grounding"] == 49.0 and flat["table/mopd/caption"] == 69.4
+    assert flat["table/grounding/meets_goal"] == 1.0 and flat["table/caption/meets_goal"] == 0.0
+    md = markdown(t)
+    assert "| mopd | 48.0 (27.0) | 36.0 (25.0) | 69.4 (60.0) |" in md
+    assert "grounding 21.0 / 22.0 = 95% (meets 95%)" in md and "caption 9.4 / 10.0 = 94% (misses 95%)" in md
+
+
+def test_a_specialist_no_better_than_chance_never_meets_the_goal() -> None:
+    rows = {"sft": _row(30, 25, 60), "specialist:mcq": _row(30, 24, 60), "mopd": _row(30, 26, 60)}
+    t = domain_table(rows, {"mcq": "specialist:mcq", "speech": "specialist:speech"}, "mopd", "sft")
+    assert set(t["checks"]) == {"mcq"}  # an unknown domain / missing row has no column to check
+    assert not t["checks"]["mcq"]["meets_goal"] and math.isnan(t["checks"]["mcq"]["share"])
