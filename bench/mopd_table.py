@@ -60,8 +60,21 @@ def evaluate(ckpt: str, videos: list[str], out: Path, args: argparse.Namespace) 
 
 
 def _evaluate_job(job: tuple) -> tuple[str, dict[str, float]]:
+    """One row, reused from <out>/row.json when the same checkpoint (by content) was scored on the same videos."""
+    from keye.core.hashing import hash_checkpoint_dir
+
     name, ck, videos, out, args = job
-    return name, evaluate(ck, videos, out, args)
+    key = {"sha256": hash_checkpoint_dir(Path(ck)), "videos": list(videos), "limit": args.mcq_limit}
+    cache = Path(out) / "row.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return name, saved["row"]
+    row = evaluate(ck, videos, out, args)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "row": row}))
+    tmp.replace(cache)
+    return name, row
 
 
 def heldout_videos(args: argparse.Namespace) -> list[str] | None:
@@ -166,6 +179,7 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--mopd-steps", type=int, default=None, help="the MOPD run's updates (default: --steps)")
     ap.add_argument("--mopd-lr", type=float, default=None, help="the MOPD run's lr (default: --lr)")
+    ap.add_argument("--mopd-seed", type=int, default=0, help="the MOPD run's seed (sampling, prompt order)")
     ap.add_argument("--balance-domains", action="store_true", help="MOPD: each domain's prompts as many")
     ap.add_argument("--full-vocab-kl", action="store_true", help="MOPD: exact reverse KL (shared tokenizer)")
     ap.add_argument(
@@ -231,8 +245,9 @@ def main() -> None:
         most = max(len(v) for v in by.values())
         mopd_prompts = [p for d in DOMAINS for p in (by[d] * (most // len(by[d]) + 1))[:most]]
     sched_mopd = MOPDSchedule(
-        steps=steps, lr=args.mopd_lr or args.lr, prompts_per_step=args.prompts, save_every=steps
-    )
+        steps=steps, lr=args.mopd_lr or args.lr, prompts_per_step=args.prompts, save_every=steps,
+        seed=args.mopd_seed,
+    )  # fmt: skip
     ckpts["mopd"] = str(
         train_mopd(
             sft, teachers, mopd_prompts, out / "mopd", sched_mopd, s, REWARDS, device=args.device
