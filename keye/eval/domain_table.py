@@ -22,17 +22,14 @@ DOMAINS = ("grounding", "mcq", "caption")
 SHARE_GOAL = 0.95  # the student's gain over chance / the specialist's, on the specialist's domain
 
 
-def _split(video: str) -> str | None:
-    return json.loads(Path(video).with_suffix(".json").read_text()).get("split")
-
-
 def caption_scores(predict: Any, videos: Sequence[str], limit: int | None = None) -> tuple[float, float]:
     """(mean word F1 of the model's captions of the held-out videos, chance: the mean F1 of the next video's
     caption against each reference), in percent."""
-    held = [v for v in videos if _split(v) == "heldout"][:limit]
+    anns = {v: json.loads(Path(v).with_suffix(".json").read_text()) for v in videos}
+    held = [v for v in videos if anns[v].get("split") == "heldout"][:limit]
     if not held:
         return float("nan"), float("nan")
-    refs = [json.loads(Path(v).with_suffix(".json").read_text())["caption"] for v in held]
+    refs = [anns[v]["caption"] for v in held]
     chats = [
         [
             {
@@ -137,11 +134,20 @@ def markdown(table: Mapping[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, r in table["rows"].items():
-        cells = [f"{r[d]:.1f} ({r[f'{d}_chance']:.1f})" for d in DOMAINS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    shares = ", ".join(
-        f"{d} {c['student_over_chance']:.1f} / {c['specialist_over_chance']:.1f} = {100 * c['share']:.0f}%"
-        f" ({'meets' if c['meets_goal'] else 'misses'} {100 * table['goal']:.0f}%)"
-        for d, c in table["checks"].items()
-    )
+        lines.append(f"| {name} | " + " | ".join(row_text(r)) + " |")
+    shares = ", ".join(share_text(d, c, table["goal"]) for d, c in table["checks"].items())
     return "\n".join(lines) + f"\n\nStudent vs specialist, over chance: {shares}\n"
+
+
+def row_text(row: Mapping[str, Any]) -> list[str]:
+    """Each domain's score with its chance, e.g. "48.0 (27.2)"."""
+    return [f"{row[d]:.1f} ({row[f'{d}_chance']:.1f})" for d in DOMAINS]
+
+
+def share_text(domain: str, check: Mapping[str, Any], goal: float) -> str:
+    """e.g. "grounding 21.9 / 22.6 = 97% (meets 95%)"."""
+    verdict = "meets" if check["meets_goal"] else "misses"
+    return (
+        f"{domain} {check['student_over_chance']:.1f} / {check['specialist_over_chance']:.1f} = "
+        f"{100 * check['share']:.0f}% ({verdict} {100 * goal:.0f}%)"
+    )

@@ -13,7 +13,7 @@ from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.rl.mopd import MOPDSettings
 from keye.rl.mopd_train import MOPDSchedule, TeacherSpec, train_mopd
 from keye.stages.artifact import StageRun
-from keye.stages.specialists import device_of, training_prompts
+from keye.stages.specialists import device_of, training_prompts, videoset_videos
 
 
 @dataclass
@@ -139,8 +139,7 @@ def heldout_table(run: StageRun, plan: MOPDPlan, student_dir: str) -> dict[str, 
     from keye.eval import domain_table as dt
 
     s = run.config.mopd
-    members = set(run.lineage.members(plan.videoset_id))
-    videos = [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
+    videos = videoset_videos(run, plan.videoset_id)
     names = {"sft": plan.student}
     specialists = {}
     for d, t in sorted(plan.teachers.items()):

@@ -40,12 +40,17 @@ def device_of(run: StageRun, device: str | None) -> str:
     return d or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def videoset_videos(run: StageRun, videoset_id: str) -> list[str]:
+    """The paths of the VideoSet's ingested videos (both splits; their sidecars say which)."""
+    members = set(run.lineage.members(videoset_id))
+    return [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
+
+
 def training_prompts(
     run: StageRun, videoset_id: str, work_dir: Path, kinds: list[str]
 ) -> list[RolloutPrompt]:
     """Domain-tagged prompts of the VideoSet's training split (questions asked as the eval asks them)."""
-    members = set(run.lineage.members(videoset_id))
-    videos = [v["path"] for v in run.lineage.videos("ok") if v["video_id"] in members]
+    videos = videoset_videos(run, videoset_id)
     questions = [k for k in kinds if k != "caption"]
     return domain_prompts(videos, work_dir, "train", kinds=questions, captions="caption" in kinds)
 

@@ -107,26 +107,21 @@ def _micro_inputs(batch: PackedBatch, labels: Tensor, pad_id: int, device: torch
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def _samples_with_targets(batch: PackedBatch, labels: Tensor) -> int:
-    """Samples of a pack with at least one target token: the unit seq-mean-token-mean averages over."""
-    if not batch.sample_ids:
-        return 0
-    keep = shifted_targets(labels, batch.cu_seqlens) != -100
-    sample = torch.searchsorted(batch.cu_seqlens[1:].to(torch.int64), torch.arange(keep.numel()), right=True)
-    return int(torch.unique(sample[keep]).numel())
+def _target_samples(targets: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """The sample (index into cu_seqlens) of every target row (targets != -100), in row order."""
+    rows = torch.arange(targets.numel(), device=targets.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)[targets != -100]
 
 
 def _seq_mean_losses(hidden: Tensor, model: KeyeVL, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(token-mean loss, for the metrics; sum over samples of each sample's mean token loss, the objective)."""
-    targets = shifted_targets(inputs["labels"], inputs["cu_seqlens"])
-    keep = targets != -100
+    cu = inputs["cu_seqlens"]
+    targets = shifted_targets(inputs["labels"], cu)
     losses = token_cross_entropy(hidden, model.lm.lm_head.weight, targets)
     if losses.numel() == 0:
         zero = hidden.sum() * 0.0
         return zero, zero
-    cu = inputs["cu_seqlens"].to(torch.int64)
-    rows = torch.arange(targets.numel(), device=targets.device)
-    sample = torch.searchsorted(cu[1:], rows, right=True)[keep]
+    sample = _target_samples(targets, cu)
     per_sample = torch.bincount(sample, minlength=cu.numel() - 1).to(losses.dtype)
     return losses.mean(), (losses / per_sample[sample]).sum()
 
@@ -437,6 +432,7 @@ class Trainer:
         with the padded inputs and the CPContext), and the global target count."""
         micro = []
         cp = self.shape.cp if self.sharded else 1
+        seq_mean, samples = self.settings.loss_agg_mode == "seq-mean-token-mean", 0
         for _ in range(self.accum):
             b = next(self.stream)
             labels = stage_labels(b, self.settings, self.image_id, self.loader.stream.epoch)
@@ -445,12 +441,15 @@ class Trainer:
                 targets = shifted_targets(inputs["labels"], inputs["cu_seqlens"])[cpc.rows]
                 micro.append((b, labels, int((targets != -100).sum()), (inputs, cpc)))
                 continue
-            n = int((shifted_targets(labels, b.cu_seqlens) != -100).sum()) if b.sample_ids else 0
+            n = 0
+            if b.sample_ids:
+                targets = shifted_targets(labels, b.cu_seqlens)
+                n = int((targets != -100).sum())
+                if seq_mean:  # the unit seq-mean-token-mean averages over: samples with a target
+                    samples += int(torch.unique(_target_samples(targets, b.cu_seqlens)).numel())
             micro.append((b, labels, n, None))
         counts = torch.tensor(
-            [float(sum(m[2] for m in micro)), float(sum(_samples_with_targets(m[0], m[1]) for m in micro))],
-            dtype=torch.float64,
-            device=self.acc.device,
+            [float(sum(m[2] for m in micro)), float(samples)], dtype=torch.float64, device=self.acc.device
         )
         if self.world > 1:
             dist.all_reduce(counts)
