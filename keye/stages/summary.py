@@ -168,12 +168,20 @@ def render(summary: dict[str, Any]) -> str:
 
         lines.append(f"  vs start    {c['baseline']}")
         lines += [f"    {line}" for line in describe(c)]
-    if t := summary.get("domain_table"):
-        from keye.eval.domain_table import row_text, share_text
-
+    if t := summary.get("domain_table"):  # formatted here: importing keye.eval.domain_table would tie every
+        # stage's cache key to the model code (summary.py is in each stage's import tree)
         lines.append("  domains     held-out grounding mIoU / MCQ accuracy / caption F1 (chance)")
-        lines += [f"    {name:<20} {' / '.join(row_text(r))}" for name, r in t["rows"].items()]
-        lines += [f"    {share_text(d, c, t['goal'])}" for d, c in t["checks"].items()]
+        for name, r in t["rows"].items():
+            cells = " / ".join(
+                f"{r[d]:.1f} ({r[d + '_chance']:.1f})" for d in ("grounding", "mcq", "caption")
+            )
+            lines.append(f"    {name:<20} {cells}")
+        for d, c in t["checks"].items():
+            verdict = "meets" if c["meets_goal"] else "misses"
+            lines.append(
+                f"    {d} {c['student_over_chance']:.1f} / {c['specialist_over_chance']:.1f} = "
+                f"{100 * c['share']:.0f}% ({verdict} {100 * t['goal']:.0f}%)"
+            )
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")
     for kind, aid in summary.get("artifacts", {}).items():
