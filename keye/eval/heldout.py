@@ -25,6 +25,7 @@ class BenchSet:
 
     videos_dir: Path
     files: dict[str, Path]
+    suffix: str = ""  # appended to each benchmark's name (e.g. timelens_probe beside the set's own timelens)
 
 
 def heldout_benchmarks(video_paths: list[str], out_dir: Path, split: str = "heldout") -> list[BenchSet]:
@@ -50,7 +51,7 @@ def run_benchmarks(
     results: dict[str, dict[str, Any]] = {}
     for i, bs in enumerate(sets):
         for kind, path in sorted(bs.files.items()):
-            name = kind if len(sets) == 1 else f"{kind}-{i}"
+            name = (kind if len(sets) == 1 else f"{kind}-{i}") + bs.suffix
             res = evaluate(
                 predict_fn,
                 path,

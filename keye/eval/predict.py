@@ -28,6 +28,7 @@ def keye_predict_fn(
     max_new_tokens: int = 32,
     with_subtitles: bool = True,
     system_prompt: str | None = SYSTEM_PROMPT,
+    frames_cache: Any = None,
 ) -> PredictFn:
     """Load the checkpoint and tokenizer once; the returned function answers a batch of Questions (raw text).
 
@@ -35,10 +36,13 @@ def keye_predict_fn(
     `sampling_policy` is a keye.data.sampling.SamplingPolicy, a dict of its fields, or None for the defaults;
     it must be the policy the checkpoint was trained with for the frame sizes and token counts to match.
     `system_prompt` defaults to the one the training samples carry (keye.data.prompts); None or "" sends none.
-    The user turn is the frames, then the question's text, exactly as in a training sample."""
+    The user turn is the frames, then the question's text, exactly as in a training sample.
+    `frames_cache` (a keye.data.frame_cache.FrameCache) keeps decoded frames for the next question of the same
+    video, and across predictors that share it (an eval and the eval of the checkpoint it is compared with)."""
     import torch
 
     from keye.data.captioners.keye_checkpoint import frames_to_patches
+    from keye.data.frame_cache import FrameCache, file_key
     from keye.data.sampling import SamplingPolicy, plan_frames
     from keye.data.tokenizer import encode_chat, load_tokenizer
     from keye.data.video import VideoRejected, decode_frames, probe
@@ -66,10 +70,19 @@ def keye_predict_fn(
     patch = model.config.vision.patch_size
     eos = [tok.eos_id, tok.pad_id]
 
+    cache = frames_cache if frames_cache is not None else FrameCache()
+
     def video_part(video: str | Path, blank_frames: bool) -> tuple[dict, Any, Any]:
-        info = probe(video, min_duration=0.0)
+        try:
+            key = file_key(video)
+        except OSError:  # probe names what is wrong with the file
+            key = None
+        info = cache.get_or_make(("probe", key), lambda: probe(video, min_duration=0.0))
         plan = plan_frames(info.duration, info.width, info.height, policy, video_fps=info.fps or None)
-        frames = decode_frames(video, plan.timestamps, size=(plan.height, plan.width))
+        frames = cache.get_or_make(
+            ("frames", key, tuple(plan.timestamps), plan.height, plan.width),
+            lambda: decode_frames(video, plan.timestamps, size=(plan.height, plan.width)),
+        )
         if blank_frames:  # same sizes, times and tokens; no content (mid-grey is 0 after normalisation)
             frames = np.full_like(frames, 128)
         patches, grids = frames_to_patches(frames, patch)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from keye.agent.tool_calls import tool_name
+from keye.data.frame_cache import FrameCache, file_key
 from keye.data.sampling import SamplingPolicy
 
 POLICY_FILE = "sampling_policy.json"  # written beside the weights by keye.train.bundle
@@ -63,37 +64,6 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     if img.shape[:2] == (height, width):
         return img
     return np.array(Image.fromarray(img).resize((width, height), Image.BICUBIC))
-
-
-class FrameCache:
-    """Decoded frames (and probes) of recent video_url parts, keyed by the file (path, mtime, size) and the exact
-    frame plan, least recently used first out past `max_bytes`. Why: RL asks the same prompts again and again
-    (G samples, dynamic-sampling refills, Context-RL resampling, later steps), and decoding a video's frames took
-    ~40% of a default Video-RL step on the 2-core CPU; a hit returns the very array a decode would make."""
-
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
-        from collections import OrderedDict
-
-        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
-        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-
-    def get_or_make(self, key: Any, make: Any) -> Any:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key][0]
-        self.misses += 1
-        value = make()
-        size = int(getattr(value, "nbytes", 0)) + 256
-        if size <= self.max_bytes:
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)  # shared by every later hit
-            self._items[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self.bytes -= dropped
-        return value
 
 
 @dataclass
@@ -195,10 +165,9 @@ class ChatModel:
         from keye.data.video import VideoRejected, decode_frames, probe
 
         path = self._video_path(spec.get("url"), where)
-        stat = path.stat()
-        file_key = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = file_key(path)
         try:
-            info = self.frames_cache.get_or_make(("probe", file_key), lambda: probe(path, min_duration=0.0))
+            info = self.frames_cache.get_or_make(("probe", key), lambda: probe(path, min_duration=0.0))
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: {path} cannot be read as a video ({e.reason})") from e
         try:
@@ -222,7 +191,7 @@ class ChatModel:
         times = tuple(start + t for t in plan.timestamps)
         try:
             frames = self.frames_cache.get_or_make(
-                ("frames", file_key, times, plan.height, plan.width),
+                ("frames", key, times, plan.height, plan.width),
                 lambda: decode_frames(path, times, size=(plan.height, plan.width)),
             )
         except VideoRejected as e:

@@ -4,15 +4,18 @@ checkpoint; metrics, predictions and an HTML report go to MLflow, the checkpoint
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keye.core.atomic import atomic_write_json
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
 from keye.core.tracking import best_version, register_checkpoint, stage_curves
+from keye.data.frame_cache import FrameCache
 from keye.eval import flat_metrics, keye_predict_fn, write_report
 from keye.eval.compare import compare_results, comparison_metrics, describe
+from keye.eval.export import write_heldout_benchmarks
 from keye.eval.heldout import (
+    BenchSet,
     blank_frame_control,
     control_metrics,
     describe_control,
@@ -21,6 +24,7 @@ from keye.eval.heldout import (
     vision_control_path,
 )
 from keye.stages.artifact import StageRun
+from keye.stages.sources import materialise_probe
 
 POST_TRAINING_STAGES = (
     "video_rl",
@@ -37,6 +41,8 @@ class EvalPlan:
     videoset_id: str
     out_dir: Path
     baseline: EvalPlan | None = None  # the checkpoint it was post-trained from, evaluated the same way
+    # decoded frames, shared with the baseline's eval: both ask the same questions of the same videos
+    frames: FrameCache = field(default_factory=lambda: FrameCache(max_bytes=512 << 20))
 
     def todo(self) -> list[EvalPlan]:
         """The evaluations still to run, the baseline first (the report of this one compares with it)."""
@@ -65,6 +71,7 @@ def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> 
     parent = run.lineage.parent_checkpoint(main.checkpoint_id, POST_TRAINING_STAGES)
     if run.config.eval.compare_parent and parent is not None:
         main.baseline = _one(run, parent["path"], videoset_id)
+        main.baseline.frames = main.frames
         if (
             main.baseline.eval_id == main.eval_id
         ):  # post-training left the weights as they were: one eval serves
@@ -80,8 +87,13 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
     members = set(lineage.members(plan.videoset_id))
     videos = [v["path"] for v in lineage.videos("ok") if v["video_id"] in members]
     sets = heldout_benchmarks(videos, out / "benchmarks", split=s.split)
-    predict = keye_predict_fn(plan.checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens)
+    predict = keye_predict_fn(
+        plan.checkpoint_dir, device=s.device, max_new_tokens=s.max_new_tokens, frames_cache=plan.frames
+    )
     results = run_benchmarks(predict, sets, out, s.batch_size, s.limit)
+    probe = grounding_probe(run, out / "benchmarks" / "probe")
+    if probe is not None:
+        results.update(run_benchmarks(predict, [probe], out, s.batch_size, s.limit))
     notes, control = {"checkpoint": plan.checkpoint_dir, "videoset": plan.videoset_id}, None
     if plan.baseline is not None:
         comparison = compare_with_baseline(run, plan, results)
@@ -101,6 +113,20 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
         best=best_version(run.tracker, s.registered_model, s.alias),
     )
     lineage.record_evals(plan.eval_id, plan.checkpoint_id, results, str(out))
+
+
+def grounding_probe(run: StageRun, bench_dir: Path) -> BenchSet | None:
+    """The timelens_probe benchmark (eval.grounding_probe_videos new held-out videos of the synthetic source), or
+    None when the setting is 0. The videos are generated once per workspace and shared by every eval."""
+    n = run.config.eval.grounding_probe_videos
+    src = run.config.synthetic_source()
+    if not n or src is None:
+        return None
+    videos_dir = materialise_probe(src, n, run.workspace)
+    files = write_heldout_benchmarks(
+        sorted(videos_dir.glob("*.json")), videos_dir, bench_dir, split="heldout"
+    )
+    return BenchSet(videos_dir, {"timelens": files["timelens"]}, suffix="_probe")
 
 
 def _results(run: StageRun, plan: EvalPlan) -> dict[str, dict]:

@@ -233,6 +233,20 @@ def materialise_synthetic(src: SyntheticSource, ws: Workspace) -> Path:
     return final
 
 
+def materialise_probe(src: SyntheticSource, n_probe: int, ws: Workspace) -> Path:
+    """The eval's grounding probe for a synthetic source (keye.datasets.synthetic.probe_specs), generated once into
+    `<its set folder>-probe<n>`; a crash mid-generation leaves only a temp dir that is discarded."""
+    from keye.datasets.synthetic import probe_specs, write_specs
+
+    final = synthetic_dir(src, ws).with_name(f"{synthetic_dir(src, ws).name}-probe{n_probe}")
+    if final.is_dir():
+        return final
+    specs = probe_specs(src.n_videos, n_probe, src.seed, src.max_objects, src.color_changes)
+    with atomic_dir(final) as tmp:
+        write_specs(tmp, specs)
+    return final
+
+
 def list_sources(sources: list, settings: IngestSettings, ws: Workspace) -> list[FileRef]:
     files: list[FileRef] = []
     for src in sources:

@@ -34,7 +34,7 @@ def _config(tmp_path: Path) -> Path:
                 - {{name: sft, kind: sft, steps: 2, lr: 1.0e-3, warmup_steps: 1, tokens_per_step: 2048}}
             video_rl: {{steps: 2, lr: 1.0e-4, prompts_per_step: 2, group_size: 2, max_new_tokens: 4, grounding_windows: 2,
                         filter_groups: false, save_every: 1, context_rl: {{enabled: false}}}}
-            eval: {{limit: 2, max_new_tokens: 4, batch_size: 2, blank_control: false}}
+            eval: {{limit: 2, max_new_tokens: 4, batch_size: 2, blank_control: false, grounding_probe_videos: 3}}
             runner: {{kind: thread, max_workers: 2}}
             """
         )
@@ -85,6 +85,10 @@ def test_all_stages_then_a_rerun_that_makes_nothing(tmp_path):
     assert Path(art["checkpoint"]).parent.name == rl
     comparison = json.loads((Path(first["report"]).parent / "comparison.json").read_text())
     assert comparison["baseline"].endswith("final") and "timelens" in comparison["scores"]
+    # the grounding probe: 3 new held-out videos generated once, asked by both evals and paired like the set's own
+    probe = sorted((tmp_path / "ws" / "videos").glob("synthetic-*-probe3"))
+    assert len(probe) == 1 and len(list(probe[0].glob("evt_*.json"))) == 3
+    assert comparison["scores"]["timelens_probe"]["n"] == 2 and "timelens_probe_miou" in first  # eval.limit 2
     assert store.evals_of(comparison["baseline_eval"])  # the SFT checkpoint's eval is recorded
     shas = store.query("SELECT DISTINCT sha256 FROM checkpoints WHERE checkpoint_id IN (?, ?)", [rl, sft])
     # one evaluation per distinct weights (2 RL steps on zero-reward groups may leave the weights as they were)

@@ -17,6 +17,8 @@ from keye.datasets.synthetic.annotate import (
 from keye.datasets.synthetic.dataset import (
     dataset_specs,
     generate_dataset,
+    probe_specs,
+    write_specs,
 )
 from keye.datasets.synthetic.render import (
     encode_video,
@@ -65,6 +67,8 @@ __all__ = [
     "expected_frames",
     "generate_dataset",
     "make_spec",
+    "probe_specs",
     "render_frame",
     "shape_mask",
+    "write_specs",
 ]

@@ -17,8 +17,10 @@ def test_repo_default_pipeline_validates():
         "shard",
         "pack",
         "train",
+        "video_rl",
         "eval",
-    ]  # post-training stages: opt-in
+    ]  # specialists, mopd and agent_rl: opt-in
+    assert cfg.eval.grounding_probe_videos > 0  # the probe that lets the eval see video_rl's gain
     assert isinstance(cfg.sources[0], SyntheticSource)
 
 
@@ -64,6 +66,12 @@ def test_overrides_and_short_source_forms(tmp_path):
             "teacher_sampled names domain(s) ['ocr'] without a teacher",
         ),
         ("mopd:\n  teacher_sampled: {caption: 1.5}\n", [], "mopd.teacher_sampled.caption"),
+        (
+            "sources: [/data/videos]\neval:\n  grounding_probe_videos: 100\n",
+            [],
+            "eval.grounding_probe_videos draws new held-out videos from a synthetic source",
+        ),
+        ("", ["eval.grounding_probe_videos=-1"], "eval.grounding_probe_videos"),
     ],
 )
 def test_bad_config_names_field(tmp_path, yaml_text, overrides, expected):

@@ -235,3 +235,21 @@ def test_one_shape_sets_ask_what_the_frames_show():
     assert [s.objects[0].shape for s in shorts] == [s.objects[0].shape for s in default]
     with pytest.raises(ValueError, match="max_objects"):
         make_spec(0, 0, max_objects=0)
+
+
+def test_probe_videos_are_new_heldout_draws_of_the_same_generator(tmp_path):
+    from keye.datasets.synthetic import probe_specs, write_specs
+
+    kw = {"max_objects": 1, "color_changes": False}
+    base = dataset_specs(12, 0, seed=5, heldout_fraction=0.3, **kw)
+    probe = probe_specs(12, 4, seed=5, **kw)
+    assert [s.name for s in probe] == [f"evt_{i:05d}" for i in (12, 13, 14, 15)]  # after the set's own
+    assert {s.name for s in probe}.isdisjoint(s.name for s in base)
+    assert all(s.split == "heldout" and len(s.objects) == 1 for s in probe)
+    # the same draws as a bigger set would make at those indices (same generator and settings), but held out
+    twin = dataset_specs(16, 0, seed=5, heldout_fraction=0.3, **kw)[12:]
+    assert [annotations(s)["grounding"] for s in probe] == [annotations(s)["grounding"] for s in twin]
+    paths = write_specs(tmp_path, probe[:2], workers=1)
+    assert [p.name for p in paths] == [s.filename for s in probe[:2]]
+    assert all(p.is_file() and p.with_suffix(".json").is_file() for p in paths)
+    assert json.loads(paths[0].with_suffix(".json").read_text())["split"] == "heldout"

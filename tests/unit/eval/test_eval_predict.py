@@ -129,3 +129,40 @@ def test_undecodable_video_answers_empty_not_crash(setup, tmp_path):
     with pytest.warns(UserWarning, match="broken#0"):
         res = evaluate(fn, bench, vids, tmp_path / "out", report=False)
     assert res.metrics["n_unparsable"] == 1 and res.metrics["mIoU"] == 0.0
+
+
+def test_a_shared_frame_cache_decodes_each_video_once(setup, monkeypatch):
+    """Two questions of one video, asked by two predictors (an eval and its baseline's) and by the blank control:
+    one decode, and the prompts are those of a predictor with a cache of its own."""
+    from keye.data import video as video_mod
+    from keye.data.frame_cache import FrameCache
+
+    d, bench, tok, _ = setup
+    captured = []
+
+    def fake_generate(model, prompts, **kw):
+        captured.extend(prompts)
+        return [type("R", (), {"token_ids": tok.encode("The event")})() for _ in prompts]
+
+    decodes = []
+    real_decode = video_mod.decode_frames
+    monkeypatch.setattr("keye.model.generate.generate", fake_generate)
+    monkeypatch.setattr(
+        video_mod, "decode_frames", lambda *a, **k: decodes.append(a[0]) or real_decode(*a, **k)
+    )
+    qs = read_benchmark(bench, d / "videos").questions
+    keye_predict_fn(d / "ckpt", d / "tok", POLICY)(qs)
+    assert len(decodes) == 1  # a predictor keeps its own cache: the second question of the video hits
+    cache = FrameCache()
+    first, second = (keye_predict_fn(d / "ckpt", d / "tok", POLICY, frames_cache=cache) for _ in range(2))
+    first(qs)
+    second(qs)
+    second(qs, blank_frames=True)
+    assert len(decodes) == 2 and cache.misses == 2 and cache.hits == 10  # probe + frames, once for all three
+    uncached, cached = captured[:2], captured[2:4]
+    for a, b in zip(uncached, cached + captured[4:6], strict=False):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_patches, b.pixel_patches)
+    blank = captured[6].pixel_patches
+    assert torch.equal(captured[6].input_ids, uncached[0].input_ids) and torch.equal(
+        blank, torch.full_like(blank, float(blank[0, 0]))
+    )

@@ -1,5 +1,5 @@
-"""keye.serve.chat.FrameCache: a prompt asked again reuses the decoded frames (RL asks each prompt many times),
-gives the very same prompt, notices a rewritten file, and stays within its byte budget."""
+"""keye.data.frame_cache.FrameCache in ChatModel: a prompt asked again reuses the decoded frames (RL asks each
+prompt many times), gives the very same prompt, notices a rewritten file, and stays within its byte budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from test_serve import _video, make_checkpoint  # noqa: F401  (same directory)
 
-from keye.serve.chat import ChatModel, FrameCache
+from keye.data.frame_cache import FrameCache
+from keye.serve.chat import ChatModel
 
 
 def _ask(url, start=0.5, end=2.5):
