@@ -88,7 +88,9 @@ def test_all_stages_then_a_rerun_that_makes_nothing(tmp_path):
     # the grounding probe: 3 new held-out videos generated once, asked by both evals and paired like the set's own
     probe = sorted((tmp_path / "ws" / "videos").glob("synthetic-*-probe3"))
     assert len(probe) == 1 and len(list(probe[0].glob("evt_*.json"))) == 3
-    assert comparison["scores"]["timelens_probe"]["n"] == 2 and "timelens_probe_miou" in first  # eval.limit 2
+    assert (
+        comparison["scores"]["timelens_probe"]["n"] == 2 == first["eval"]["timelens_probe"]["n"]
+    )  # eval.limit 2
     assert store.evals_of(comparison["baseline_eval"])  # the SFT checkpoint's eval is recorded
     shas = store.query("SELECT DISTINCT sha256 FROM checkpoints WHERE checkpoint_id IN (?, ?)", [rl, sft])
     # one evaluation per distinct weights (2 RL steps on zero-reward groups may leave the weights as they were)
