@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keye.agent.sandbox import SandboxLimits
 from keye.agent.tasks import annotations_of, corpus, derive_tasks, write_tasks
@@ -19,7 +19,11 @@ from keye.rl.agent_eval import compare, evaluate_agent
 from keye.rl.agent_rl import AgentRLSchedule, AgentToolSettings, env_factory, train_agent_rl
 from keye.rl.agent_rollouts import AgentSettings
 from keye.rl.grpo import GRPOSettings
-from keye.stages.artifact import StageRun
+
+if (
+    TYPE_CHECKING
+):  # the stage's helpers below run without the stage machinery (bench/agent_rl_heldout.py on a GPU box)
+    from keye.stages.artifact import StageRun
 
 
 @dataclass
