@@ -556,7 +556,7 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _probe_needs_a_synthetic_source(self) -> PipelineConfig:
-        if self.eval.grounding_probe_videos and not any(isinstance(s, SyntheticSource) for s in self.sources):
+        if self.eval.grounding_probe_videos and self.synthetic_source() is None:
             raise ValueError(
                 "eval.grounding_probe_videos draws new held-out videos from a synthetic source's generator, and "
                 "no source is synthetic: set it to 0, or add a `- kind: synthetic` source"

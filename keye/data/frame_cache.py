@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,3 +44,26 @@ class FrameCache:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self.bytes -= dropped
         return value
+
+    def probe(self, path: str | os.PathLike[str]) -> Any:
+        """keye.data.video.probe of the file, cached by file_key (a file that cannot be stat'ed goes straight to
+        probe, which raises VideoRejected naming what is wrong)."""
+        from keye.data import video
+
+        try:
+            key = file_key(path)
+        except OSError:
+            return video.probe(path, min_duration=0.0)
+        return self.get_or_make(("probe", key), lambda: video.probe(path, min_duration=0.0))
+
+    def frames(
+        self, path: str | os.PathLike[str], times: Sequence[float], size: tuple[int, int]
+    ) -> np.ndarray:
+        """keye.data.video.decode_frames of the file at `times`, resized to `size` = (h, w), cached by file_key and
+        the exact plan (read-only: shared by every later hit)."""
+        from keye.data import video
+
+        times = tuple(float(t) for t in times)
+        return self.get_or_make(
+            ("frames", file_key(path), times, *size), lambda: video.decode_frames(path, times, size=size)
+        )

@@ -42,10 +42,10 @@ def keye_predict_fn(
     import torch
 
     from keye.data.captioners.keye_checkpoint import frames_to_patches
-    from keye.data.frame_cache import FrameCache, file_key
+    from keye.data.frame_cache import FrameCache
     from keye.data.sampling import SamplingPolicy, plan_frames
     from keye.data.tokenizer import encode_chat, load_tokenizer
-    from keye.data.video import VideoRejected, decode_frames, probe
+    from keye.data.video import VideoRejected
     from keye.model import load_checkpoint
     from keye.model.generate import Prompt, generate
 
@@ -73,16 +73,9 @@ def keye_predict_fn(
     cache = frames_cache if frames_cache is not None else FrameCache()
 
     def video_part(video: str | Path, blank_frames: bool) -> tuple[dict, Any, Any]:
-        try:
-            key = file_key(video)
-        except OSError:  # probe names what is wrong with the file
-            key = None
-        info = cache.get_or_make(("probe", key), lambda: probe(video, min_duration=0.0))
+        info = cache.probe(video)
         plan = plan_frames(info.duration, info.width, info.height, policy, video_fps=info.fps or None)
-        frames = cache.get_or_make(
-            ("frames", key, tuple(plan.timestamps), plan.height, plan.width),
-            lambda: decode_frames(video, plan.timestamps, size=(plan.height, plan.width)),
-        )
+        frames = cache.frames(video, plan.timestamps, (plan.height, plan.width))
         if blank_frames:  # same sizes, times and tokens; no content (mid-grey is 0 after normalisation)
             frames = np.full_like(frames, 128)
         patches, grids = frames_to_patches(frames, patch)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from keye.agent.tool_calls import tool_name
-from keye.data.frame_cache import FrameCache, file_key
+from keye.data.frame_cache import FrameCache
 from keye.data.sampling import SamplingPolicy
 
 POLICY_FILE = "sampling_policy.json"  # written beside the weights by keye.train.bundle
@@ -162,12 +162,11 @@ class ChatModel:
 
     def _video_url(self, spec: Mapping[str, Any], where: str, out: _Built) -> None:
         from keye.data.sampling import plan_frames
-        from keye.data.video import VideoRejected, decode_frames, probe
+        from keye.data.video import VideoRejected
 
         path = self._video_path(spec.get("url"), where)
-        key = file_key(path)
         try:
-            info = self.frames_cache.get_or_make(("probe", key), lambda: probe(path, min_duration=0.0))
+            info = self.frames_cache.probe(path)
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: {path} cannot be read as a video ({e.reason})") from e
         try:
@@ -190,10 +189,7 @@ class ChatModel:
         plan = plan_frames(end - start, info.width, info.height, policy, video_fps=info.fps or None)
         times = tuple(start + t for t in plan.timestamps)
         try:
-            frames = self.frames_cache.get_or_make(
-                ("frames", key, times, plan.height, plan.width),
-                lambda: decode_frames(path, times, size=(plan.height, plan.width)),
-            )
+            frames = self.frames_cache.frames(path, times, (plan.height, plan.width))
         except VideoRejected as e:
             raise ChatRequestError(f"{where}: cannot decode frames of {path} ({e.reason})") from e
         # relative: the range is shown as a clip of its own, stamped from 0 (as training shows a clip's windows)

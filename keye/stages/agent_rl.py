@@ -20,9 +20,8 @@ from keye.rl.agent_rl import AgentRLSchedule, AgentToolSettings, env_factory, tr
 from keye.rl.agent_rollouts import AgentSettings
 from keye.rl.grpo import GRPOSettings
 
-if (
-    TYPE_CHECKING
-):  # the stage's helpers below run without the stage machinery (bench/agent_rl_heldout.py on a GPU box)
+# only for annotations: the helpers below run without the stage machinery (bench/agent_rl_heldout.py on a GPU box)
+if TYPE_CHECKING:
     from keye.stages.artifact import StageRun
 
 

@@ -238,7 +238,8 @@ def materialise_probe(src: SyntheticSource, n_probe: int, ws: Workspace) -> Path
     `<its set folder>-probe<n>`; a crash mid-generation leaves only a temp dir that is discarded."""
     from keye.datasets.synthetic import probe_specs, write_specs
 
-    final = synthetic_dir(src, ws).with_name(f"{synthetic_dir(src, ws).name}-probe{n_probe}")
+    set_dir = synthetic_dir(src, ws)
+    final = set_dir.with_name(f"{set_dir.name}-probe{n_probe}")
     if final.is_dir():
         return final
     specs = probe_specs(src.n_videos, n_probe, src.seed, src.max_objects, src.color_changes)
