@@ -8,6 +8,8 @@ Patches of a frame are in raster order (row-major over the patch grid), each fla
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,15 +85,32 @@ class VisionAttention(nn.Module):
             b, m = len(lengths), lengths[0]
             qb, kb, vb = (t.view(b, m, h, hd).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(n, d)
-        else:  # bidirectional attention inside each frame only
-            outs, start = [], 0
-            for m in lengths:
-                sl = slice(start, start + m)
-                qb, kb, vb = (t[sl].transpose(0, 1)[None] for t in (q, k, v))
-                outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1).reshape(m, d))
-                start += m
-            o = torch.cat(outs)
+        else:  # bidirectional attention inside each frame only: one batched call per frame size
+            o = _attention_by_size(q, k, v, lengths)
         return self.out_proj(o)
+
+
+def _attention_by_size(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
+    """Frames of mixed sizes [N, h, hd] -> [N, h * hd]: the rows of each size's frames gathered into one batch.
+    A call per frame cost five times as much on CPU (each frame's slice sent a zero-filled [N, h, hd] gradient
+    back); each frame's values are bit for bit those of its own call."""
+    n, h, hd = q.shape
+    starts = [0, *itertools.accumulate(lengths)][:-1]
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(lengths):
+        by_size.setdefault(m, []).append(i)
+    rows = [r for m, frames in by_size.items() for i in frames for r in range(starts[i], starts[i] + m)]
+    perm = torch.tensor(rows, device=q.device)
+    sizes = [len(frames) * m for m, frames in by_size.items()]
+    outs = []
+    for (m, frames), qs, ks, vs in zip(
+        by_size.items(), *(torch.split(t[perm], sizes) for t in (q, k, v)), strict=True
+    ):
+        qb, kb, vb = (t.view(len(frames), m, h, hd).transpose(1, 2) for t in (qs, ks, vs))
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, h * hd))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n, device=q.device)
+    return torch.cat(outs)[inverse]
 
 
 class VisionMLP(nn.Module):
