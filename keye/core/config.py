@@ -366,10 +366,11 @@ class SpecialistDomain(_Strict):
         description="question kinds of the training split: timelens, videomme, ..., caption"
     )
     rewards: dict[str, float] = Field(description="registered reward name -> weight (keye.rl.rewards)")
-    method: Literal["rl", "sft"] = Field(
+    method: Literal["rl", "sft", "video_rl"] = Field(
         "rl", description="rl: outcome RL on the domain's prompts; sft: supervised steps on the PackSet's packs "
         "of the domain's pack task only (a model that never samples the domain's answers, e.g. captions, "
-        "cannot learn them by RL)",
+        "cannot learn them by RL); video_rl: the video_rl stage's checkpoint trained from the same start "
+        "(grounding RL already run by the pipeline is not run twice)",
     )  # fmt: skip
     sft_task: str | None = Field(
         None, description="method sft: the pack task trained (caption, dense, grounding, mcq, text; None: the "
@@ -402,6 +403,28 @@ class SpecialistsSettings(_Strict):
     sft_lr: float = Field(1e-3, gt=0, description="method sft: peak lr (warm-up, stable, decay)")
     sft_tokens_per_step: int = Field(4096, ge=1, description="method sft: tokens per update")
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
+    sequential: list[str] = Field(
+        default_factory=list, description="the forgetting baseline of the MOPD table, e.g. [grounding, mcq]: the "
+        "first domain's specialist trained further by each next domain's RL recipe, one after another on one "
+        "model (empty: none)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _sequential_chain(self) -> SpecialistsSettings:
+        if not self.sequential:
+            return self
+        unknown = [d for d in self.sequential if d not in self.domains]
+        if unknown or len(self.sequential) < 2:
+            raise ValueError(
+                f"specialists.sequential {self.sequential}: list two or more of the domains {sorted(self.domains)}"
+            )
+        not_rl = [d for d in self.sequential[1:] if self.domains[d].method != "rl"]
+        if not_rl:
+            raise ValueError(
+                f"specialists.sequential: {not_rl} after the first domain must use method rl (the chain applies "
+                "their RL recipes to one model)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sft_tasks_exist(self) -> SpecialistsSettings:
@@ -464,6 +487,14 @@ class MOPDConfig(_Strict):
         "log-likelihood (off-policy, GKD); for a domain the student never samples, e.g. captions",
     )  # fmt: skip
     micro_batch_size: int = Field(64, ge=1)
+    seed: int | None = Field(
+        None, description="the student's sampling and prompt order (None: the pipeline's seed)"
+    )
+    balance_domains: bool = Field(
+        False, description="draw every domain's prompts as often as the largest domain's (its prompts repeated): "
+        "a domain with few training prompts, e.g. one caption per video against several questions, otherwise "
+        "gets few updates",
+    )  # fmt: skip
     save_every: int = Field(25, ge=1)
     device: str | None = Field(None, description="cpu | cuda (None: the train stage's)")
     heldout_table: bool = Field(
@@ -598,13 +629,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] |
         else [(k.split("."), yaml.safe_load(v) if isinstance(v, str) else v) for k, v in overrides.items()]
     )
     for path, value in items:
-        node = raw
+        node: Any = raw
         for part in path[:-1]:
-            if not isinstance(node.get(part, {}), dict):
+            if isinstance(node, list):  # a list of named entries (train.stages): pick the entry by its name
+                node = _named_entry(node, part, path)
+                continue
+            if not isinstance(node.get(part, {}), dict | list):
                 raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
             node = node.setdefault(part, {})
+        if isinstance(node, list):
+            raise ConfigError(
+                f"--set {'.'.join(path)}: name a field of the {path[-1]!r} entry, not the entry"
+            )
         node[path[-1]] = value
     return raw
+
+
+def _named_entry(entries: list[Any], name: str, path: list[str]) -> dict[str, Any]:
+    """`--set train.stages.sft.lr=...`: the entry of a list whose `name` is the key's next part."""
+    named = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
+    if not named:
+        known = [e.get("name") for e in entries if isinstance(e, dict)]
+        raise ConfigError(f"--set {'.'.join(path)}: no entry named {name!r} (entries: {known})")
+    return named[0]
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

@@ -494,6 +494,19 @@ class Lineage:
         )
         return rows[0] if rows else None
 
+    def checkpoint_stage(self, checkpoint_id: str) -> str | None:
+        return self.scalar("SELECT stage FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+
+    def child_checkpoint(self, checkpoint_id: str, stage: str) -> dict[str, Any] | None:
+        """The newest checkpoint that `stage` trained from this one (checkpoint_id, path), or None."""
+        rows = self.query(
+            """SELECT c.checkpoint_id, c.path FROM checkpoints c
+               JOIN edges e ON e.dst_id = c.checkpoint_id AND e.relation = 'trained_into'
+               WHERE e.src_id = ? AND c.stage = ? ORDER BY c.created_at DESC LIMIT 1""",
+            [checkpoint_id, stage],
+        )
+        return rows[0] if rows else None
+
     def latest_checkpoint_path(self) -> str:
         rows = self.query(
             "SELECT path FROM checkpoints WHERE stage IS NOT NULL ORDER BY created_at DESC LIMIT 1"

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from keye.data.prompts import CAPTION_PROMPT
-from keye.eval.heldout import BenchSet, heldout_benchmarks, paired_grounding, run_benchmarks
+from keye.eval.heldout import BenchSet, heldout_benchmarks, prediction_rows, run_benchmarks
+from keye.eval.metrics import paired_difference
 from keye.rl.rewards import caption_f1
 
 DOMAINS = ("grounding", "mcq", "caption")
@@ -55,12 +56,15 @@ def score_domains(
     device: str = "cpu",
     batch_size: int = 8,
     limit: int | None = None,
+    frames_cache: Any = None,
 ) -> dict[str, Any]:
     """One row: every held-out grounding query (TimeLens layout), the Video-MME-layout MCQs and the captions (both
-    up to `limit`), greedy, 24 new tokens. `_results` keeps run_benchmarks' output for paired tests."""
+    up to `limit`), greedy, 24 new tokens. `_results` keeps run_benchmarks' output for paired tests. Rows that
+    share a `frames_cache` (keye.data.frame_cache.FrameCache) decode each video once: decoding is most of the cost
+    of a tiny model's answer."""
     from keye.eval.predict import keye_predict_fn
 
-    predict = keye_predict_fn(checkpoint, device=device, max_new_tokens=24)
+    predict = keye_predict_fn(checkpoint, device=device, max_new_tokens=24, frames_cache=frames_cache)
     sets = heldout_benchmarks(list(videos), Path(out_dir) / "benchmarks", split="heldout")
     res: dict[str, dict[str, Any]] = {}
     for kind, lim in {"timelens": None, "videomme": limit}.items():
@@ -69,7 +73,7 @@ def score_domains(
             res.update(run_benchmarks(predict, picked, Path(out_dir), batch_size, lim))
     cap, cap_chance = caption_scores(predict, videos, limit)
     nan = float("nan")
-    g, m = res.get("timelens", {}), res.get("videomme", {})
+    g, m = _pooled(res, "timelens", "mIoU"), _pooled(res, "videomme", "accuracy")
     return {
         "grounding": g.get("mIoU", nan),
         "grounding_chance": g.get("chance", {}).get("mIoU", nan),
@@ -82,12 +86,50 @@ def score_domains(
     }
 
 
+def _pooled(results: Mapping[str, Mapping[str, Any]], kind: str, metric: str) -> dict[str, Any]:
+    """A kind's score over every benchmark of it (videos from several folders make one benchmark each, named
+    `<kind>-<i>`): the mean over all their questions, and its chance the same way."""
+    parts = [m for m in results.values() if m.get("kind") == kind and m.get("n")]
+    n = sum(int(m["n"]) for m in parts)
+    if not n:
+        return {}
+    mean = sum(float(m[metric]) * int(m["n"]) for m in parts) / n
+    chance = sum(float(m["chance"][metric]) * int(m["n"]) for m in parts) / n
+    return {metric: mean, "chance": {metric: chance}, "n": n}
+
+
+def _query_ious(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """{benchmark/query id: IoU x 100} of every grounding query of a row."""
+    return {
+        f"{name}/{qid}": 100 * float(row["iou"])
+        for name, m in results.items()
+        if m.get("kind") == "timelens"
+        for qid, row in prediction_rows(m["_predictions"]).items()
+    }
+
+
+def paired_grounding_pooled(new: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """keye.eval.metrics.paired_difference of the per-query IoU, new - base, over every grounding query both rows
+    answered (all folders pooled)."""
+    a, b = _query_ious(new), _query_ious(base)
+    ids = sorted(a.keys() & b.keys())
+    if not ids:
+        return {}
+    return {"metric": "mIoU", **paired_difference([a[i] for i in ids], [b[i] for i in ids])}
+
+
 def domain_table(
-    rows: Mapping[str, Mapping[str, Any]], specialists: Mapping[str, str], student: str, start: str
+    rows: Mapping[str, Mapping[str, Any]],
+    specialists: Mapping[str, str],
+    student: str,
+    start: str,
+    baselines: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """rows: {name: score_domains(...)}; specialists: {domain: row name of its specialist}; student / start: row
-    names. The student's share of each specialist's gain over chance on its domain (goal >= SHARE_GOAL), and the
-    per-query paired grounding difference of every row against the start."""
+    """rows: {name: score_domains(...)}; specialists: {domain: row name of its specialist}; student / start /
+    baselines (e.g. sequential training): row names. The student's share of each specialist's gain over chance on
+    its domain (goal >= SHARE_GOAL); the forgetting of the student and of each baseline (the points over chance a row
+    is below each specialist on the specialist's domain, summed; the student should forget less than every
+    baseline); and the per-query paired grounding difference of every row against the start."""
     table = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in rows.items()}
     over = {n: {d: r[d] - r[f"{d}_chance"] for d in DOMAINS if d in r} for n, r in table.items()}
     checks = {}
@@ -103,14 +145,19 @@ def domain_table(
             "share": share,
             "meets_goal": bool(teacher > 0 and share >= SHARE_GOAL),
         }
+    forgetting = {
+        n: sum(max(0.0, c["specialist_over_chance"] - over[n][d]) for d, c in checks.items())
+        for n in (student, *baselines)
+        if n in over
+    }
+    forgets_less = {b: bool(forgetting[student] < forgetting[b]) for b in baselines if b in forgetting}
     base = rows[start].get("_results", {})
     vs_start = {
-        n: paired_grounding(r.get("_results", {}), base).get("timelens", {})
-        for n, r in rows.items()
-        if n != start
+        n: paired_grounding_pooled(r.get("_results", {}), base) for n, r in rows.items() if n != start
     }
     return {"rows": table, "over_chance": over, "checks": checks, "grounding_vs_start": vs_start,
-            "goal": SHARE_GOAL}  # fmt: skip
+            "goal": SHARE_GOAL, "student": student, "forgetting": forgetting,
+            "forgets_less": forgets_less}  # fmt: skip
 
 
 def metrics(table: Mapping[str, Any]) -> dict[str, float]:
@@ -124,6 +171,10 @@ def metrics(table: Mapping[str, Any]) -> dict[str, float]:
     for d, c in table["checks"].items():
         out[f"table/{d}/share"] = float(c["share"])
         out[f"table/{d}/meets_goal"] = float(c["meets_goal"])
+    for name, points in table.get("forgetting", {}).items():
+        out[f"table/forgetting/{name.replace(':', '_')}"] = float(points)
+    for name, less in table.get("forgets_less", {}).items():
+        out[f"table/forgets_less_than/{name.replace(':', '_')}"] = float(less)
     return out
 
 
@@ -136,7 +187,14 @@ def markdown(table: Mapping[str, Any]) -> str:
     for name, r in table["rows"].items():
         lines.append(f"| {name} | " + " | ".join(row_text(r)) + " |")
     shares = ", ".join(share_text(d, c, table["goal"]) for d, c in table["checks"].items())
-    return "\n".join(lines) + f"\n\nStudent vs specialist, over chance: {shares}\n"
+    text = "\n".join(lines) + f"\n\nStudent vs specialist, over chance: {shares}\n"
+    student, forgetting = table.get("student"), table.get("forgetting", {})
+    for name, less in table.get("forgets_less", {}).items():
+        text += (
+            f"Forgetting (points over chance below the specialists): {student} {forgetting[student]:.1f}, "
+            f"{name} {forgetting[name]:.1f} ({'less' if less else 'not less'} than {name})\n"
+        )
+    return text
 
 
 def row_text(row: Mapping[str, Any]) -> list[str]:

@@ -83,6 +83,8 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
                 "rows": t["rows"],
                 "checks": t["checks"],
                 "goal": t["goal"],
+                "forgetting": t.get("forgetting", {}),
+                "forgets_less": t.get("forgets_less", {}),
                 "path": str(table),
             }
     return s
@@ -181,6 +183,12 @@ def render(summary: dict[str, Any]) -> str:
             lines.append(
                 f"    {d} {c['student_over_chance']:.1f} / {c['specialist_over_chance']:.1f} = "
                 f"{100 * c['share']:.0f}% ({verdict} {100 * t['goal']:.0f}%)"
+            )
+        forgetting = t.get("forgetting", {})
+        if forgetting:
+            lines.append(
+                "    forgetting (points below the specialists): "
+                + ", ".join(f"{n} {v:.1f}" for n, v in forgetting.items())
             )
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")

@@ -66,6 +66,9 @@ def test_overrides_and_short_source_forms(tmp_path):
             "teacher_sampled names domain(s) ['ocr'] without a teacher",
         ),
         ("mopd:\n  teacher_sampled: {caption: 1.5}\n", [], "mopd.teacher_sampled.caption"),
+        ("specialists:\n  sequential: [grounding, ocr]\n", [], "list two or more of the domains"),
+        ("specialists:\n  sequential: [mcq]\n", [], "list two or more of the domains"),
+        ("specialists:\n  sequential: [mcq, caption]\n", [], "['caption'] after the first domain must use"),
         (
             "sources: [/data/videos]\neval:\n  grounding_probe_videos: 100\n",
             [],
@@ -164,3 +167,17 @@ def test_pipelines_yaml_states_no_default_twice():
         elif value == default and section not in ("name", "workspace"):
             repeats.append(section)
     assert repeats == []
+
+
+def test_set_reaches_a_recipe_by_its_name():
+    """`--set train.stages.sft.<field>=...`: one recipe of the list, by name (what the MOPD configuration uses)."""
+    sets = ["train.stages.sft.task_weights.caption=0.3", "train.stages.sft.loss_agg_mode=seq-mean-token-mean"]
+    cfg = load_config(ROOT / "pipelines.yaml", overrides=sets)
+    sft = next(r for r in cfg.train.stages if r.name == "sft")
+    assert sft.task_weights == {"mcq": 1.0, "grounding": 1.0, "caption": 0.3}
+    assert sft.loss_agg_mode == "seq-mean-token-mean"
+    assert all(r.loss_agg_mode == "token-mean" for r in cfg.train.stages if r.name != "sft")
+    with pytest.raises(ConfigError, match=r"no entry named 'sfft' \(entries: \['align'"):
+        load_config(ROOT / "pipelines.yaml", overrides=["train.stages.sfft.lr=1"])
+    with pytest.raises(ConfigError, match="name a field of the .sft. entry"):
+        load_config(ROOT / "pipelines.yaml", overrides=["train.stages.sft=3"])

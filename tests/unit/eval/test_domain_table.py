@@ -40,3 +40,26 @@ def test_a_specialist_no_better_than_chance_never_meets_the_goal() -> None:
     t = domain_table(rows, {"mcq": "specialist:mcq", "speech": "specialist:speech"}, "mopd", "sft")
     assert set(t["checks"]) == {"mcq"}  # an unknown domain / missing row has no column to check
     assert not t["checks"]["mcq"]["meets_goal"] and math.isnan(t["checks"]["mcq"]["share"])
+
+
+def test_forgetting_against_the_sequential_baseline() -> None:
+    """Forgetting: the points over chance a row is below each specialist on the specialist's domain, summed."""
+    rows = {
+        "sft": _row(47.0, 35.0, 67.0),
+        "specialist:grounding": _row(50.0, 34.0, 66.0),
+        "specialist:mcq": _row(46.0, 38.0, 67.0),
+        "specialist:caption": _row(5.0, 25.0, 69.0),
+        "sequential": _row(49.5, 36.0, 63.0),  # 0.5 + 2.0 + 6.0 below the specialists
+        "mopd": _row(49.0, 38.5, 69.5),  # 1.0 below on grounding only
+    }
+    spec = {d: f"specialist:{d}" for d in ("grounding", "mcq", "caption")}
+    t = domain_table(rows, spec, "mopd", "sft", baselines=["sequential"])
+    assert math.isclose(t["forgetting"]["sequential"], 8.5) and math.isclose(t["forgetting"]["mopd"], 1.0)
+    assert t["forgets_less"] == {"sequential": True}
+    flat = metrics(t)
+    assert flat["table/forgetting/sequential"] == 8.5 and flat["table/forgets_less_than/sequential"] == 1.0
+    assert "mopd 1.0, sequential 8.5 (less than sequential)" in markdown(t)
+    worse = domain_table(
+        {**rows, "mopd": _row(44.0, 33.0, 60.0)}, spec, "mopd", "sft", baselines=["sequential"]
+    )
+    assert worse["forgets_less"] == {"sequential": False}
