@@ -80,7 +80,7 @@ def run(ws: Path, args: argparse.Namespace, out: Path) -> dict:
     for _ in range(args.steps):
         tr.step()
     dt = (time.perf_counter() - t0) / args.steps
-    digest = sum(float(p.double().sum()) for p in tr.model.parameters())
+    digest = sum(float(p.detach().double().sum()) for p in tr.model.parameters())
     return {"s_per_step": dt, "lm_loss": tr.last.get("lm_loss"), "weights_sum": digest}
 
 
