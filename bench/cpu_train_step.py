@@ -23,34 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from keye.core.config import load_config
 from keye.core.lineage import Lineage
 from keye.data.tokenizer import load_tokenizer
 from keye.kernels import dispatch
+from keye.kernels.dense_sdpa import dense_attention_sdpa_per_sample
 from keye.model import vit
 from keye.train.trainer import Trainer, pack_stream
-
-
-def sliced_dense(q, k, v, cu_seqlens, scale, block=1024):  # noqa: ANN001 - the replaced form, for the baseline
-    out = torch.empty_like(q)
-    b = cu_seqlens.tolist()
-    for s, e in zip(b[:-1], b[1:], strict=True):
-        if e > s:
-            qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-            out[s:e] = o.squeeze(0).transpose(0, 1)
-    return out, None
-
-
-def per_frame_vit(q, k, v, lengths):  # noqa: ANN001 - the replaced form, for the baseline
-    outs, start = [], 0
-    for m in lengths:
-        qb, kb, vb = (t[start : start + m].transpose(0, 1)[None] for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1).reshape(m, -1))
-        start += m
-    return torch.cat(outs)
 
 
 def run(ws: Path, args: argparse.Namespace, out: Path) -> dict:
@@ -97,7 +77,8 @@ def main() -> None:
     try:
         rows["current"] = run(args.workspace, args, tmp / "current")
         fast, by_size = dispatch._torch_fast()["dense_attention"], vit._attention_by_size
-        dispatch._torch_fast()["dense_attention"], vit._attention_by_size = sliced_dense, per_frame_vit
+        dispatch._torch_fast()["dense_attention"] = dense_attention_sdpa_per_sample
+        vit._attention_by_size = vit._attention_per_frame
         try:
             rows["sliced (before)"] = run(args.workspace, args, tmp / "sliced")
         finally:

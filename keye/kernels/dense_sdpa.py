@@ -36,6 +36,22 @@ def dense_attention_sdpa(
     return torch.cat(outs, dim=1).transpose(0, 1), None
 
 
+def dense_attention_sdpa_per_sample(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float, block: int = 1024
+) -> tuple[Tensor, None]:
+    """The plain form of dense_attention_sdpa (each sample sliced out and written back): its oracle in the tests
+    and its baseline in bench/cpu_train_step.py."""
+    del block
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        if e > s:
+            qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out, None
+
+
 def suffix_causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """q [n, Hq, D] are the LAST n rows of a sample span whose keys are k/v [L, Hkv, D] (n <= L): query i sees keys
     0..L-n+i (causal, aligned to the lower right). The context-parallel path: a rank's query rows [u0, u1) of a

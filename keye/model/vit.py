@@ -113,6 +113,17 @@ def _attention_by_size(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> T
     return torch.cat(outs)[inverse]
 
 
+def _attention_per_frame(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
+    """The plain form of _attention_by_size (one call per frame): its oracle in the tests and its baseline in
+    bench/cpu_train_step.py."""
+    outs, start = [], 0
+    for m in lengths:
+        qb, kb, vb = (t[start : start + m].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1).reshape(m, -1))
+        start += m
+    return torch.cat(outs)
+
+
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()

@@ -3,7 +3,7 @@
 import torch
 
 from keye.kernels import dispatch
-from keye.kernels.dense_sdpa import dense_attention_sdpa
+from keye.kernels.dense_sdpa import dense_attention_sdpa, dense_attention_sdpa_per_sample
 from keye.kernels.dsa_reference import dense_attention_reference
 
 
@@ -31,18 +31,6 @@ def test_dispatch_uses_sdpa_unless_reference_is_forced(monkeypatch):
 
 def test_sdpa_gradients_equal_per_sample_slicing_bit_for_bit():
     """The split/cat form against the per-sample slicing it replaced (empty and one-token samples included)."""
-    import torch.nn.functional as F
-
-    def sliced(q, k, v, cu, scale):
-        out = torch.empty_like(q)
-        b = cu.tolist()
-        for s, e in zip(b[:-1], b[1:], strict=True):
-            if e > s:
-                qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-                out[s:e] = o.squeeze(0).transpose(0, 1)
-        return out
-
     g = torch.Generator().manual_seed(1)
     lens = [9, 0, 1, 40, 23]
     t = sum(lens)
@@ -50,9 +38,9 @@ def test_sdpa_gradients_equal_per_sample_slicing_bit_for_bit():
     base = [torch.randn(t, h, 8, generator=g) for h in (4, 2, 2)]
     w = torch.randn(t, 4, 8, generator=g)
     got = []
-    for fn in (sliced, lambda *a: dense_attention_sdpa(*a)[0]):
+    for fn in (dense_attention_sdpa_per_sample, dense_attention_sdpa):
         q, k, v = (x.clone().requires_grad_() for x in base)
-        o = fn(q, k, v, cu, 0.25)
+        o, _ = fn(q, k, v, cu, 0.25)
         (o * w).sum().backward()
         got.append((o.detach(), q.grad, k.grad, v.grad))
     for a, b in zip(*got, strict=True):

@@ -2,18 +2,8 @@
 bit (the per-frame loop it replaced), and frames never see each other."""
 
 import torch
-import torch.nn.functional as F
 
-from keye.model.vit import _attention_by_size
-
-
-def _per_frame(q, k, v, lengths):
-    outs, start = [], 0
-    for m in lengths:
-        qb, kb, vb = (t[start : start + m].transpose(0, 1)[None] for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1).reshape(m, -1))
-        start += m
-    return torch.cat(outs)
+from keye.model.vit import _attention_by_size, _attention_per_frame
 
 
 def test_mixed_sizes_match_per_frame_calls_exactly():
@@ -23,7 +13,7 @@ def test_mixed_sizes_match_per_frame_calls_exactly():
     base = [torch.randn(n, h, hd, generator=g) for _ in range(3)]
     w = torch.randn(n, h * hd, generator=g)
     got = []
-    for fn in (_per_frame, _attention_by_size):
+    for fn in (_attention_per_frame, _attention_by_size):
         q, k, v = (x.clone().requires_grad_() for x in base)
         o = fn(q, k, v, lengths)
         (o * w).sum().backward()
