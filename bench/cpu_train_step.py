@@ -7,7 +7,7 @@ Both forms give bit-identical weights (tests/unit/kernels/test_kernels_dense_sdp
 tests/unit/model/test_vit_attention_by_size.py); this bench checks that again (the two runs' final losses and
 weights) and times them.
 
-  python bench/cpu_train_step.py --workspace WS [--warm 160 --steps 40 --threads 2]
+  python bench/cpu_train_step.py --workspace WS [--config pipelines.yaml --warm 160 --steps 40 --threads 2]
 
 WS: a workspace after `keye run pipelines.yaml` (its sft checkpoint is the start, its PackSet the data). The first
 `--warm` steps (one epoch of packs: the loader's frame cache fills) are not timed.
@@ -34,7 +34,7 @@ from keye.train.trainer import Trainer, pack_stream
 
 
 def run(ws: Path, args: argparse.Namespace, out: Path) -> dict:
-    cfg = load_config(ws / "config.yaml" if (ws / "config.yaml").is_file() else "pipelines.yaml")
+    cfg = load_config(args.config)
     recipe = next(s for s in cfg.train.stages if s.kind == "sft")
     recipe = recipe.model_copy(update={"steps": 10**6, "checkpoint_every": 10**9, "log_every": 10**9})
     store = Lineage(ws, read_only=True)
@@ -67,6 +67,9 @@ def run(ws: Path, args: argparse.Namespace, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument(
+        "--config", default="pipelines.yaml", help="the pipeline file the workspace was made with"
+    )
     ap.add_argument("--warm", type=int, default=160)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)

@@ -471,8 +471,11 @@ class Lineage:
         run_id: str | None,
         inputs: list[str],
         meta: dict[str, Any] | None = None,
+        teachers: Iterable[str] = (),
     ) -> None:
-        """A checkpoint directory and what it came from (its training run, packs, and the checkpoint it started at)."""
+        """A checkpoint directory and what it came from (its training run, packs, and the checkpoint it started at:
+        `trained_into` edges). `teachers` (a distillation's frozen teachers) get `taught` edges, so the checkpoint a
+        post-trained one started from (parent_checkpoint) is never one of its teachers."""
         with self.transaction() as con:
             con.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -480,6 +483,8 @@ class Lineage:
             )
             for src in inputs:
                 con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'trained_into')", [src, checkpoint_id])
+            for src in teachers:
+                con.execute("INSERT OR IGNORE INTO edges VALUES (?, ?, 'taught')", [src, checkpoint_id])
 
     def parent_checkpoint(self, checkpoint_id: str, stages: Iterable[str]) -> dict[str, Any] | None:
         """The checkpoint this one was trained from (checkpoint_id, path, stage), when this one was made by one of
@@ -494,8 +499,12 @@ class Lineage:
         )
         return rows[0] if rows else None
 
-    def checkpoint_stage(self, checkpoint_id: str) -> str | None:
-        return self.scalar("SELECT stage FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+    def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The recorded checkpoint (checkpoint_id, path, stage), or None."""
+        rows = self.query(
+            "SELECT checkpoint_id, path, stage FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id]
+        )
+        return rows[0] if rows else None
 
     def child_checkpoint(self, checkpoint_id: str, stage: str) -> dict[str, Any] | None:
         """The newest checkpoint that `stage` trained from this one (checkpoint_id, path), or None."""

@@ -70,8 +70,6 @@ def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> 
     videoset_id = run.input("videoset", videoset_id)
     main = _one(run, checkpoint_dir, videoset_id)
     parent = run.lineage.parent_checkpoint(main.checkpoint_id, POST_TRAINING_STAGES)
-    if parent is not None and run.lineage.checkpoint_stage(main.checkpoint_id) == "mopd":
-        parent = {**parent, "path": run.meta(main.checkpoint_id)["student"]}  # its teachers are inputs too
     if run.config.eval.compare_parent and parent is not None:
         main.baseline = _one(run, parent["path"], videoset_id)
         main.baseline.frames = main.frames

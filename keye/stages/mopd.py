@@ -132,8 +132,18 @@ def train(run: StageRun, plan: MOPDPlan) -> None:
         **table,
     }
     path = str(result.checkpoint_dir.resolve())
+    teachers = set(plan.teacher_ids.values())
+    inputs = [i for i in run.inputs if i not in teachers]
     lineage.record_checkpoint(
-        plan.checkpoint_id, path, sha, "mopd", result.steps, run.run_id, run.inputs, meta
+        plan.checkpoint_id,
+        path,
+        sha,
+        "mopd",
+        result.steps,
+        run.run_id,
+        inputs,
+        meta,
+        teachers=sorted(teachers),
     )
     lineage.complete_artifact(plan.checkpoint_id, sha256=sha, meta=meta)
 

@@ -72,7 +72,7 @@ def start_checkpoints(run: StageRun, checkpoint_dir: str | None) -> tuple[str, s
     passes video_rl's output on: then its parent is the start and it is the grounding specialist already made."""
     path = checkpoint_dir or run.lineage.latest_checkpoint_path()
     ck = run.lineage.checkpoint_id_for(path, hash_checkpoint_dir(path))
-    if run.lineage.checkpoint_stage(ck) == "video_rl":
+    if run.lineage.checkpoint(ck)["stage"] == "video_rl":
         parent = run.lineage.parent_checkpoint(ck, ["video_rl"])
         if parent is not None:
             return parent["path"], str(path)
@@ -134,8 +134,10 @@ def train(run: StageRun, plan: SpecialistsPlan) -> None:
     TeacherSet."""
     s, lineage = run.config.specialists, run.lineage
     kinds = sorted({k for d in s.domains.values() if d.method == "rl" for k in d.kinds})
-    rl_todo = [d for d in plan.todo if s.domains[d].method == "rl"] or plan.sequential_todo
-    prompts = training_prompts(run, plan.videoset_id, plan.out_dir / "prompts", kinds) if rl_todo else []
+    needs_prompts = plan.sequential_todo or any(s.domains[d].method == "rl" for d in plan.todo)
+    prompts = (
+        training_prompts(run, plan.videoset_id, plan.out_dir / "prompts", kinds) if needs_prompts else []
+    )
     for domain, ck in plan.todo.items():
         spec = s.domains[domain]
         if spec.method == "sft":
@@ -155,27 +157,26 @@ def train(run: StageRun, plan: SpecialistsPlan) -> None:
             numbers = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
             _record(run, plan, domain, ck, result.checkpoint_dir, result.steps, {"method": "sft", **numbers})
             continue
-        result = _outcome_rl(run, plan.init, domain, prompts, plan.out_dir / domain, _log(run, domain))
-        meta = {"method": "rl", "prompts": result.metrics.pop("prompts", 0), **result.metrics}
+        result, n = _outcome_rl(run, plan.init, domain, prompts, plan.out_dir / domain, _log(run, domain))
+        meta = {"method": "rl", "prompts": n, **result.metrics}
         _record(run, plan, domain, ck, result.checkpoint_dir, result.steps, meta)
     if plan.sequential_todo:
         _sequential(run, plan, prompts)
     if plan.build:
-        teachers = {d: {"checkpoint_id": ck, "path": _path(run, ck)} for d, ck in plan.checkpoints.items()}
+        teachers = {
+            d: {"checkpoint_id": ck, "path": run.lineage.checkpoint(ck)["path"]}
+            for d, ck in plan.checkpoints.items()
+        }
         meta = {"teachers": teachers, "parent": plan.init, "parent_id": plan.init_id}
         if plan.sequential:
             meta["baselines"] = {
                 "sequential": {
                     "checkpoint_id": plan.sequential,
-                    "path": _path(run, plan.sequential),
+                    "path": run.lineage.checkpoint(plan.sequential)["path"],
                     "chain": list(s.sequential),
                 }
             }
         lineage.complete_artifact(plan.teacherset_id, sha256=settings_hash(meta), meta=meta)
-
-
-def _path(run: StageRun, checkpoint_id: str) -> str:
-    return str(run.lineage.scalar("SELECT path FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id]))
 
 
 def _log(run: StageRun, domain: str) -> Any:
@@ -187,8 +188,9 @@ def _log(run: StageRun, domain: str) -> Any:
 
 def _outcome_rl(
     run: StageRun, init: str, domain: str, prompts: list[RolloutPrompt], out_dir: Path, log: Any
-) -> Any:
-    """The domain's RL recipe from `init`: on-policy outcome RL on its training-split prompts, no teacher."""
+) -> tuple[Any, int]:
+    """The domain's RL recipe from `init`: on-policy outcome RL on its training-split prompts, no teacher. Returns
+    keye.rl.mopd_train's result and the number of the domain's prompts."""
     s = run.config.specialists
     spec = s.domains[domain]
     mine = [
@@ -222,19 +224,18 @@ def _outcome_rl(
         device=device_of(run, s.device),
         log_metrics=log,
     )
-    result.metrics["prompts"] = len(mine)
-    return result
+    return result, len(mine)
 
 
 def _sequential(run: StageRun, plan: SpecialistsPlan, prompts: list[RolloutPrompt]) -> None:
     """The forgetting baseline: the chain's first specialist, then each next domain's RL recipe on that model."""
     chain = run.config.specialists.sequential
     assert plan.sequential is not None
-    current = _path(run, plan.checkpoints[chain[0]])
+    current = run.lineage.checkpoint(plan.checkpoints[chain[0]])["path"]
     result = None
     for i, domain in enumerate(chain[1:], start=1):
         out = plan.out_dir / "sequential" / f"{i}-{domain}"
-        result = _outcome_rl(run, current, domain, prompts, out, _log(run, f"sequential_{domain}"))
+        result, _ = _outcome_rl(run, current, domain, prompts, out, _log(run, f"sequential_{domain}"))
         current = str(result.checkpoint_dir)
     assert result is not None  # the config check asks for two or more domains
     sha = hash_checkpoint_dir(result.checkpoint_dir)
