@@ -8,7 +8,10 @@ Checks first (T = 6000 packed [1777, 4223], k 2048): the float32 slab with the r
 `indexer_topk_reference` (rows identical), the fast setting (fp16 slab) vs the library (recall), FP8 vs the library's
 FP8 (recall); at 128K the recall of the fast setting vs the library on 2048 sampled rows.
 
-  python bench/dsa_indexer_twopass.py --out OUT_DIR [--t 131072]
+  python bench/dsa_indexer_twopass.py --out OUT_DIR [--t 131072] [--triton-select]
+
+--triton-select times the slab path with its Triton radix select (keye/kernels/indexer_twopass.py
+`select_slab_triton`) after either score pass (the library's head loop or the resident-query kernel).
 """
 
 from __future__ import annotations
@@ -123,10 +126,84 @@ def bench(out: str, t: int) -> None:
             total_ms=round(base.timeit(lambda: indexer_topk_twopass(qi, ki, w, cu, TOPK), 3, 1), 2)))  # fmt: skip
 
 
+RESIDENT = (
+    16,
+    64,
+    4,
+    3,
+    True,
+    False,
+    True,
+)  # keys on M, heads in registers: bench/RESULTS.md helper k20's best
+
+
+def check_triton(out: str) -> None:
+    """T = 6000 packed: the Triton select on a float16 slab equals torch's top-k with the reference's tie rule on the
+    same slab; the resident pass 1 with it vs the library pass 1 (recall: fp32 sums in another order)."""
+    t = 6000
+    cu = torch.tensor([0, 1777, t], device=DEV, dtype=torch.int32)
+    _, _, _, qi, ki, w = base.make(t, 1)
+    q8, wq = quantize_indexer_query(qi, w)
+    k8, sk = quantize_indexer_keys(ki)
+    row = {}
+    for name, args in (("bf16", (qi, ki, w, {})), ("fp8", (q8, k8, wq, {"k_scale": sk}))):
+        q, k, ww, kw = args
+        want, _ = indexer_topk_twopass(q, k, ww, cu, TOPK, ties="lowest", **kw)
+        got, _ = indexer_topk_twopass(q, k, ww, cu, TOPK, selector="triton", **kw)
+        res, _ = indexer_topk_twopass(q, k, ww, cu, TOPK, selector="triton", tile=RESIDENT, **kw)
+        row[f"{name}_triton_select_rows_identical_to_torch_lowest"] = float(
+            (got == want).all(1).float().mean()
+        )
+        row[f"{name}_resident_pass1_recall"] = topk_recall(res, want)
+        row[f"{name}_resident_pass1_rows_identical"] = float((res == want).all(1).float().mean())
+    log(out, kind="check_triton_select", T=t, **row)
+
+
+def bench_triton(out: str, t: int) -> None:
+    """The slab path with the Triton select: pass 1 (library head loop or resident queries) alone and with the
+    select, slab chunk sizes, select chunk / warps; library FP8 / bf16 and SDPA in the same run."""
+    cu = torch.tensor([0, t], device=DEV, dtype=torch.int32)
+    log(out, kind="time", op="sdpa_causal_fwd", T=t, ms=round(sdpa_ms(t), 2))
+    _, _, _, qi, ki, w = base.make(t, seed=1)
+    q8, wq = quantize_indexer_query(qi, w)
+    k8, sk = quantize_indexer_keys(ki)
+    lib_bf = base.timeit(lambda: indexer_topk(qi, ki, w, cu, TOPK), 3, 1)
+    lib_8 = base.timeit(lambda: indexer_topk(q8, k8, wq, cu, TOPK, k_scale=sk), 3, 1)
+    log(out, kind="time", op="library_indexer_topk", T=t, bf16_ms=round(lib_bf, 2), fp8_ms=round(lib_8, 2))
+    ref8, _ = indexer_topk(q8, k8, wq, cu, TOPK, k_scale=sk)
+    rows = torch.arange(TOPK, t, max(1, t // 2048), device=DEV)
+    grid = [("library", (64, 128, 4), 2, 4096, 4), ("resident", RESIDENT, 2, 4096, 4),
+            ("resident", RESIDENT, 4, 4096, 4), ("resident", RESIDENT, 1, 4096, 4),
+            ("resident", RESIDENT, 2, 2048, 4), ("resident", RESIDENT, 2, 8192, 8),
+            ("resident", RESIDENT, 2, 4096, 8), ("resident", RESIDENT, 2, 2048, 2)]  # fmt: skip
+    for p1, tile, gib, chunk, warps in grid:
+
+        def one(p1=p1, tile=tile, gib=gib, chunk=chunk, warps=warps) -> None:
+            kw = dict(slab_bytes=gib << 30, tile=tile, selector="triton", select_chunk=chunk, select_warps=warps,
+                      k_scale=sk)  # fmt: skip
+            p1_ms = base.timeit(lambda: indexer_topk_twopass(q8, k8, wq, cu, TOPK, select=False, **kw), 3, 1)
+            full = base.timeit(lambda: indexer_topk_twopass(q8, k8, wq, cu, TOPK, **kw), 3, 1)
+            got, _ = indexer_topk_twopass(q8, k8, wq, cu, TOPK, **kw)
+            log(out, kind="time", op="twopass_triton_fp8", T=t, pass1=p1, tile=list(tile), slab_gib=gib,
+                select_chunk=chunk, select_warps=warps, total_ms=round(full, 2), pass1_ms=round(p1_ms, 2),
+                select_ms=round(full - p1_ms, 2), recall_vs_library_fp8=topk_recall(got[rows], ref8[rows]),
+                rows_identical=float((got[rows] == ref8[rows]).all(1).float().mean()))  # fmt: skip
+
+        guarded(out, f"twopass triton {p1} {gib} {chunk} {warps}", one)
+    for p1, tile in (("library", (64, 128, 4)), ("resident", RESIDENT)):
+        kw = dict(slab_bytes=2 << 30, tile=tile, selector="triton")
+        guarded(out, f"twopass triton bf16 {p1}", lambda kw=kw, p1=p1: log(
+            out, kind="time", op="twopass_triton_bf16", T=t, pass1=p1,
+            total_ms=round(base.timeit(lambda: indexer_topk_twopass(qi, ki, w, cu, TOPK, **kw), 3, 1), 2)))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--t", type=int, default=131072)
+    ap.add_argument(
+        "--triton-select", action="store_true", help="the Triton select runs only (not torch.topk's)"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     tf, bw = base.ceilings()
@@ -138,6 +215,10 @@ def main() -> None:
         matmul_tflops=tf,
         copy_gbs=bw,
     )
+    if args.triton_select:
+        guarded(args.out, "check triton", lambda: check_triton(args.out))
+        bench_triton(args.out, args.t)
+        return
     guarded(args.out, "check", lambda: check(args.out))
     bench(args.out, args.t)
 

@@ -110,7 +110,7 @@ def _resident_kernel(
     H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAP: tl.constexpr,
     HAS_KS: tl.constexpr, MODE: tl.constexpr, KMAJOR: tl.constexpr, HSUM_MMA: tl.constexpr = False,
     PERM: tl.constexpr = False, TRANS: tl.constexpr = False, SWP: tl.constexpr = False, WS: tl.constexpr = False,
-    HS_DTYPE: tl.constexpr = tl.bfloat16, q_row0=0,
+    HS_DTYPE: tl.constexpr = tl.bfloat16, q_row0=0, out_col0=0,
 ):  # fmt: skip
     """BM query rows [row0 + pid*BM, ...) against their whole causal windows, one key tile of BN at a time.
     W holds the head weights with the 1/sqrt(D_I) scale folded in (a positive scale commutes with the relu).
@@ -120,6 +120,7 @@ def _resident_kernel(
     current tile's epilogue; WS asks Triton to warp-specialise the key loop (`tl.range(warp_specialize=...)`).
     MODE 1 keys on M keeps a running [BN, BM] max and reduces it once (keys span the warps)."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest windows first
+    OUT = OUT - out_col0  # MODE 0: OUT's column 0 is key out_col0 (a slab of a row chunk's windows)
     r_loc = pid * BM + tl.arange(0, BM)
     rmask = r_loc < n_rows
     rows = (row0 + r_loc).to(tl.int64)
@@ -222,10 +223,10 @@ def launch_resident(
     q_idx: Tensor, k_idx: Tensor, w_folded: Tensor, starts: Tensor, row0: int, n_rows: int, mode: int,
     tile: tuple, tau: Tensor | None = None, scr_s: Tensor | None = None, scr_i: Tensor | None = None,
     cnt: Tensor | None = None, k_scale: Tensor | None = None, out: Tensor | None = None, cap: int = 16,
-    q_row0: int = 0,
+    q_row0: int = 0, out_col0: int = 0,
 ):  # fmt: skip
     """One launch over the global rows [row0, row0 + n_rows) (starts / tau indexed by global row; scr_* / cnt /
-    out by row - row0; q_idx / w_folded hold rows from q_row0 on). tile = (BM, BN, warps, stages, kmajor[,
+    out by row - row0, out's column 0 being key out_col0; q_idx / w_folded hold rows from q_row0 on). tile = (BM, BN, warps, stages, kmajor[,
     hsum_mma, perm, trans, swp]) (kernel options of the same names). w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's
     launch handle (the compiled kernel, for benches that read its IR)."""
     bm, bn, warps, stages, kmajor, *rest = tile
@@ -241,7 +242,7 @@ def launch_resident(
         q_idx.stride(0), q_idx.stride(1), k_idx.stride(0), w_folded.stride(0), 0 if out is None else out.stride(0),
         H=h_i, HP=triton.next_power_of_2(h_i), DI=d_i, BM=bm, BN=bn, CAP=cap, HAS_KS=k_scale is not None,
         MODE=mode, KMAJOR=bool(kmajor), HSUM_MMA=hsum_mma, PERM=perm, TRANS=trans, SWP=swp, WS=ws, HS_DTYPE=tl.float32 if interp else tl.bfloat16,
-        q_row0=q_row0, num_warps=warps, num_stages=stages,
+        q_row0=q_row0, out_col0=out_col0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

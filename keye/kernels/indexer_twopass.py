@@ -78,12 +78,34 @@ def _chunks(starts_host: list[int], row0: int, row_end: int, bm: int, budget: in
 
 def score_slab(
     q_idx: Tensor, k_idx: Tensor, w_folded: Tensor, starts: Tensor, row0: int, row1: int, col0: int,
-    slab_dtype: torch.dtype, tile: tuple[int, int, int], k_scale: Tensor | None,
+    slab_dtype: torch.dtype, tile: tuple, k_scale: Tensor | None, fill: bool = True,
 ) -> Tensor:  # fmt: skip
-    """Pass 1: the [row1 - row0, row1 - col0] score slab of rows [row0, row1) (-inf outside their windows)."""
-    bm, bn, warps = tile
+    """Pass 1: the [row1 - row0, row1 - col0] score slab of rows [row0, row1) (-inf outside their windows).
+    tile (BM, BN, warps): the library's head loop (`_index_scores_tile`); a longer tuple is a resident-query tile
+    (keye/kernels/indexer_resident.py: one dot per key tile for all heads), which writes only the key tiles its
+    programs' windows touch: the rest is -inf-filled first unless fill=False (a reader of the windows alone)."""
     n_rows, n_cols = row1 - row0, row1 - col0
     slab = torch.empty((n_rows, n_cols), device=q_idx.device, dtype=slab_dtype)
+    if len(tile) > 3:
+        if fill:
+            slab.fill_(float("-inf"))
+        from keye.kernels.indexer_resident import launch_resident
+
+        launch_resident(  # keys [0, row1): no tile stores past the slab's last column
+            q_idx,
+            k_idx[:row1],
+            w_folded,
+            starts,
+            row0,
+            n_rows,
+            0,
+            tile,
+            k_scale=k_scale,
+            out=slab,
+            out_col0=col0,
+        )
+        return slab
+    bm, bn, warps = tile
     _scores_slab_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
         q_idx, k_idx, w_folded, starts, slab, w_folded if k_scale is None else k_scale,
         row0, n_rows, col0, n_cols, q_idx.shape[0],
@@ -114,6 +136,98 @@ def select_slab(slab: Tensor, topk: int, ties: str = "any") -> tuple[Tensor, Ten
     return cols, vals
 
 
+@triton.jit
+def _key16(x):
+    """fp16 scores -> int32 keys in [0, 65536) with the order of the scores (sign bit flipped; negatives inverted)."""
+    b = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    b = tl.where(b == 0x8000, 0, b)  # -0.0 ties with +0.0, as the scores compare
+    return tl.where((b & 0x8000) != 0, (~b) & 0xFFFF, b | 0x8000)
+
+
+@triton.jit
+def _byte_histogram(hist, byte, valid, CH: tl.constexpr):
+    """hist (256 int32) += the counts of `byte` over the valid lanes (invalid lanes are counted in bin 0, then
+    taken off)."""
+    bins = tl.arange(0, 256)
+    h = tl.histogram(tl.where(valid, byte, 0), 256)
+    return hist + h - tl.where(bins == 0, CH - tl.sum(valid.to(tl.int32)), 0)
+
+
+@triton.jit
+def _top_bin(hist, need):
+    """(the largest bin b with count(bins >= b) >= need, count(bins > b)); need >= 1 and sum(hist) >= need."""
+    bins = tl.arange(0, 256)
+    above_incl = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # count of bins >= b
+    b = tl.max(tl.where(above_incl >= need, bins, -1))
+    return b, tl.sum(tl.where(bins > b, hist, 0))
+
+
+@triton.jit
+def _slab_select_kernel(
+    SLAB, LO, HI, OUT_I, OUT_S, col0, stride_s, stride_o,
+    K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    """One row of a 16-bit slab: its top-K over slab columns [LO[r], HI[r]], ties to the smaller column, written
+    in ascending column order (global column = slab column + col0), -1 / -inf padded. An exact radix select on the
+    16-bit keys: a histogram of the high bytes, one of the low bytes inside the boundary bin, then one pass that
+    writes the keys above the K-th and the first equal ones."""
+    r = tl.program_id(0).to(tl.int64)
+    lo = tl.load(LO + r)
+    hi = tl.load(HI + r)
+    base = SLAB + r * stride_s
+    offs = tl.arange(0, CH)
+    total = tl.maximum(hi - lo + 1, 0)
+    hist = tl.zeros([256], tl.int32)
+    for c in range(lo, hi + 1, CH):
+        m = c + offs <= hi
+        key = _key16(tl.load(base + c + offs, mask=m, other=0.0))
+        hist = _byte_histogram(hist, key >> 8, m, CH)
+    kstar = -1  # take every key of a window shorter than K
+    ties = 0
+    if total > K:
+        b1, above1 = _top_bin(hist, K)
+        hist2 = tl.zeros([256], tl.int32)
+        for c in range(lo, hi + 1, CH):
+            m = c + offs <= hi
+            key = _key16(tl.load(base + c + offs, mask=m, other=0.0))
+            hist2 = _byte_histogram(hist2, key & 255, m & ((key >> 8) == b1), CH)
+        b2, above2 = _top_bin(hist2, K - above1)
+        kstar = b1 * 256 + b2
+        ties = K - above1 - above2  # keys equal to the K-th taken, lowest columns first
+    written = 0
+    seen = 0
+    for c in range(lo, hi + 1, CH):
+        m = c + offs <= hi
+        x = tl.load(base + c + offs, mask=m, other=0.0)
+        key = _key16(x)
+        eq = m & (key == kstar)
+        rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = (m & (key > kstar)) | (eq & (rank < ties))
+        pos = written + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(OUT_I + r * stride_o + pos, (c + offs + col0).to(tl.int32), mask=sel)
+        tl.store(OUT_S + r * stride_o + pos, x.to(tl.float32), mask=sel)
+        written += tl.sum(sel.to(tl.int32))
+        seen += tl.sum(eq.to(tl.int32))
+    pad = tl.arange(0, KP)
+    pm = (pad >= written) & (pad < K)
+    tl.store(OUT_I + r * stride_o + pad, tl.full([KP], -1, tl.int32), mask=pm)
+    tl.store(OUT_S + r * stride_o + pad, tl.full([KP], float("-inf"), tl.float32), mask=pm)
+
+
+def select_slab_triton(
+    slab: Tensor, lo: Tensor, hi: Tensor, col0: int, out_i: Tensor, out_s: Tensor, topk: int, chunk: int = 4096,
+    warps: int = 4,
+) -> None:  # fmt: skip
+    """Pass 2 in one Triton kernel: out_i / out_s [R, topk] (int32 / f32 views of the result rows) of each slab
+    row's top-k over its columns [lo, hi] (int32 [R]), as `topk_lowest_index_ties` on the slab's 16-bit values."""
+    if slab.dtype != torch.float16:
+        raise ValueError(f"the Triton selection reads a float16 slab, got {slab.dtype}")
+    _slab_select_kernel[(slab.shape[0],)](
+        slab, lo, hi, out_i, out_s, col0, slab.stride(0), out_i.stride(0),
+        K=topk, KP=triton.next_power_of_2(topk), CH=chunk, num_warps=warps,
+    )  # fmt: skip
+
+
 def indexer_topk_twopass(
     q_idx: Tensor,
     k_idx: Tensor,
@@ -123,18 +237,24 @@ def indexer_topk_twopass(
     block: int = 1024,
     slab_dtype: torch.dtype = torch.float16,
     slab_bytes: int = 4 << 30,
-    tile: tuple[int, int, int] = (64, 128, 4),
+    tile: tuple = (64, 128, 4),
     ties: str = "any",
     k_scale: Tensor | None = None,
     select: bool = True,
+    selector: str = "torch",
+    select_chunk: int = 4096,
+    select_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """(indices int32 [T, topk], scores f32 [T, topk]) as `indexer_topk_reference` on scores rounded to
     `slab_dtype`; k_scale: per-key scales of FP8 keys (keye/kernels/indexer_fp8.py). select=False runs pass 1
-    only (for timing)."""
+    only (for timing). selector "triton": pass 2 as one Triton radix select per row (float16 slab, the
+    reference's tie rule, no sort), "torch": torch.topk + sort (`ties`)."""
     del block
     t_total, _, d_i = q_idx.shape
     if ties not in ("any", "lowest"):
         raise ValueError(f"ties must be 'any' or 'lowest', got {ties!r}")
+    if selector not in ("torch", "triton"):
+        raise ValueError(f"selector must be 'torch' or 'triton', got {selector!r}")
     indices, scores = empty_selection(q_idx, topk)
     if t_total == 0 or topk == 0:
         return indices, scores
@@ -147,12 +267,30 @@ def indexer_topk_twopass(
     for row0, row1, col0 in _chunks(
         starts.tolist(), int(cu_seqlens[0]), int(cu_seqlens[-1]), tile[0], slab_bytes, elem
     ):
-        slab = score_slab(q_idx, k_idx, w_folded, starts, row0, row1, col0, slab_dtype, tile, k_scale)
-        if select:
+        slab = score_slab(
+            q_idx,
+            k_idx,
+            w_folded,
+            starts,
+            row0,
+            row1,
+            col0,
+            slab_dtype,
+            tile,
+            k_scale,
+            fill=selector != "triton",
+        )
+        if select and selector == "triton":
+            lo = (starts[row0:row1] - col0).to(torch.int32)
+            hi = torch.arange(row0 - col0, row1 - col0, device=slab.device, dtype=torch.int32)
+            select_slab_triton(
+                slab, lo, hi, col0, indices[row0:row1], scores[row0:row1], topk, select_chunk, select_warps
+            )
+        elif select:
             cols, vals = select_slab(slab, topk, ties)
             indices[row0:row1] = torch.where(cols >= 0, cols + col0, -1).to(torch.int32)
             scores[row0:row1] = vals
     return indices, scores
 
 
-__all__ = ["indexer_topk_twopass", "score_slab", "select_slab"]
+__all__ = ["indexer_topk_twopass", "score_slab", "select_slab", "select_slab_triton"]
