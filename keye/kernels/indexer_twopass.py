@@ -171,7 +171,7 @@ def _slab_select_kernel(
     in ascending column order (global column = slab column + col0), -1 / -inf padded. An exact radix select on the
     16-bit keys: a histogram of the high bytes, one of the low bytes inside the boundary bin, then one pass that
     writes the keys above the K-th and the first equal ones."""
-    r = tl.program_id(0).to(tl.int64)
+    r = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)  # longest windows first (causal slabs)
     lo = tl.load(LO + r)
     hi = tl.load(HI + r)
     base = SLAB + r * stride_s
