@@ -531,7 +531,10 @@ class RunnerSettings(_Strict):
 class PipelineConfig(_Strict):
     name: str = "default"
     workspace: str = "./workspace"
-    seed: int = 0
+    seed: int = Field(
+        0, description="seed of the post-training stages (video_rl, specialists, mopd, agent_rl); each train "
+        "recipe has its own `seed` (train.stages.<name>.seed), so this one does not retrain the SFT",
+    )  # fmt: skip
     stages: list[str] = Field(default_factory=lambda: [s for s in STAGE_ORDER if s not in OPT_IN_STAGES])
     sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()])
     ingest: IngestSettings = Field(default_factory=IngestSettings)
