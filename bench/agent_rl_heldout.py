@@ -8,12 +8,15 @@ pipeline's numbers mean anything, and one `keye run` per point costs the whole f
 
   python bench/agent_rl_heldout.py --sft WS/checkpoints/<sft>/final --videos WS/videos/<set> --out OUT \
       [--warmup-steps 150 --warmup-lr 1e-3 --steps 10 --lr 1e-5 --set group_size=4 ...]
---set takes any field of the config's `agent_rl` section (keye.core.config.AgentRLSettings).
+--set takes any field of the config's `agent_rl` section (keye.core.config.AgentRLSettings). On a device call with a
+wall-clock limit, --time-budget-s T stops RL early (steps are saved one by one and resumed) and leaves
+--eval-reserve-s for the held-out comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -41,6 +44,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="agent_rl overrides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--time-budget-s", type=float, default=None, help="stop RL early (at most `steps`) so that training ends "
+        "this many seconds after start minus --eval-reserve-s: a device call with a wall-clock limit still evaluates",
+    )  # fmt: skip
+    ap.add_argument("--eval-reserve-s", type=float, default=120.0)
     args = ap.parse_args()
 
     import torch
@@ -79,18 +87,27 @@ def main() -> None:
         print(f"step {step}: reward {m.get('reward_mean', float('nan')):.3f} "
               f"calls {m.get('tool_call_rate', float('nan')):.2f}", flush=True)  # fmt: skip
 
-    result = train_agent_rl(
-        args.sft,
-        tasks,
-        docs,
-        out / "run",
-        schedule,
-        grpo,
-        agent,
-        tools,
-        device=args.device,
-        log_metrics=log_metrics,
-    )
+    def train(steps: int):
+        sched = dataclasses.replace(
+            schedule, steps=steps, save_every=1 if args.time_budget_s else s.save_every
+        )
+        return train_agent_rl(
+            args.sft, tasks, docs, out / "run", sched, grpo, agent, tools, device=args.device,
+            log_metrics=log_metrics,
+        )  # fmt: skip
+
+    if args.time_budget_s is None:
+        result = train(s.steps)
+    else:  # the warm-up and one step, then as many steps as the budget leaves (the run resumes step by step)
+        result, done = train(1), 1
+        while done < s.steps:
+            per = max(json.loads(line)["step_seconds"] for line in log.read_text().splitlines()[-3:])
+            left = args.time_budget_s - args.eval_reserve_s - (time.perf_counter() - t0)
+            nxt = min(s.steps, done + int(left // (1.15 * per)))
+            if nxt <= done:
+                break
+            result, done = train(nxt), nxt
+        print(f"RL steps within the budget: {done} of {s.steps}", flush=True)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     comparison = heldout_comparison(
@@ -100,6 +117,7 @@ def main() -> None:
     summary = {
         "settings": s.model_dump(),
         "seed": args.seed,
+        "rl_steps": result.steps,
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "last_metrics": result.metrics,
