@@ -81,11 +81,12 @@ def sdpa_ms(t: int) -> float:
     )
 
 
-def bench(out: str, t: int) -> None:
+def baselines(out: str, t: int):
+    """The same-run baselines at T (SDPA causal forward, the library's bf16 / FP8 top-k) and the inputs: (cu, bf16
+    q / k / w, FP8 q / k / w / key scales, the library's FP8 picks, the rows sampled for recall)."""
     cu = torch.tensor([0, t], device=DEV, dtype=torch.int32)
-    ms_sdpa = sdpa_ms(t)
+    log(out, kind="time", op="sdpa_causal_fwd", T=t, ms=round(sdpa_ms(t), 2))
     _, _, _, qi, ki, w = base.make(t, seed=1)
-    log(out, kind="time", op="sdpa_causal_fwd", T=t, ms=round(ms_sdpa, 2))
     q8, wq = quantize_indexer_query(qi, w)
     k8, sk = quantize_indexer_keys(ki)
     lib_bf = base.timeit(lambda: indexer_topk(qi, ki, w, cu, TOPK), 3, 1)
@@ -93,6 +94,11 @@ def bench(out: str, t: int) -> None:
     log(out, kind="time", op="library_indexer_topk", T=t, bf16_ms=round(lib_bf, 2), fp8_ms=round(lib_8, 2))
     ref8, _ = indexer_topk(q8, k8, wq, cu, TOPK, k_scale=sk)
     rows = torch.arange(TOPK, t, max(1, t // 2048), device=DEV)
+    return cu, qi, ki, w, q8, k8, wq, sk, ref8, rows
+
+
+def bench(out: str, t: int) -> None:
+    cu, qi, ki, w, q8, k8, wq, sk, ref8, rows = baselines(out, t)
     starts = row_starts(cu, t)
     slow: list[float] = []
     for slab_gib, tile in ((4, (64, 128, 4)), (8, (64, 128, 4)), (2, (64, 128, 4)), (4, (128, 128, 8))):
@@ -162,16 +168,7 @@ def check_triton(out: str) -> None:
 def bench_triton(out: str, t: int) -> None:
     """The slab path with the Triton select: pass 1 (library head loop or resident queries) alone and with the
     select, slab chunk sizes, select chunk / warps; library FP8 / bf16 and SDPA in the same run."""
-    cu = torch.tensor([0, t], device=DEV, dtype=torch.int32)
-    log(out, kind="time", op="sdpa_causal_fwd", T=t, ms=round(sdpa_ms(t), 2))
-    _, _, _, qi, ki, w = base.make(t, seed=1)
-    q8, wq = quantize_indexer_query(qi, w)
-    k8, sk = quantize_indexer_keys(ki)
-    lib_bf = base.timeit(lambda: indexer_topk(qi, ki, w, cu, TOPK), 3, 1)
-    lib_8 = base.timeit(lambda: indexer_topk(q8, k8, wq, cu, TOPK, k_scale=sk), 3, 1)
-    log(out, kind="time", op="library_indexer_topk", T=t, bf16_ms=round(lib_bf, 2), fp8_ms=round(lib_8, 2))
-    ref8, _ = indexer_topk(q8, k8, wq, cu, TOPK, k_scale=sk)
-    rows = torch.arange(TOPK, t, max(1, t // 2048), device=DEV)
+    cu, qi, ki, w, q8, k8, wq, sk, ref8, rows = baselines(out, t)
     grid = [("library", (64, 128, 4), 2, 4096, 4), ("resident", RESIDENT, 2, 4096, 4),
             ("resident", RESIDENT, 4, 4096, 4), ("resident", RESIDENT, 1, 4096, 4),
             ("resident", RESIDENT, 2, 2048, 4), ("resident", RESIDENT, 2, 8192, 8),
