@@ -226,9 +226,10 @@ def launch_resident(
     q_row0: int = 0, out_col0: int = 0,
 ):  # fmt: skip
     """One launch over the global rows [row0, row0 + n_rows) (starts / tau indexed by global row; scr_* / cnt /
-    out by row - row0, out's column 0 being key out_col0; q_idx / w_folded hold rows from q_row0 on). tile = (BM, BN, warps, stages, kmajor[,
-    hsum_mma, perm, trans, swp]) (kernel options of the same names). w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's
-    launch handle (the compiled kernel, for benches that read its IR)."""
+    out by row - row0, out's column 0 being key out_col0; q_idx / w_folded hold rows from q_row0 on).
+    tile = (BM, BN, warps, stages, kmajor[, hsum_mma, perm, trans, swp]) (kernel options of the same names).
+    w_folded: float32 head weights times 1/sqrt(D_I). Unused buffers may be None. Returns Triton's launch handle
+    (the compiled kernel, for benches that read its IR)."""
     bm, bn, warps, stages, kmajor, *rest = tile
     hsum_mma, perm, trans, swp, ws = (list(map(bool, rest)) + [False] * 5)[:5]
     _, h_i, d_i = q_idx.shape

@@ -3,9 +3,12 @@
 Why: in the fused path (keye/kernels/indexer_topk.py) the compaction of the keys above a sampled threshold runs
 inside the score loop, over every (row, key) pair (~30 of its ~63 ms at 128K, FP8), and the exact select over the
 candidates takes another ~22 ms. Here the score loop does nothing but score: (1) one Triton kernel writes the scores
-of a chunk of query rows as a 16-bit slab (-inf outside each row's causal window), with plain vector stores; (2) the
-selection reads the slab: torch.topk (a radix select per row in CUDA) and a sort of the k picked indices into
-ascending order. The slab costs 2 bytes per (row, key) of a chunk (`slab_bytes` bounds a chunk).
+of a chunk of query rows as a 16-bit slab (-inf outside each row's causal window), with plain vector stores (the
+library's head loop, or the resident-query kernel of indexer_resident.py); (2) the selection reads the slab:
+torch.topk (a radix select per row in CUDA) and a sort of the k picked indices into ascending order, or
+(selector="triton") one exact Triton radix select per row over its window, which writes the picks in ascending
+order with the reference's tie rule and needs no sort. The slab costs 2 bytes per (row, key) of a chunk
+(`slab_bytes` bounds a chunk).
 
 Contract as `dsa_reference.indexer_topk_reference` (top-k in ascending index order, -1 / -inf padding), except
 that scores are rounded to the slab's dtype before the selection: near-ties can flip (stated as top-k recall against
@@ -21,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from keye.kernels.dsa_reference import topk_lowest_index_ties
+from keye.kernels.indexer_resident import launch_resident
 from keye.kernels.indexer_topk import _index_scores_tile, empty_selection, row_starts
 
 
@@ -89,21 +93,9 @@ def score_slab(
     if len(tile) > 3:
         if fill:
             slab.fill_(float("-inf"))
-        from keye.kernels.indexer_resident import launch_resident
-
         launch_resident(  # keys [0, row1): no tile stores past the slab's last column
-            q_idx,
-            k_idx[:row1],
-            w_folded,
-            starts,
-            row0,
-            n_rows,
-            0,
-            tile,
-            k_scale=k_scale,
-            out=slab,
-            out_col0=col0,
-        )
+            q_idx, k_idx[:row1], w_folded, starts, row0, n_rows, 0, tile, k_scale=k_scale, out=slab, out_col0=col0,
+        )  # fmt: skip
         return slab
     bm, bn, warps = tile
     _scores_slab_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
@@ -267,26 +259,17 @@ def indexer_topk_twopass(
     for row0, row1, col0 in _chunks(
         starts.tolist(), int(cu_seqlens[0]), int(cu_seqlens[-1]), tile[0], slab_bytes, elem
     ):
+        torch_select = select and selector == "torch"  # reads whole slab rows; the Triton select only windows
         slab = score_slab(
-            q_idx,
-            k_idx,
-            w_folded,
-            starts,
-            row0,
-            row1,
-            col0,
-            slab_dtype,
-            tile,
-            k_scale,
-            fill=selector != "triton",
-        )
-        if select and selector == "triton":
+            q_idx, k_idx, w_folded, starts, row0, row1, col0, slab_dtype, tile, k_scale, fill=torch_select
+        )  # fmt: skip
+        if select and not torch_select:
             lo = (starts[row0:row1] - col0).to(torch.int32)
             hi = torch.arange(row0 - col0, row1 - col0, device=slab.device, dtype=torch.int32)
             select_slab_triton(
                 slab, lo, hi, col0, indices[row0:row1], scores[row0:row1], topk, select_chunk, select_warps
             )
-        elif select:
+        elif torch_select:
             cols, vals = select_slab(slab, topk, ties)
             indices[row0:row1] = torch.where(cols >= 0, cols + col0, -1).to(torch.int32)
             scores[row0:row1] = vals
