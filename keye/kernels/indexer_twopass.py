@@ -1,4 +1,5 @@
-"""Two-pass lightning-indexer top-k: an experiment of issue 20 (bench/RESULTS.md `## dsa`), not the library path.
+"""Two-pass lightning-indexer top-k: an experiment of issue 20, not the library path (measured slower than the fused
+kernel at 128K with either select: bench/RESULTS.md `## dsa`; kept so the measurement can be repeated).
 
 Why: in the fused path (keye/kernels/indexer_topk.py) the compaction of the keys above a sampled threshold runs
 inside the score loop, over every (row, key) pair (~30 of its ~63 ms at 128K, FP8), and the exact select over the
