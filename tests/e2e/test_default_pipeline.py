@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-# The default run takes ~11 min on 2 idle cores (638 s in CI on 2026-12-05; 427 s before video_rl and the grounding
-# probe), the MOPD run on its workspace ~12.5 min more; a busy machine once took 906 s for the shorter default run,
-# so each test of this module gets 40 minutes.
+# The default run takes ~11 min on 2 idle cores (619-638 s in CI on 2026-12-05; 427 s before video_rl and the
+# grounding probe), the MOPD run on its workspace ~14 min more (845 s); a busy machine once took 906 s for the shorter
+# default run, so each test of this module gets 40 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def test_mopd_student_keeps_every_specialist_on_the_default_data(default_run):
     student reaches >= 95% of every specialist's gain over chance on the specialist's domain and forgets less than
     sequential training; lineage edges from every teacher; per-domain curves and the table in MLflow; a second run
     makes nothing. Measured (bench/RESULTS.md `## mopd in the pipeline`, seed 0): shares 98% / 117% / 104%
-    (grounding / MCQ / caption), forgetting 0.5 vs 7.6; ~12.5 min here on 2 idle cores."""
+    (grounding / MCQ / caption), forgetting 0.5 vs 7.6; 845 s in CI (2 cores)."""
     import mlflow
     from prefect.testing.utilities import prefect_test_harness
 
