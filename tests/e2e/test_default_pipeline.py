@@ -199,7 +199,7 @@ def test_mopd_student_keeps_every_specialist_on_the_default_data(default_run):
     assert table["forgetting"]["mopd"] < table["forgetting"]["sequential"], table["forgetting"]
     assert (Path(art["checkpoint"]).parent / "heldout_table" / "table.md").is_file()
 
-    # lineage: a teacher per domain, each with its data and parent; every teacher upstream of the student
+    # lineage: a teacher per domain, each with the SFT checkpoint upstream; every teacher upstream of the student
     store = Lineage(ws, read_only=True)
     assert store.scalar("SELECT count(*) FROM checkpoints") == n_ckpt  # the second run trained nothing
     n_eval = {  # the table asks every grounding query of the eval: the set's held-out ones and the probe's
