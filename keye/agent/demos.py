@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from keye.agent.env import AgentTask, ToolEnv
-from keye.data.tokenizer import TOOL_CALL_END, TOOL_CALL_START
+from keye.data.tokenizer import TOOL_CALL_END, TOOL_CALL_START, format_time
 
 _NUM = r"([0-9]+(?:\.[0-9]+)?)"
+LOOK_FPS = 5.0  # the teacher's closer look: with frames_max 10, frames <= 0.25 s apart over a 2.5 s gap
 
 
 def _call(name: str, **arguments: Any) -> str:
@@ -29,15 +30,39 @@ def _text(task: AgentTask) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
 
 
-def teacher_turns(task: AgentTask) -> list[str] | None:
-    """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for."""
+Turn = str | Callable[[list[dict[str, Any]]], str]
+
+
+def _first_frame_after(t: float) -> Callable[[list[dict[str, Any]]], str]:
+    """The answer read off the look: the stamp of its first frame at or after the moment, written as the frame's
+    stamp is (format_time), so the answer is a copy of text the tool turn holds; the exact moment (t to 0.1 s) is
+    on no frame, so nothing the model sees determines it."""
+
+    def answer(tool_messages: list[dict[str, Any]]) -> str:
+        times = [
+            float(x)
+            for m in tool_messages
+            if isinstance(m.get("content"), list)
+            for part in m["content"]
+            if part.get("type") == "video"
+            for x in part.get("times", ())
+        ]
+        shown = [x for x in times if x >= t - 1e-6]
+        return f"<answer>{format_time(min(shown) if shown else t)}</answer>"
+
+    return answer
+
+
+def teacher_turns(task: AgentTask) -> list[Turn] | None:
+    """The teacher's assistant turns (a call, then the answer), or None for a task it has no script for; an answer
+    that depends on what the tool returned is a function of that turn's tool messages."""
     q, ref = _text(task), task.reference
     if task.kind == "frames" and ref.get("type") == "number":  # a moment: look again between the two opening
-        # frames that bracket it (what the first view shows; never the answer itself), then answer
+        # frames that bracket it (what the first view shows; never the answer itself), then read it off the look
         t = float(ref["value"])
         a, b = ref.get("bracket", (max(0.0, t - 1.0), t + 1.0))
-        look = _call("frames", start=round(float(a), 1), end=round(float(b), 1), fps=4.0)
-        return ["Let me look closer between those frames. " + look, f"<answer>{t:.1f}</answer>"]
+        look = _call("frames", start=round(float(a), 1), end=round(float(b), 1), fps=LOOK_FPS)
+        return ["Let me look closer between those frames. " + look, _first_frame_after(t)]
     if task.kind == "frames" and ref.get("type") == "mcq":  # a missed object: look where it appears
         m = re.search(r"appears briefly at " + _NUM, q)
         if m is None:
@@ -84,13 +109,16 @@ def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str,
         messages = env.reset(task)
         tools = env.tool_specs()
         reward = None
-        for text in turns:
+        last_tool: list[dict[str, Any]] = []
+        for turn in turns:
+            text = turn if isinstance(turn, str) else turn(last_tool)
             step = env.step(text)
             messages.append({"role": "assistant", "content": text})
             if step.done:
                 reward = step.reward
                 break
             messages.extend(step.messages)
+            last_tool = list(step.messages)
         return {"messages": messages, "tools": tools, "reward": reward}
     finally:
         env.close()

@@ -131,10 +131,12 @@ def moment_tasks(
     video_fps: float | None = None,
     duration: float | None = None,
     tolerance: float = 0.25,
+    look_frames: int = 10,
 ) -> list[AgentTask]:
     """'When does <event> happen?' for events no frame of the first view comes within 2 x tolerance of: the first
     view only brackets the moment between two frames; a closer look at a higher rate pins it (answer in seconds,
-    within `tolerance`)."""
+    within `tolerance`). Only moments one look of `look_frames` frames can pin: a bracket wider than
+    look_frames x tolerance (a long video's opening frames 75 s apart) would need looks no answer is read from."""
     shown = first_view_times(
         float(duration or ann["duration"]), size[0], size[1], policy, first_fps, video_fps
     )
@@ -150,6 +152,8 @@ def moment_tasks(
         # the two opening frames around the moment: where an agent that read the first view looks again
         before = max((t for t in shown if t < e["t"]), default=0.0)
         after = min((t for t in shown if t > e["t"]), default=float(duration or ann["duration"]))
+        if after - before > look_frames * tolerance:
+            continue
         question = f"When {phrase}? Answer with the time in seconds, to one decimal."
         video_part = {"type": "video_url", "video_url": {"url": video, "fps": first_fps}}
         out.append(
@@ -255,9 +259,10 @@ def derive_tasks(
     policy: SamplingPolicy,
     first_fps: float = 0.5,
     split: str | None = None,
+    look_frames: int = 10,
 ) -> list[AgentTask]:
     """Every task of the annotated videos (a directory, or video paths whose `<stem>.json` sidecars are read),
-    optionally of one split; read-only on the files."""
+    optionally of one split; read-only on the files. `look_frames`: the frames one `frames` call returns."""
     from keye.data.video import probe
 
     if isinstance(videos, (str, Path)):
@@ -275,7 +280,9 @@ def derive_tasks(
         info = probe(video, min_duration=0.0)
         size = (info.width, info.height)
         out += frames_tasks(ann, str(video), size, policy, first_fps, info.fps or None, info.duration)
-        out += moment_tasks(ann, str(video), size, policy, first_fps, info.fps or None, info.duration)
+        out += moment_tasks(
+            ann, str(video), size, policy, first_fps, info.fps or None, info.duration, look_frames=look_frames
+        )
         out += search_tasks(ann) + python_tasks(ann)
     return out
 

@@ -123,6 +123,26 @@ def test_a_moment_task_asks_for_a_time_the_opening_view_only_brackets(tasks):
         assert agent_task_reward(f"<answer>{when + 0.4:.1f} seconds</answer>", t.reference) == 0.0
 
 
+def test_a_moment_one_look_cannot_pin_is_not_derived(dataset):
+    """A long video's opening frames lie 75 s apart: a look of 10 frames over such a gap lands 7 s apart, so no
+    answer within 0.25 s is read from it (the default set's long video made half its moment tasks so)."""
+    from keye.agent.tasks import moment_tasks
+
+    side = next(p for p in sorted(dataset.glob("*.json")) if json.loads(p.read_text()).get("events"))
+    ann = json.loads(side.read_text())
+    video = str(side.with_name(ann["video"]))
+    wide = moment_tasks(ann, video, (64, 48), POLICY, first_fps=0.5, look_frames=1000)
+    assert wide, "the fixture video has moments a wide look would accept"
+    for look in (1000, 10, 2):
+        kept = moment_tasks(ann, video, (64, 48), POLICY, first_fps=0.5, look_frames=look)
+        gaps = [t.reference["bracket"][1] - t.reference["bracket"][0] for t in kept]
+        assert all(g <= look * 0.25 for g in gaps), (look, gaps)
+        assert {t.id for t in kept} == {
+            t.id for t in wide if t.reference["bracket"][1] - t.reference["bracket"][0] <= look * 0.25
+        }
+    assert len(moment_tasks(ann, video, (64, 48), POLICY, first_fps=0.5, look_frames=2)) < len(wide)
+
+
 def test_a_search_task_is_answered_by_the_search_tool(tasks, dataset):
     anns = [json.loads(p.read_text()) for p in sorted(dataset.glob("*.json"))]
     env = ToolEnv(
@@ -202,6 +222,13 @@ def test_teacher_demonstrations_solve_every_kind_through_the_real_tools(tasks, d
             )
             a, b = t.reference["bracket"]
             assert call["arguments"]["start"] == round(a, 1) and call["arguments"]["end"] == round(b, 1), call
+            # and answers with the stamp of the look's first frame at or after the moment: text the tool turn holds
+            times = [x for part in tool_turn if part.get("type") == "video" for x in part["times"]]
+            first = min(x for x in times if x >= t.reference["value"] - 1e-6)
+            assert demo["messages"][-1]["content"] == f"<answer>{first:.1f}</answer>", (
+                times,
+                demo["messages"][-1],
+            )
         assert not (isinstance(tool_turn, str) and tool_turn.startswith("Error")), (key, tool_turn)
         # the demonstration lays out through the one template (frames of the tool turn included)
         p = chat.build_prompt(demo["messages"], tools=demo["tools"], add_generation_prompt=False)
