@@ -65,8 +65,10 @@ def main() -> None:
     s = type(base).model_validate(s.model_dump())  # validate the overrides
     videos = sorted(str(v) for v in Path(args.videos).iterdir() if v.suffix in SUFFIXES)
     policy = SamplingPolicy.model_validate_json((Path(args.sft) / "sampling_policy.json").read_text())
-    tasks = derive_tasks(videos, policy, s.first_fps, split="train")
-    heldout = derive_tasks(videos, policy, s.first_fps, split="heldout")[: s.eval_limit]
+    tasks = derive_tasks(videos, policy, s.first_fps, split="train", look_frames=s.frames_max)
+    heldout = derive_tasks(videos, policy, s.first_fps, split="heldout", look_frames=s.frames_max)[
+        : s.eval_limit
+    ]
     docs = corpus(annotations_of(videos))
     print(
         f"tasks: train {dict(Counter(t.kind for t in tasks))}, held-out {dict(Counter(t.kind for t in heldout))}"
@@ -74,7 +76,7 @@ def main() -> None:
     grpo, agent, tools = settings(s)
     schedule = AgentRLSchedule(
         s.steps, s.lr, s.tasks_per_step, s.save_every, seed=args.seed, warmup_steps=s.warmup_steps,
-        warmup_lr=s.warmup_lr,
+        warmup_lr=s.warmup_lr, warmup_batch_size=s.warmup_batch_size, rl_only_fraction=s.rl_only_fraction,
     )  # fmt: skip
     out = Path(args.out)
     t0 = time.perf_counter()

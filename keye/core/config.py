@@ -331,24 +331,33 @@ class AgentRLSettings(_Strict):
     derived from the training split's annotations; evaluated on the held-out split's agent tasks."""
 
     steps: int = Field(100, ge=1, description="policy updates")
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(5e-5, gt=0)
     tasks_per_step: int = Field(8, ge=1, description="tasks (GRPO groups) per update")
     save_every: int = Field(25, ge=1, description="steps between step checkpoints")
     warmup_steps: int = Field(
-        0, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
-        "tool gives GRPO nothing to compare)",
+        4500, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
+        "tool gives GRPO nothing to compare; 4500 x 4 demonstrations teach the default SFT model to copy from tool "
+        "turns, bench/RESULTS.md `## agent_rl warm-up`: ~8 min on an H100, ~51 min on a 2-core CPU)",
     )  # fmt: skip
-    warmup_lr: float = Field(1e-4, gt=0)
+    warmup_lr: float = Field(3e-3, gt=0)
+    warmup_batch_size: int = Field(4, ge=1, description="demonstrations per warm-up step")
+    rl_only_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of the training videos whose tasks only RL sees (the warm-up "
+        "memorises its demonstrations: GRPO on them finds no group that differs); 0 shares one task set",
+    )  # fmt: skip
     group_size: int = Field(8, ge=2, description="episodes per task (GRPO group)")
-    max_new_tokens: int = Field(256, ge=1, description="tokens per model turn")
-    max_response_tokens: int = Field(2048, ge=1, description="model + tool tokens after the prompt")
+    max_new_tokens: int = Field(128, ge=1, description="tokens per model turn (a whole call must fit)")
+    max_response_tokens: int = Field(1024, ge=1, description="model + tool tokens after the prompt")
     max_turns: int = Field(4, ge=1)
     max_calls_per_turn: int = Field(2, ge=1)
     tools: list[Literal["frames", "search", "python"]] = Field(
         default_factory=lambda: ["frames", "search", "python"]
     )
     first_fps: float = Field(0.5, gt=0, description="frame rate of the opening view of frames tasks")
-    frames_max: int = Field(8, ge=1, description="frames one `frames` call may return")
+    frames_max: int = Field(
+        10, ge=1, description="frames one `frames` call may return (10 pin a moment to 0.25 s in the default "
+        "run's 2.5 s gaps between opening frames; moment tasks a look of this many cannot pin are not derived)",
+    )  # fmt: skip
     python_time_s: float = Field(5.0, gt=0)
     python_memory_mb: int = Field(512, ge=128)
     temperature: float = Field(1.0, gt=0)

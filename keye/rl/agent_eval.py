@@ -25,8 +25,8 @@ def evaluate_agent(
     seed: int = 0,
     with_baseline: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per task: task_id, kind, reward, success, tool_called, frames_called, turns and (with the no-tool
-    baseline) baseline_success and self_corrected. Greedy (temperature 0), so a checkpoint's rows are fixed."""
+    """One row per task: task_id, kind, reward, success, tool_called, frames_called, turns, finish_reason, calls,
+    answer (the last assistant text) and (with the no-tool baseline) baseline_success and self_corrected. Greedy (temperature 0), so a checkpoint's rows are fixed."""
     settings = AgentSettings(
         group_size=1, max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens, temperature=0.0
     )
@@ -50,6 +50,11 @@ def evaluate_agent(
             "frames_called": "frames" in used,
             "turns": t.turns,
             "finish_reason": t.finish_reason,
+            # what it did, for reading the failures: each call and the last thing it wrote
+            "calls": [
+                {"name": c.get("name"), "arguments": c.get("arguments"), "ok": c.get("ok")} for c in t.calls
+            ],
+            "answer": next((m["content"] for m in reversed(t.messages) if m.get("role") == "assistant"), ""),
         }
         if b is not None:
             row["baseline_success"] = b.reward >= 1.0

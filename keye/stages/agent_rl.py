@@ -84,8 +84,10 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     members = set(lineage.members(plan.videoset_id))
     videos = [v["path"] for v in lineage.videos("ok") if v["video_id"] in members]
     policy = _policy(plan.init)
-    tasks = derive_tasks(videos, policy, s.first_fps, split="train")
-    heldout = derive_tasks(videos, policy, s.first_fps, split=cfg.eval.split)[: s.eval_limit]
+    tasks = derive_tasks(videos, policy, s.first_fps, split="train", look_frames=s.frames_max)
+    heldout = derive_tasks(videos, policy, s.first_fps, split=cfg.eval.split, look_frames=s.frames_max)[
+        : s.eval_limit
+    ]
     docs = corpus(annotations_of(videos))
     write_tasks(plan.out_dir / "tasks" / "train.jsonl", tasks)
     write_tasks(plan.out_dir / "tasks" / "heldout.jsonl", heldout)
@@ -93,7 +95,7 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     grpo, agent, tools = settings(s)
     schedule = AgentRLSchedule(
         s.steps, s.lr, s.tasks_per_step, s.save_every, seed=cfg.seed, warmup_steps=s.warmup_steps,
-        warmup_lr=s.warmup_lr,
+        warmup_lr=s.warmup_lr, warmup_batch_size=s.warmup_batch_size, rl_only_fraction=s.rl_only_fraction,
     )  # fmt: skip
     result = train_agent_rl(
         plan.init, tasks, docs, plan.out_dir, schedule, grpo, agent, tools,

@@ -143,6 +143,9 @@ def test_train_agent_rl_resumes_bit_exactly_and_writes_trajectories(init, tmp_pa
         rl, _tasks(), env_factory(rl, docs, TOOLS), max_new_tokens=8, max_response_tokens=64
     )
     assert [r["task_id"] for r in before] == [t.id for t in _tasks()]
+    # each row says what the model wrote last and which calls it made (for reading the failures)
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in before)
+    assert all(bool(r["calls"]) == r["tool_called"] for r in before)
     assert before == evaluate_agent(
         sft, _tasks(), make, max_new_tokens=8, max_response_tokens=64
     )  # greedy: fixed
@@ -188,3 +191,37 @@ def test_demonstration_warmup_lowers_the_loss_of_the_teachers_turns(init):
     torch.manual_seed(0)
     m = demo_warmup(chat, demos, steps=40, lr=4e-3, seed=0)
     assert m["warmup_loss_last"] < m["warmup_loss_first"] / 2, m
+
+
+def _videos(n: int) -> list[AgentTask]:
+    return [t for i in range(n) for t in search_tasks({**ANN, "video": f"evt_{i:05d}.mp4"})]
+
+
+def test_rl_only_videos_are_kept_from_the_warmup_and_are_all_rl_sees(init, tmp_path):
+    """The warm-up memorises its demonstrations (loss ~0.003): RL on the same tasks samples the memorised answer
+    in every episode. A seeded share of the training videos is RL's alone, whole videos, never in a demo."""
+    from keye.rl.agent_rl import split_for_warmup
+
+    tasks = _videos(10)
+    warm, rl = split_for_warmup(tasks, 0.3, seed=3)
+    assert {t.video_id for t in warm}.isdisjoint({t.video_id for t in rl})
+    assert len({t.video_id for t in rl}) == 3 and len(warm) + len(rl) == len(tasks)
+    assert split_for_warmup(tasks, 0.3, seed=3) == (warm, rl)
+    assert split_for_warmup(tasks, 0.3, seed=4) != (warm, rl)
+    assert split_for_warmup(tasks, 0.0, seed=3) == (tasks, tasks)
+    with pytest.raises(ValueError, match="rl_only_fraction"):
+        split_for_warmup(tasks, 1.0, seed=3)
+    out = train_agent_rl(
+        init,
+        tasks,
+        corpus([{**ANN, "video": f"evt_{i:05d}.mp4"} for i in range(10)]),
+        tmp_path / "split",
+        AgentRLSchedule(
+            steps=2, save_every=2, warmup_steps=1, warmup_lr=1e-3, rl_only_fraction=0.3, **SCHEDULE
+        ),
+        GRPO,
+        AGENT,
+        TOOLS,
+    )
+    seen = {r["task_id"] for p in out.trajectories for r in pq.read_table(p).to_pylist()}
+    assert seen and seen <= {t.id for t in rl}, (seen, [t.id for t in rl])
