@@ -223,6 +223,11 @@ def test_mopd_student_keeps_every_specialist_on_the_default_data(default_run):
         assert sft_id in {r["id"] for r in store.upstream(teacher["checkpoint_id"])}, domain
     rl = store.query("SELECT checkpoint_id FROM checkpoints WHERE stage = 'video_rl'")
     assert teacherset["teachers"]["grounding"]["checkpoint_id"] in {r["checkpoint_id"] for r in rl}
+    # the specialist's parent and its data are direct edges: the VideoSet for RL on prompts, the PackSet for SFT
+    for domain, data in (("mcq", "videoset"), ("caption", "packset")):
+        ck = teacherset["teachers"][domain]["checkpoint_id"]
+        direct = {r["id"] for r in store.upstream(ck) if r["depth"] == 1}
+        assert {sft_id, art[data]} <= direct, (domain, direct)
 
     # MLflow: the mopd run's per-domain curves and the table's numbers
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
