@@ -203,6 +203,53 @@ def _comparison_rows(
     return rows
 
 
+def _agent_section(agent: Mapping[str, Any], max_examples: int) -> list[str]:
+    """The agent tasks answered with tools by the start checkpoint, the warm-up and the agent-RL checkpoint: success,
+    tool-call rate, per kind, the self-correction share, the paired sign tests, and answers that went wrong."""
+    named = [("start", agent["before"])]
+    if "rl_over_warmup" in agent:
+        named.append(("after the demonstration warm-up", agent["rl_over_warmup"]["before"]))
+    named.append(("agent-RL", agent["after"]))
+    kinds = sorted(
+        {k.removeprefix("success_rate_") for _, r in named for k in r if k.startswith("success_rate_")}
+    )
+    rows = [
+        [name, r.get("n_tasks"), r["success_rate"], r["tool_call_rate"]]
+        + [r.get(f"success_rate_{k}") for k in kinds]
+        + [r.get("self_correction_share")]
+        for name, r in named
+    ]
+    parts = ["<h2>Agent tasks with tools (agent_rl)</h2>"]
+    header = ["checkpoint", "tasks", "success", "tool-call rate", *(f"{k} success" for k in kinds)]
+    parts.append(_table([*header, "self-correction"], rows))
+    tests = [("agent-RL vs start", agent)]
+    if "rl_over_warmup" in agent:
+        tests.append(("agent-RL vs its warm-up", agent["rl_over_warmup"]))
+    lines = []
+    for label, c in tests:
+        t = c["sign_test"]
+        lines.append(
+            f"{label}: success {c['success_gain']:+.3f}, right only here {t['right_only_here']}, only before "
+            f"{t['right_only_in_control']}, one-sided sign test p {float(t['p_value']):.2g}"
+        )
+    parts.append("<p>" + "<br>".join(html.escape(x) for x in lines) + "</p>")
+    wrong = [r for r in (agent.get("rows") or {}).get("after", []) if not r.get("success")]
+    if wrong:
+        parts.append(
+            f"<h3>agent answers that went wrong (first {min(max_examples, len(wrong))} of {len(wrong)})</h3>"
+        )
+        parts.append(
+            _table(
+                ["task", "kind", "calls", "answer"],
+                [
+                    [r["task_id"], r["kind"], json.dumps(r.get("calls", [])), str(r.get("answer", ""))[-200:]]
+                    for r in wrong[:max_examples]
+                ],
+            )
+        )
+    return parts
+
+
 def write_report(
     metrics_by_bench: Mapping[str, Mapping[str, Any]],
     out_dir: str | Path,
@@ -215,13 +262,14 @@ def write_report(
     curves: Mapping[str, Mapping[str, list[tuple[int, float]]]] | None = None,
     control: Mapping[str, Any] | None = None,
     best: Mapping[str, Any] | None = None,
+    agent: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/report.html` (+ PNG plots beside it) for one or more benchmarks' metrics (as returned by
     evaluate/score, keyed by a name such as the kind); `previous` holds an earlier checkpoint's metrics under
     the same names. Optional, all plain values: `curves` {training run: {metric: [(step, value)]}}, the
     blank-frame `control` (keye.eval.heldout.blank_frame_control), and `best` {version, metrics: {"<bench>/<metric>":
-    value}} of the registered model the checkpoint is compared with (keye.core.tracking.best_version).
-    Returns the page's path."""
+    value}} of the registered model the checkpoint is compared with (keye.core.tracking.best_version), and the
+    agent_rl stage's held-out `agent` comparison (its agent_eval.json). Returns the page's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = previous or {}
@@ -260,6 +308,8 @@ def write_report(
             ["benchmark", "metric", "score", "chance", "previous", "Δ", "questions", "unparsable"], summary
         )
     )
+    if agent:
+        parts += _agent_section(agent, max_examples)
     if control:
         parts.append("<h2>What the frames add: blank-frame control</h2>")
         figure("vision_control", _control_figure(control))

@@ -103,6 +103,14 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
         control_dir = vision_control_path(out).parent
         control = blank_frame_control(predict, sets, results, control_dir, s.batch_size, s.limit)
         notes["blank-frame control"] = describe_control(control)
+    agent = None
+    agent_eval = Path(plan.checkpoint_dir).parent / "agent_eval.json"
+    if agent_eval.is_file():  # an agent_rl checkpoint: its held-out agent tasks go into the same report
+        agent = json.loads(agent_eval.read_text(encoding="utf-8"))
+        notes["agent tasks"] = (
+            f"success {agent['before']['success_rate']:.3f} -> {agent['after']['success_rate']:.3f} "
+            f"(sign test p {float(agent['sign_test']['p_value']):.2g}; {agent_eval})"
+        )
     write_report(
         dict(results),
         out,
@@ -112,6 +120,7 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
         curves=stage_curves(run.tracker),
         control=control,
         best=best_version(run.tracker, s.registered_model, s.alias),
+        agent=agent,
     )
     lineage.record_evals(plan.eval_id, plan.checkpoint_id, results, str(out))
 

@@ -74,6 +74,21 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
             s["comparison"] = {"baseline": c["baseline"], "scores": c["scores"], "path": str(comparison)}
     if ck := outputs.get("checkpoint"):
         s["checkpoint_dir"] = ck
+        agent = Path(ck).parent / "agent_eval.json"
+        if agent.is_file():  # an agent_rl checkpoint: its held-out agent tasks (keye.rl.agent_eval.compare)
+            import json
+
+            a = json.loads(agent.read_text(encoding="utf-8"))
+            s["agent"] = {
+                "before": a["before"],
+                "after": a["after"],
+                "success_gain": a["success_gain"],
+                "p_value": float(a["sign_test"]["p_value"]),
+                "path": str(agent),
+            }
+            if w := a.get("rl_over_warmup"):
+                s["agent"]["warmup"] = w["before"]
+                s["agent"]["rl_over_warmup_p_value"] = float(w["sign_test"]["p_value"])
         table = Path(ck).parent / "heldout_table" / "table.json"
         if table.is_file():  # a MOPD student: its per-domain table (keye.eval.domain_table)
             import json
@@ -118,6 +133,13 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
         from keye.eval.compare import comparison_metrics
 
         out.update(comparison_metrics(c))
+    if a := summary.get("agent"):
+        for name in ("before", "warmup", "after"):
+            for k, v in (a.get(name) or {}).items():
+                if k != "n_tasks" and isinstance(v, int | float):
+                    out[f"agent/{name}/{k}"] = float(v)
+        out["agent/success_gain"] = float(a["success_gain"])
+        out["agent/sign_test_p"] = float(a["p_value"])
     if v := summary.get("vision"):
         out["vision/mcq_accuracy"] = float(v["accuracy"])
         out["vision/mcq_chance"] = float(v["chance"])
@@ -190,6 +212,21 @@ def render(summary: dict[str, Any]) -> str:
                 "    forgetting (points below the specialists): "
                 + ", ".join(f"{n} {v:.1f}" for n, v in forgetting.items())
             )
+    if a := summary.get("agent"):
+        lines.append("  agent tasks success / tool-call rate / self-correction, held-out, with tools")
+        for name in ("before", "warmup", "after"):
+            if r := a.get(name):
+                label = {"before": "start", "warmup": "warm-up", "after": "agent-RL"}[name]
+                kinds = ", ".join(
+                    f"{k.removeprefix('success_rate_')} {v:.2f}"
+                    for k, v in r.items()
+                    if k.startswith("success_rate_")
+                )
+                lines.append(
+                    f"    {label:<10} {r['success_rate']:.3f} / {r['tool_call_rate']:.2f} / "
+                    f"{r.get('self_correction_share', float('nan')):.3f} ({kinds}) on {int(r['n_tasks'])} tasks"
+                )
+        lines.append(f"    gain {a['success_gain']:+.3f}, sign test p {a['p_value']:.2g}")
     if summary.get("report"):
         lines.append(f"  report      {summary['report']}")
     for kind, aid in summary.get("artifacts", {}).items():

@@ -22,7 +22,7 @@ def _config(tmp_path: Path) -> Path:
             f"""
             name: agenttest
             workspace: {tmp_path / "ws"}
-            stages: [ingest, caption, shard, pack, train, agent_rl]
+            stages: [ingest, caption, shard, pack, train, agent_rl, eval]
             sources:
               - {{kind: synthetic, n_videos: 4, n_long: 0, seed: 1, heldout_fraction: 0.5}}
             ingest: {{max_clip_seconds: 6}}
@@ -38,6 +38,7 @@ def _config(tmp_path: Path) -> Path:
             agent_rl: {{steps: 2, lr: 1.0e-3, tasks_per_step: 2, save_every: 1, group_size: 2, max_new_tokens: 8,
                         max_response_tokens: 64, max_turns: 2, micro_batch_size: 4, eval_limit: 4,
                         warmup_steps: 2, warmup_lr: 1.0e-3}}
+            eval: {{limit: 4, blank_control: false}}
             runner: {{kind: thread, max_workers: 2}}
             """
         )
@@ -47,9 +48,11 @@ def _config(tmp_path: Path) -> Path:
 
 def test_agent_rl_stage_then_a_rerun_that_makes_nothing(tmp_path):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import mlflow
     from prefect.testing.utilities import prefect_test_harness
 
     from keye.core.lineage import Lineage
+    from keye.stages.summary import render
 
     cfg = _config(tmp_path)
     with prefect_test_harness(server_startup_timeout=180):
@@ -95,3 +98,17 @@ def test_agent_rl_stage_then_a_rerun_that_makes_nothing(tmp_path):
     ck = store.query("SELECT artifact_id FROM artifacts WHERE kind = 'training' AND name = 'agent_rl'")[0]
     ups = {r["id"] for r in store.upstream(ck["artifact_id"])}
     assert first["artifacts"]["videoset"] in ups
+
+    # the held-out agent comparison in the run summary, the eval's report and MLflow (stage run and parent run)
+    agent = first["agent"]
+    assert agent["after"] == comparison["after"] and agent["warmup"] == comparison["rl_over_warmup"]["before"]
+    assert agent["p_value"] == comparison["sign_test"]["p_value"]
+    assert "agent tasks" in render(first) and f"sign test p {agent['p_value']:.2g}" in render(first)
+    page = Path(first["report"]).read_text()
+    assert "Agent tasks with tools (agent_rl)" in page and "agent-RL vs its warm-up" in page
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if "agent/sign_test_p" in r.data.metrics]
+    assert parent and parent[0].data.metrics["agent/after/success_rate"] == agent["after"]["success_rate"]
+    stage = [r for r in runs if r.info.run_name == "agent_rl" and "heldout_sign_test_p" in r.data.metrics]
+    assert stage and stage[0].data.metrics["heldout_success_rate_after"] == agent["after"]["success_rate"]

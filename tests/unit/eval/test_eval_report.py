@@ -96,3 +96,37 @@ def test_sections_are_left_out_without_their_inputs(tmp_path):
         and "registered best" not in page
         and "blank-frame control</h2>" not in page
     )
+
+
+def test_an_agent_checkpoint_shows_its_held_out_agent_tasks(tmp_path):
+    """The agent_rl stage's comparison (start, warm-up, agent-RL; the two sign tests) and the wrong answers with
+    their calls, escaped."""
+    row = lambda s, t: {"success_rate": s, "tool_call_rate": t, "n_tasks": 4.0, "success_rate_search": s}  # noqa: E731
+    test = lambda here, ctl, p: {"right_only_here": here, "right_only_in_control": ctl, "p_value": p}  # noqa: E731
+    agent = {
+        "before": row(0.0, 0.0),
+        "after": row(0.75, 1.0) | {"self_correction_share": 0.25},
+        "success_gain": 0.75,
+        "sign_test": test(3, 0, 0.125),
+        "rl_over_warmup": {"before": row(0.5, 1.0), "success_gain": 0.25, "sign_test": test(1, 0, 0.5)},
+        "rows": {
+            "after": [
+                {"task_id": "v:search:0", "kind": "search", "success": True, "calls": [], "answer": "ok"},
+                {
+                    "task_id": "v:search:1",
+                    "kind": "search",
+                    "success": False,
+                    "calls": [{"name": "search", "arguments": {"query": "x"}, "ok": True}],
+                    "answer": "<answer>1 < 2",
+                },
+            ]  # fmt: skip
+        },
+    }
+    page = write_report({"timelens": TIMELENS}, tmp_path, agent=agent).read_text()
+    section = page.split("Agent tasks with tools (agent_rl)")[1]
+    assert (
+        "after the demonstration warm-up" in section and "agent-RL vs its warm-up: success +0.250" in section
+    )
+    assert "one-sided sign test p 0.12" in section and "search success" in section
+    assert "v:search:1" in section and "v:search:0" not in section and "&lt;answer&gt;1 &lt; 2" in section
+    assert "Agent tasks" not in write_report({"timelens": TIMELENS}, tmp_path / "plain").read_text()
