@@ -137,6 +137,7 @@ def demo_warmup(
     model.train()
     losses = []
     ramp = max(1, steps // 20)
+    t0 = time.perf_counter()
     for step in range(steps):  # linear ramp over 5%, then cosine to 10% of lr: the last steps settle the copy
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier(step, steps, ramp, "cosine")
@@ -164,6 +165,14 @@ def demo_warmup(
         out.loss.backward()
         opt.step()
         losses.append(float(out.loss.detach()))
+        if (step + 1) % max(1, steps // 10) == 0 or step == 9:  # the measured recipe is minutes on a GPU and
+            # most of an hour on a 2-core CPU: say where it stands and when it ends
+            spent = time.perf_counter() - t0
+            print(
+                f"[agent_rl] warm-up step {step + 1}/{steps}: loss {losses[-1]:.4f}, {spent:.0f} s, "
+                f"~{spent / (step + 1) * (steps - step - 1):.0f} s to go",
+                flush=True,
+            )
     return {
         "warmup_loss_first": losses[0],
         "warmup_loss_last": losses[-1],
