@@ -234,20 +234,19 @@ def _agent_section(agent: Mapping[str, Any], max_examples: int) -> list[str]:
         )
     parts.append("<p>" + "<br>".join(html.escape(x) for x in lines) + "</p>")
     wrong = [r for r in (agent.get("rows") or {}).get("after", []) if not r.get("success")]
-    if wrong:
-        parts.append(
-            f"<h3>agent answers that went wrong (first {min(max_examples, len(wrong))} of {len(wrong)})</h3>"
-        )
-        parts.append(
-            _table(
-                ["task", "kind", "calls", "answer"],
-                [
-                    [r["task_id"], r["kind"], json.dumps(r.get("calls", [])), str(r.get("answer", ""))[-200:]]
-                    for r in wrong[:max_examples]
-                ],
-            )
-        )
-    return parts
+    cells = [
+        [r["task_id"], r["kind"], json.dumps(r.get("calls", [])), str(r.get("answer", ""))[-200:]]
+        for r in wrong
+    ]
+    return parts + _wrong_answers("agent answers", ["task", "kind", "calls", "answer"], cells, max_examples)
+
+
+def _wrong_answers(what: str, header: list[str], cells: list[list[Any]], max_examples: int) -> list[str]:
+    """The first wrong answers as a table under a heading that says how many there were."""
+    if not cells:
+        return []
+    shown = min(max_examples, len(cells))
+    return [f"<h3>{what} that went wrong (first {shown} of {len(cells)})</h3>", _table(header, cells[:shown])]
 
 
 def write_report(
@@ -371,19 +370,8 @@ def write_report(
         wrong = [
             r for r in records if r.get("unparsable") or r.get("correct") is False or r.get("iou", 1.0) < 0.5
         ]
-        if wrong:
-            parts.append(
-                f"<h3>answers that went wrong (first {min(max_examples, len(wrong))} of {len(wrong)})</h3>"
-            )
-            parts.append(
-                _table(
-                    ["id", "answer", "parsed", "expected"],
-                    [
-                        [r["id"], str(r.get("answer", ""))[:200], r.get("parsed"), r.get("gt")]
-                        for r in wrong[:max_examples]
-                    ],
-                )
-            )
+        cells = [[r["id"], str(r.get("answer", ""))[:200], r.get("parsed"), r.get("gt")] for r in wrong]
+        parts += _wrong_answers("answers", ["id", "answer", "parsed", "expected"], cells, max_examples)
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f0f3f7}.path{color:#666}"
