@@ -206,9 +206,9 @@ def _comparison_rows(
 def _agent_section(agent: Mapping[str, Any], max_examples: int) -> list[str]:
     """The agent tasks answered with tools by the start checkpoint, the warm-up and the agent-RL checkpoint: success,
     tool-call rate, per kind, the self-correction share, the paired sign tests, and answers that went wrong."""
+    warm = agent.get("rl_over_warmup")
     named = [("start", agent["before"])]
-    if "rl_over_warmup" in agent:
-        named.append(("after the demonstration warm-up", agent["rl_over_warmup"]["before"]))
+    named += [("after the demonstration warm-up", warm["before"])] if warm else []
     named.append(("agent-RL", agent["after"]))
     kinds = sorted(
         {k.removeprefix("success_rate_") for _, r in named for k in r if k.startswith("success_rate_")}
@@ -222,9 +222,7 @@ def _agent_section(agent: Mapping[str, Any], max_examples: int) -> list[str]:
     parts = ["<h2>Agent tasks with tools (agent_rl)</h2>"]
     header = ["checkpoint", "tasks", "success", "tool-call rate", *(f"{k} success" for k in kinds)]
     parts.append(_table([*header, "self-correction"], rows))
-    tests = [("agent-RL vs start", agent)]
-    if "rl_over_warmup" in agent:
-        tests.append(("agent-RL vs its warm-up", agent["rl_over_warmup"]))
+    tests = [("agent-RL vs start", agent)] + ([("agent-RL vs its warm-up", warm)] if warm else [])
     lines = []
     for label, c in tests:
         t = c["sign_test"]

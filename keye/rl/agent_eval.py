@@ -26,7 +26,8 @@ def evaluate_agent(
     with_baseline: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per task: task_id, kind, reward, success, tool_called, frames_called, turns, finish_reason, calls,
-    answer (the last assistant text) and (with the no-tool baseline) baseline_success and self_corrected. Greedy (temperature 0), so a checkpoint's rows are fixed."""
+    answer (the last assistant text) and (with the no-tool baseline) baseline_success and self_corrected. Greedy
+    (temperature 0), so a checkpoint's rows are fixed."""
     settings = AgentSettings(
         group_size=1, max_new_tokens=max_new_tokens, max_response_tokens=max_response_tokens, temperature=0.0
     )

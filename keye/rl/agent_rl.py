@@ -49,9 +49,8 @@ class AgentRLSchedule:
     warmup_steps: int = 0  # supervised steps on tool-use demonstrations before RL (0: none)
     warmup_lr: float = 1e-4
     warmup_batch_size: int = 4  # demonstrations per warm-up step
-    rl_only_fraction: float = (
-        0.0  # training videos whose tasks RL sees and the warm-up never does (0: shared)
-    )
+    # share of the training videos whose tasks only RL sees, never the warm-up (0: one shared set)
+    rl_only_fraction: float = 0.0
 
 
 @dataclass
