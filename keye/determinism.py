@@ -3,14 +3,49 @@
 Why: the same commit, config and seed must give the same bytes, the same checkpoint and the same scores, so a
 change can be told from noise. What cannot be pinned here (GPU atomics in kernels without a fixed-order variant,
 different CPU thread counts across machines) is listed in docs/TRAINING.md, "Reproducibility".
+
+Importing `keye` pins torch's CPU kernels to one instruction set (`pin_cpu_kernels`), before torch runs any op,
+so no numpy or torch import may come first in this module.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import random
+import warnings
 
-import numpy as np
+# x86-64 CPU kernels of every machine on one instruction set: torch's vectorised ATen kernels (avx2 instead of
+# avx512 where the CPU has it), MKL's GEMM (conditional numerical reproducibility) and oneDNN. Why: the same
+# commit, config and seed gave a different SFT checkpoint on an AVX-512/AMX Xeon than on the machines before it,
+# and the default run's Video-RL gain went from p 0.0066 to p 0.86 (bench/RESULTS.md "CPU kernels on one
+# instruction set"). AVX2 is what every x86-64 server of the last decade runs. Cost on that Xeon: an
+# agent warm-up step 0.57 s instead of 0.45 s; the whole default pipeline 10 min 4 s, inside its 12 minutes.
+CPU_KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_kernels() -> None:
+    """Set CPU_KERNEL_ENV where the operator has not (a value set beforehand wins, e.g. ATEN_CPU_CAPABILITY=avx512
+    for speed at the price of cross-machine equality). torch reads these at its first CPU op, not at import."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for key, value in CPU_KERNEL_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def check_cpu_kernels() -> None:
+    """Warn when torch chose its CPU kernels before the pin (a CPU op ran before `keye` was imported)."""
+    import torch
+
+    want = os.environ.get("ATEN_CPU_CAPABILITY")
+    have = torch.backends.cpu.get_cpu_capability()
+    if want and platform.machine().lower() in ("x86_64", "amd64") and have.lower() != want.lower():
+        warnings.warn(
+            f"torch runs its CPU kernels as {have}, not ATEN_CPU_CAPABILITY={want}: a torch op ran before `keye` "
+            "was imported, so results may differ from other machines; import keye first (keye.determinism)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
 
 # Keys of step metrics that measure time, not training: kept out of anything that is hashed.
 TIMING_KEYS = frozenset(
@@ -29,8 +64,10 @@ TIMING_KEYS = frozenset(
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch, and ask torch for deterministic kernels where it has them (a warning, not an
     error, for an op without one, e.g. a CUDA scatter-add)."""
+    import numpy as np
     import torch
 
+    check_cpu_kernels()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's fixed-order workspace
     random.seed(seed)
     np.random.seed(seed)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import keye  # noqa: F401  (first: pins torch's CPU kernels before any torch op, keye.determinism)
+
 try:  # torch is optional for collecting a handful of pure-python tests
     import torch
 

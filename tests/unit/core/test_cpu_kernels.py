@@ -1,0 +1,83 @@
+"""keye pins torch's x86-64 CPU kernels to one instruction set at import (keye.determinism.pin_cpu_kernels): the same
+commit, config and seed gave another SFT checkpoint on an AVX-512/AMX Xeon than on the machines before it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 kernels only")
+
+PROBE = """
+import hashlib, os, sys
+{first}
+import torch
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(96, 384), torch.nn.GELU(), torch.nn.Linear(384, 331))
+opt = torch.optim.AdamW(m.parameters(), 1e-3)
+x, y = torch.randn(777, 96), torch.randint(0, 331, (777,))
+for _ in range(5):
+    loss = torch.nn.functional.cross_entropy(m(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+q = torch.randn(1, 4, 301, 32)
+o = torch.nn.functional.scaled_dot_product_attention(q, q.flip(2), q, is_causal=True)
+data = b"".join(p.detach().numpy().tobytes() for p in m.parameters()) + o.numpy().tobytes()
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(data).hexdigest())
+"""
+
+
+def _probe(first: str, env: dict[str, str]) -> tuple[str, str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(first=first)], env={**clean, **env}, capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    cap, digest = out.stdout.split()
+    return cap, digest
+
+
+@x86
+def test_importing_keye_pins_the_kernels_even_after_torch_is_imported():
+    from keye.determinism import CPU_KERNEL_ENV
+
+    cap, pinned = _probe("import torch, keye", {})
+    assert cap == CPU_KERNEL_ENV["ATEN_CPU_CAPABILITY"].upper()
+    # the same bytes as a process given the pin in its environment by hand
+    assert _probe("", CPU_KERNEL_ENV) == (cap, pinned)
+
+
+@x86
+def test_an_operators_choice_wins():
+    cap, _ = _probe("import keye", {"ATEN_CPU_CAPABILITY": "default"})
+    assert cap == "DEFAULT"
+
+
+@x86
+def test_a_torch_op_before_keye_is_warned_about():
+    code = (
+        "import os, warnings\n"
+        "import torch\n"
+        "torch.ones(3).exp()\n"  # torch picks its kernels now, before the pin
+        "from keye.determinism import check_cpu_kernels, pin_cpu_kernels\n"
+        "pin_cpu_kernels()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    check_cpu_kernels()\n"
+        "print(torch.backends.cpu.get_cpu_capability(), len(w))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    cap, warned = out.stdout.split()
+    if cap == "AVX2":  # an AVX2-only machine: native already is the pinned set
+        pytest.skip("this CPU's native kernels are the pinned ones")
+    assert warned == "1"
