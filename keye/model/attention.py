@@ -47,6 +47,7 @@ class Attention(nn.Module):
         self.cp = (
             None  # keye.model.context_parallel.CPContext: x holds this rank's rows of a pack split over cp
         )
+        self.shared_prefix = None  # keye.model.shared_prefix.PrefixLayout: samples continuing one prefix
 
     @property
     def mode(self) -> str:
@@ -73,6 +74,11 @@ class Attention(nn.Module):
 
         if self.cp is not None:
             return self._context_parallel(x, q, k, v, q_idx, k_idx, w, cache)
+        if self.shared_prefix is not None and cache is None and mode == "dense":
+            from keye.model.shared_prefix import prefix_attention
+
+            o = prefix_attention(q, k, v, self.shared_prefix, self.scale)
+            return self.o_proj(o.reshape(t, hq * d)), None
         if cache is not None and cache.decoding:
             cache.write_decode(self.layer_idx, k, v, k_idx)
             o = self._decode(q, cache, q_idx, w)

@@ -225,3 +225,20 @@ def test_rl_only_videos_are_kept_from_the_warmup_and_are_all_rl_sees(init, tmp_p
     )
     seen = {r["task_id"] for p in out.trajectories for r in pq.read_table(p).to_pylist()}
     assert seen and seen <= {t.id for t in rl}, (seen, [t.id for t in rl])
+
+
+def test_warmup_computes_the_shared_prompt_once_and_trains_the_same(init):
+    """The demonstrations open with the same system prompt and tool block: a warm-up step computes it once
+    (keye.model.shared_prefix) and takes the step whole samples would, up to the router-balance term."""
+    from keye.rl.agent_rl import demo_warmup, demonstrations
+
+    demos = demonstrations(_tasks(), env_factory(ChatModel.from_checkpoint(init), corpus([ANN]), TOOLS))
+    whole, shared = (
+        demo_warmup(ChatModel.from_checkpoint(init), demos, 3, 1e-3, 0, batch_size=3, no_shared_prefix=off)
+        for off in (True, False)
+    )
+    assert whole["warmup_rows_share"] == 1.0 and shared["warmup_rows_share"] < 0.8, shared
+    # (weights after Adam are not compared: Adam turns any rounding of a near-zero gradient into a full lr step;
+    # the exact gradients are tests/unit/model/test_shared_prefix.py's)
+    for key in ("warmup_loss_first", "warmup_loss_last"):
+        assert abs(whole[key] - shared[key]) < 1e-3 * whole[key], (key, whole, shared)
