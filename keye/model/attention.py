@@ -74,10 +74,13 @@ class Attention(nn.Module):
 
         if self.cp is not None:
             return self._context_parallel(x, q, k, v, q_idx, k_idx, w, cache)
-        if self.shared_prefix is not None and cache is None and mode == "dense":
+        if self.shared_prefix is not None and mode == "dense" and not (cache is not None and cache.decoding):
             from keye.model.shared_prefix import prefix_attention
 
-            o = prefix_attention(q, k, v, self.shared_prefix, self.scale)
+            layout = self.shared_prefix
+            if cache is not None:
+                cache.write_prefill_shared(self.layer_idx, k, v, layout.prefix_len, layout.cu_seqlens)
+            o = prefix_attention(q, k, v, layout, self.scale)
             return self.o_proj(o.reshape(t, hq * d)), None
         if cache is not None and cache.decoding:
             cache.write_decode(self.layer_idx, k, v, k_idx)

@@ -80,6 +80,23 @@ class KVCache:
             if idx_k is not None:
                 self._write_idx(layer, (b, slice(0, e - a)), idx_k[a:e])
 
+    def write_prefill_shared(
+        self, layer: int, k: Tensor, v: Tensor, prefix_len: int, cu_seqlens: Tensor
+    ) -> None:
+        """Prefill in keye.model.shared_prefix's layout [prefix | rest_1 | ...]: row b holds the prefix then rest b
+        (dense layers only: no indexer keys)."""
+        cu = cu_seqlens.tolist()
+        for b in range(len(cu) - 2):
+            a, e = int(cu[b + 1]), int(cu[b + 2])
+            if prefix_len + e - a > self.max_len:
+                raise ValueError(
+                    f"prompt of {prefix_len + e - a} tokens exceeds the cache length {self.max_len}"
+                )
+            self.k[layer][b, :prefix_len] = k[:prefix_len]
+            self.v[layer][b, :prefix_len] = v[:prefix_len]
+            self.k[layer][b, prefix_len : prefix_len + e - a] = k[a:e]
+            self.v[layer][b, prefix_len : prefix_len + e - a] = v[a:e]
+
     def write_block_pool(self, layer: int, q_idx: Tensor, w: Tensor, cu_seqlens: Tensor, block: int) -> None:
         """Prefill, block selection: each sequence's sums over its last unfinished block (zero when the prompt
         ends on a block boundary: the first decoded token opens a new block)."""

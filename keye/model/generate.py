@@ -16,6 +16,8 @@ from torch import Tensor
 
 from keye.model.cache import KVCache
 from keye.model.rope import mrope_positions
+from keye.model.shared_prefix import dense_only, sharing_prefix
+from keye.model.shared_prefix import share_prefix as shared_batch
 from keye.model.vit import frame_grids
 from keye.model.vlm import KeyeVL
 
@@ -116,10 +118,14 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     generator: torch.Generator | None = None,
     top_logprobs: int = 0,
+    share_prefix: bool = False,
 ) -> list[GenerationResult]:
     """Generate up to `max_new_tokens` for every prompt; stop strings need `decode` (token ids -> text).
     A Prompt's own sampling fields override these arguments for it. `top_logprobs` > 0 also records, per generated
-    token, the k most likely (token id, logprob) pairs in `extra["top_logprobs"]` (same distribution as logprobs)."""
+    token, the k most likely (token id, logprob) pairs in `extra["top_logprobs"]` (same distribution as logprobs).
+    `share_prefix`: prompts that open with the same tokens (an agent's system prompt and tool block) prefill that
+    prefix once (keye.model.shared_prefix; dense models; the same values up to float rounding, so off by default:
+    the eval's pinned numbers stay bit for bit)."""
     items = [_as_prompt(p) for p in prompts]
     stops = [list(p.stop_strings if p.stop_strings is not None else stop_strings) for p in items]
     if any(stops) and decode is None:
@@ -160,15 +166,34 @@ def generate(
     if max_new < 1:
         raise ValueError("max_new_tokens must be >= 1")
     cache = KVCache.allocate(model.config.lm, len(uniq), int(lens.max()) + max_new, model.dtype, device)
-    out = model(
-        input_ids=torch.cat(ids_u).to(device),
-        position_ids=torch.cat(pos_u, dim=1).to(device),
-        cu_seqlens=cu.to(device),
-        pixel_patches=torch.cat(patches).to(device) if patches else None,
-        patch_grids=torch.cat(grids).to(device) if grids else None,
-        cache=cache,
-        logits_index=(cu[1:] - 1).to(device, torch.int64),
-    )
+    pixels = {
+        "pixel_patches": torch.cat(patches).to(device) if patches else None,
+        "patch_grids": torch.cat(grids).to(device) if grids else None,
+    }
+    shared = None
+    if share_prefix and dense_only(model):
+        unlabelled = [torch.full_like(x, -100) for x in ids_u]
+        shared = shared_batch(ids_u, pos_u, unlabelled, model.config.image_token_id)
+    if shared is not None:
+        scu = shared.layout.cu_seqlens
+        with sharing_prefix(model, shared.layout):
+            out = model(
+                input_ids=shared.input_ids.to(device),
+                position_ids=shared.position_ids.to(device),
+                cu_seqlens=scu.to(device),
+                cache=cache,
+                logits_index=(scu[2:] - 1).to(device, torch.int64),
+                **pixels,
+            )
+    else:
+        out = model(
+            input_ids=torch.cat(ids_u).to(device),
+            position_ids=torch.cat(pos_u, dim=1).to(device),
+            cu_seqlens=cu.to(device),
+            cache=cache,
+            logits_index=(cu[1:] - 1).to(device, torch.int64),
+            **pixels,
+        )
     cache.set_lengths(lens_u.to(device))
     logits = out.logits
     if len(uniq) < b:

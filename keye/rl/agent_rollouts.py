@@ -126,6 +126,7 @@ def agent_rollout(
     from keye.serve.batching import seeded_generator
 
     gen = generate_fn or generate
+    shared = {} if generate_fn else {"share_prefix": True}  # every episode opens with the same tool block
     device = chat.model.device
     episodes: list[tuple[Trajectory, ToolEnv, int, int]] = []
     for i, task in enumerate(tasks):
@@ -164,6 +165,7 @@ def agent_rollout(
                 top_p=settings.top_p,
                 eos_token_ids=chat.eos_ids,
                 decode=chat.decode,
+                **shared,
             )
             still = []
             for e, r in zip(active, results, strict=True):

@@ -114,3 +114,29 @@ def test_a_sparse_model_refuses_the_layout():
     with pytest.raises(NotImplementedError, match="dense attention"):
         with sharing_prefix(_tiny("dsa", topk=4), batch.layout):
             pass
+
+
+def test_generation_with_a_shared_prefill_matches_the_plain_one(monkeypatch):
+    """generate(share_prefix=True): prompts opening with the same tokens prefill them once into every cache row;
+    greedy tokens and their log-probs equal the plain prefill's (a repeated prompt object and frames included)."""
+    from keye.model.generate import Prompt, generate
+
+    model = _tiny("dense")
+    g = torch.Generator().manual_seed(11)
+    prefix = torch.randint(0, IMG, (33,), generator=g)
+    vl_ids, patches, grids, _ = _vl_sample(2, 1, 28, 56, 3, seed=8)
+    texts = [torch.cat([prefix, torch.randint(0, IMG, (n,), generator=g)]) for n in (1, 9, 4)]
+    framed = Prompt(input_ids=torch.cat([prefix, vl_ids]), pixel_patches=patches, patch_grids=grids)
+    same = Prompt(input_ids=texts[1])
+    prompts = [Prompt(input_ids=texts[0]), same, framed, same, Prompt(input_ids=texts[2])]
+    import keye.model.shared_prefix as sp
+
+    calls, real = [], sp.prefix_attention
+    monkeypatch.setattr(sp, "prefix_attention", lambda *a: calls.append(a[3].prefix_len) or real(*a))
+    plain = generate(model, prompts, max_new_tokens=6)
+    assert not calls
+    shared = generate(model, prompts, max_new_tokens=6, share_prefix=True)
+    assert calls == [33] * model.config.lm.num_layers  # one shared prefill, every layer
+    for a, b in zip(plain, shared, strict=True):
+        assert a.token_ids == b.token_ids and a.prompt_len == b.prompt_len
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
