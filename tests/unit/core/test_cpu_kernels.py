@@ -1,5 +1,6 @@
-"""keye pins torch's x86-64 CPU kernels to one instruction set at import (keye.determinism.pin_cpu_kernels): the same
-commit, config and seed gave another SFT checkpoint on an AVX-512/AMX Xeon than on the machines before it."""
+"""KEYE_CPU_KERNELS=avx2: importing keye pins torch's x86-64 CPU kernels to one instruction set
+(keye.determinism.pin_cpu_kernels): the same commit, config and seed trained another SFT checkpoint on an AVX-512/AMX
+Xeon than on AMD Zen 4 machines. Without it, torch chooses as it always did."""
 
 from __future__ import annotations
 
@@ -50,15 +51,20 @@ def _probe(first: str, env: dict[str, str]) -> tuple[str, str]:
 def test_importing_keye_pins_the_kernels_even_after_torch_is_imported():
     from keye.determinism import CPU_KERNEL_ENV
 
-    cap, pinned = _probe("import torch, keye", {})
+    cap, pinned = _probe("import torch, keye", {"KEYE_CPU_KERNELS": "avx2"})
     assert cap == CPU_KERNEL_ENV["ATEN_CPU_CAPABILITY"].upper()
     # the same bytes as a process given the pin in its environment by hand
     assert _probe("", CPU_KERNEL_ENV) == (cap, pinned)
 
 
 @x86
+def test_without_the_request_torch_chooses_as_before():
+    assert _probe("import keye", {}) == _probe("", {})
+
+
+@x86
 def test_an_operators_choice_wins():
-    cap, _ = _probe("import keye", {"ATEN_CPU_CAPABILITY": "default"})
+    cap, _ = _probe("import keye", {"KEYE_CPU_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "default"})
     assert cap == "DEFAULT"
 
 
@@ -75,9 +81,17 @@ def test_a_torch_op_before_keye_is_warned_about():
         "    check_cpu_kernels()\n"
         "print(torch.backends.cpu.get_cpu_capability(), len(w))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | {"KEYE_CPU_KERNELS": "avx2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     cap, warned = out.stdout.split()
     if cap == "AVX2":  # an AVX2-only machine: native already is the pinned set
         pytest.skip("this CPU's native kernels are the pinned ones")
     assert warned == "1"
+
+
+def test_a_bad_choice_fails_at_import_and_names_the_variable():
+    out = subprocess.run(
+        [sys.executable, "-c", "import keye"], env={**os.environ, "KEYE_CPU_KERNELS": "avx9"}, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert out.returncode != 0 and "KEYE_CPU_KERNELS='avx9'" in out.stderr and "native" in out.stderr
