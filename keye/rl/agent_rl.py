@@ -194,7 +194,7 @@ def demo_warmup(
         opt.step()
         losses.append(float(out.loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0 or step == 9:  # the measured recipe is minutes on a GPU and
-            # most of an hour on a 2-core CPU: say where it stands and when it ends
+            # ~20 min on a 2-core CPU: say where it stands and when it ends
             spent = time.perf_counter() - t0
             print(
                 f"[agent_rl] warm-up step {step + 1}/{steps}: loss {losses[-1]:.4f}, {spent:.0f} s, "
