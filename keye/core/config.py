@@ -337,7 +337,7 @@ class AgentRLSettings(_Strict):
     warmup_steps: int = Field(
         4500, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
         "tool gives GRPO nothing to compare; 4500 x 4 demonstrations teach the default SFT model to copy from tool "
-        "turns, bench/RESULTS.md `## agent_rl warm-up`: ~8 min on an H100, ~19 min on a 2-core CPU with the shared prefix)",
+        "turns, bench/RESULTS.md `## agent_rl warm-up`: ~8 min on an H100, ~21 min on a 2-core CPU with the shared prefix)",
     )  # fmt: skip
     warmup_lr: float = Field(3e-3, gt=0)
     warmup_batch_size: int = Field(4, ge=1, description="demonstrations per warm-up step")
