@@ -2,8 +2,9 @@
 measured in the same run, at several batch sizes; both from the same weights and the same demonstration picks, so
 the losses of the two must agree step for step (printed beside the times).
 
-Why: the warm-up recipe that teaches the tools (4500 steps x 4 demonstrations) is ~0.57 s a step on the 2-core CPU
-with the kernels pinned (keye.determinism), ~43 min; the demonstrations share ~1160 of their ~1470 tokens.
+Why: the warm-up recipe that teaches the tools (4500 steps x 4 demonstrations) took ~0.44 s a step on whole samples
+on the 2-core Xeon, ~33 min; the demonstrations share ~1160 of their ~1470 tokens (bench/RESULTS.md `## agent
+warm-up with a shared prefix`).
 
   python bench/agent_warmup_speed.py --sft WS/checkpoints/<sft>/final --videos WS/videos/<set> \
       [--batches 1,4,16 --steps 12 --device cpu]
