@@ -8,6 +8,7 @@ Follows the usual HF/vLLM sampling semantics (top-p = nucleus sampling, Holtzman
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -125,7 +126,7 @@ def generate(
     token, the k most likely (token id, logprob) pairs in `extra["top_logprobs"]` (same distribution as logprobs).
     `share_prefix`: prompts that open with the same tokens (an agent's system prompt and tool block) prefill that
     prefix once (keye.model.shared_prefix; dense models; the same values up to float rounding, so off by default:
-    the eval's pinned numbers stay bit for bit)."""
+    the eval's numbers stay bit for bit)."""
     items = [_as_prompt(p) for p in prompts]
     stops = [list(p.stop_strings if p.stop_strings is not None else stop_strings) for p in items]
     if any(stops) and decode is None:
@@ -175,23 +176,22 @@ def generate(
         unlabelled = [torch.full_like(x, -100) for x in ids_u]
         shared = shared_batch(ids_u, pos_u, unlabelled, model.config.image_token_id)
     if shared is not None:
-        scu = shared.layout.cu_seqlens
-        with sharing_prefix(model, shared.layout):
-            out = model(
-                input_ids=shared.input_ids.to(device),
-                position_ids=shared.position_ids.to(device),
-                cu_seqlens=scu.to(device),
-                cache=cache,
-                logits_index=(scu[2:] - 1).to(device, torch.int64),
-                **pixels,
-            )
+        ids, pos, cu = shared.input_ids, shared.position_ids, shared.layout.cu_seqlens
+        last, packing = cu[2:] - 1, sharing_prefix(model, shared.layout)
     else:
+        ids, pos, last, packing = (
+            torch.cat(ids_u),
+            torch.cat(pos_u, dim=1),
+            cu[1:] - 1,
+            contextlib.nullcontext(),
+        )
+    with packing:
         out = model(
-            input_ids=torch.cat(ids_u).to(device),
-            position_ids=torch.cat(pos_u, dim=1).to(device),
+            input_ids=ids.to(device),
+            position_ids=pos.to(device),
             cu_seqlens=cu.to(device),
             cache=cache,
-            logits_index=(cu[1:] - 1).to(device, torch.int64),
+            logits_index=last.to(device, torch.int64),
             **pixels,
         )
     cache.set_lengths(lens_u.to(device))

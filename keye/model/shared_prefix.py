@@ -8,7 +8,7 @@ each rest row sees the same keys as unshared, and the gradient from every sample
 autograd. Only the MoE router's balance term counts the prefix once instead of B times (its coefficient is 1e-3).
 
 Dense attention layers only (a DSA layer selects top-k keys per sample; with a shared prefix it would need the
-indexer over two spans): `share_prefix` falls back to plain packing (returns None) for any other layer mode.
+indexer over two spans): callers check `dense_only` and pack whole samples otherwise; `sharing_prefix` refuses.
 """
 
 from __future__ import annotations

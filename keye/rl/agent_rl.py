@@ -9,6 +9,7 @@ seeded by the step, so a run stopped at any step checkpoint continues exactly as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -167,25 +168,20 @@ def demo_warmup(
         # the demonstrations open with the same system prompt and tool block: computed once per step when exact
         shared = share_prefix(ids, pos, labels, model.config.image_token_id) if dense else None
         if shared is not None:
-            rows[0] += len(shared.input_ids)
-            with sharing_prefix(model, shared.layout):
-                out = model(
-                    input_ids=shared.input_ids.to(model.device),
-                    position_ids=shared.position_ids.to(model.device),
-                    cu_seqlens=shared.layout.cu_seqlens.to(model.device),
-                    labels=shared.labels.to(model.device),
-                    **pixels,
-                )
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
+            inputs = (shared.input_ids, shared.position_ids, shared.layout.cu_seqlens, shared.labels)
+            packing = sharing_prefix(model, shared.layout)
         else:
-            rows[0] += sum(lens)
             cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+            inputs = (torch.cat(ids), torch.cat(pos, dim=1), cu, torch.cat(labels))
+            packing = contextlib.nullcontext()
+        rows[0] += len(inputs[0])
+        input_ids, position_ids, cu_seqlens, targets = (x.to(model.device) for x in inputs)
+        with packing:  # the backward too: recomputed layers must see the same layout
             out = model(
-                input_ids=torch.cat(ids).to(model.device),
-                position_ids=torch.cat(pos, dim=1).to(model.device),
-                cu_seqlens=cu.to(model.device),
-                labels=torch.cat(labels).to(model.device),
+                input_ids=input_ids,
+                position_ids=position_ids,
+                cu_seqlens=cu_seqlens,
+                labels=targets,
                 **pixels,
             )
             opt.zero_grad(set_to_none=True)
