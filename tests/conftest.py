@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import keye  # noqa: F401  (first: KEYE_CPU_KERNELS=avx2 pins torch's CPU kernels before any op)
+import keye  # noqa: F401  (first: pins torch's CPU kernels before any torch op, keye.determinism)
 
 try:  # torch is optional for collecting a handful of pure-python tests
     import torch

@@ -209,7 +209,7 @@ def render(summary: dict[str, Any]) -> str:
         forgetting = t.get("forgetting", {})
         if forgetting:
             lines.append(
-                "    forgetting (points below the specialists): "
+                "    forgetting (points below the best of start and specialist): "
                 + ", ".join(f"{n} {v:.1f}" for n, v in forgetting.items())
             )
     if a := summary.get("agent"):

@@ -1,6 +1,6 @@
-"""KEYE_CPU_KERNELS=avx2: importing keye pins torch's x86-64 CPU kernels to one instruction set
-(keye.determinism.pin_cpu_kernels): the same commit, config and seed trained another SFT checkpoint on an AVX-512/AMX
-Xeon than on AMD Zen 4 machines. Without it, torch chooses as it always did."""
+"""Importing keye pins torch's x86-64 CPU kernels to one instruction set (keye.determinism.pin_cpu_kernels): the same
+commit, config and seed trained another SFT checkpoint on an AVX-512/AMX Xeon than on AMD Zen 4 machines.
+KEYE_CPU_KERNELS=native gives torch its own choice back."""
 
 from __future__ import annotations
 
@@ -51,20 +51,20 @@ def _probe(first: str, env: dict[str, str]) -> tuple[str, str]:
 def test_importing_keye_pins_the_kernels_even_after_torch_is_imported():
     from keye.determinism import CPU_KERNEL_ENV
 
-    cap, pinned = _probe("import torch, keye", {"KEYE_CPU_KERNELS": "avx2"})
+    cap, pinned = _probe("import torch, keye", {})
     assert cap == CPU_KERNEL_ENV["ATEN_CPU_CAPABILITY"].upper()
     # the same bytes as a process given the pin in its environment by hand
     assert _probe("", CPU_KERNEL_ENV) == (cap, pinned)
 
 
 @x86
-def test_without_the_request_torch_chooses_as_before():
-    assert _probe("import keye", {}) == _probe("", {})
+def test_native_gives_torch_its_own_choice_back():
+    assert _probe("import keye", {"KEYE_CPU_KERNELS": "native"}) == _probe("", {})
 
 
 @x86
 def test_an_operators_choice_wins():
-    cap, _ = _probe("import keye", {"KEYE_CPU_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "default"})
+    cap, _ = _probe("import keye", {"ATEN_CPU_CAPABILITY": "default"})
     assert cap == "DEFAULT"
 
 
@@ -81,7 +81,7 @@ def test_a_torch_op_before_keye_is_warned_about():
         "    check_cpu_kernels()\n"
         "print(torch.backends.cpu.get_cpu_capability(), len(w))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | {"KEYE_CPU_KERNELS": "avx2"}
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "KEYE_CPU_KERNELS")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     cap, warned = out.stdout.split()
     if cap == "AVX2":  # an AVX2-only machine: native already is the pinned set

@@ -43,7 +43,8 @@ def test_a_specialist_no_better_than_chance_never_meets_the_goal() -> None:
 
 
 def test_forgetting_against_the_sequential_baseline() -> None:
-    """Forgetting: the points over chance a row is below each specialist on the specialist's domain, summed."""
+    """Forgetting: the points over chance a row is below the best of the start and the specialist on each
+    specialist's domain, summed (here every specialist beats the start on its domain)."""
     rows = {
         "sft": _row(47.0, 35.0, 67.0),
         "specialist:grounding": _row(50.0, 34.0, 66.0),
@@ -63,3 +64,24 @@ def test_forgetting_against_the_sequential_baseline() -> None:
         {**rows, "mopd": _row(44.0, 33.0, 60.0)}, spec, "mopd", "sft", baselines=["sequential"]
     )
     assert worse["forgets_less"] == {"sequential": False}
+
+
+def test_forgetting_counts_from_the_start_where_a_specialist_fell_below_it() -> None:
+    """The pinned-kernel default run's table (rounded): the MCQ and caption specialists ended below the SFT start, so
+    against the specialists alone the sequential model forgot nothing; against the best of the two it forgot 3.0
+    points (0.8 MCQ + 2.2 caption) and the student 1.0 (MCQ)."""
+    rows = {
+        "sft": _row(46.9, 41.0, 70.0),
+        "specialist:caption": _row(1.4, 23.6, 66.2),
+        "specialist:grounding": _row(48.2, 41.9, 67.9),
+        "specialist:mcq": _row(47.1, 40.2, 70.2),
+        "sequential": _row(48.4, 40.2, 67.8),
+        "mopd": _row(49.5, 40.0, 71.6),
+    }
+    spec = {d: f"specialist:{d}" for d in ("grounding", "mcq", "caption")}
+    t = domain_table(rows, spec, "mopd", "sft", baselines=["sequential"])
+    assert math.isclose(t["forgetting"]["sequential"], 0.8 + 2.2) and math.isclose(t["forgetting"]["mopd"], 1.0)
+    assert t["forgets_less"] == {"sequential": True}
+    assert math.isclose(t["checks"]["mcq"]["best_over_chance"], 16.0)  # the start's, not the specialist's 15.2
+    assert math.isclose(t["checks"]["grounding"]["best_over_chance"], 48.2 - 27.0)  # the specialist's
+    assert "below the best of sft and the specialist): mopd 1.0, sequential 3.0 (less than sequential)" in markdown(t)

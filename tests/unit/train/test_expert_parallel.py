@@ -30,7 +30,10 @@ def test_ep2_loss_and_gradients_equal_one_process(tmp_path: Path) -> None:
     for name in g1:
         scale = float(g1[name].abs().max())
         assert scale > 0, name
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+        # float32 sums in another order (each rank reduces its half of the batch): the largest miss measured is
+        # 0.8e-6 of the tensor's largest entry with torch's native kernels, 2.3e-6 with the AVX2 pin (keye.determinism);
+        # a wrong gradient misses by the order of the entries themselves
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 @pytest.mark.slow
