@@ -121,8 +121,8 @@ def test_video_rl_beats_its_sft_start_on_the_grounding_probe(default_run):
     """Issue 17: the default pipeline's RL checkpoint grounds better than the SFT checkpoint it started from, on
     the same held-out queries with a paired test at p < 0.01 (the eval's grounding probe: ~690 queries of 600 new
     held-out videos), the SFT checkpoint grounds well above chance, and the pooled MCQs do not fall. Measured
-    (bench/RESULTS.md `## video_rl on the eval's grounding probe`): 48.4 -> 49.7, +1.4 [+0.3, +2.5], p 0.0066;
-    MCQ 40.5 -> 40.5."""
+    with the AVX2 kernel pin (bench/RESULTS.md "CPU kernels on one instruction set"): 45.4 -> 47.6, +2.2 [+0.9,
+    +3.5], p 0.00054; MCQ 40.5 -> 39.9 (p 0.81)."""
     from mlflow.tracking import MlflowClient
 
     from keye.core.lineage import Lineage
@@ -167,8 +167,9 @@ def test_mopd_student_keeps_every_specialist_on_the_default_data(default_run):
     caption-slice SFT, its video_rl, the specialists, the sequential baseline, the MOPD student, its eval): the
     student reaches >= 95% of every specialist's gain over chance on the specialist's domain and forgets less than
     sequential training; lineage edges from every teacher; per-domain curves and the table in MLflow; a second run
-    makes nothing. Measured (bench/RESULTS.md `## mopd in the pipeline`, seed 0): shares 98% / 117% / 104%
-    (grounding / MCQ / caption), forgetting 0.5 vs 7.6; 845 s in CI (2 cores)."""
+    makes nothing. Measured with the AVX2 kernel pin (bench/RESULTS.md "CPU kernels on one instruction set"):
+    shares 106% / 98% / 182% (grounding / MCQ / caption), forgetting 1.0 vs 2.8 (points below the best of the start
+    and the specialist)."""
     import mlflow
     from prefect.testing.utilities import prefect_test_harness
 
