@@ -29,15 +29,20 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def pin_cpu_kernels() -> None:
-    """Unless KEYE_CPU_KERNELS=native, set CPU_KERNEL_ENV where the operator has not (a value set beforehand wins).
-    torch reads these at its first CPU op, not at import, so `import keye` after `import torch` still pins."""
+def _pinning() -> bool:
+    """KEYE_CPU_KERNELS read once for both the pin and its check: avx2 (the default) or native."""
     choice = os.environ.get("KEYE_CPU_KERNELS", "avx2").lower()
     if choice not in ("native", "avx2"):
         raise ValueError(
             f"KEYE_CPU_KERNELS={choice!r}: use native (torch's own choice) or avx2 (every machine alike)"
         )
-    if choice == "avx2" and _x86():
+    return choice == "avx2" and _x86()
+
+
+def pin_cpu_kernels() -> None:
+    """Unless KEYE_CPU_KERNELS=native, set CPU_KERNEL_ENV where the operator has not (a value set beforehand wins).
+    torch reads these at its first CPU op, not at import, so `import keye` after `import torch` still pins."""
+    if _pinning():
         for key, value in CPU_KERNEL_ENV.items():
             os.environ.setdefault(key, value)
 
@@ -47,7 +52,7 @@ def check_cpu_kernels() -> None:
     import torch
 
     want = os.environ.get("ATEN_CPU_CAPABILITY")
-    if os.environ.get("KEYE_CPU_KERNELS", "avx2").lower() != "avx2" or not want or not _x86():
+    if not want or not _pinning():
         return
     have = torch.backends.cpu.get_cpu_capability()
     if have.lower() != want.lower():

@@ -196,9 +196,10 @@ def markdown(table: Mapping[str, Any]) -> str:
     shares = ", ".join(share_text(d, c, table["goal"]) for d, c in table["checks"].items())
     text = "\n".join(lines) + f"\n\nStudent vs specialist, over chance: {shares}\n"
     student, forgetting = table.get("student"), table.get("forgetting", {})
+    below = f"points over chance below the best of {table.get('start', 'the start')} and the specialist"
     for name, less in table.get("forgets_less", {}).items():
         text += (
-            f"Forgetting (points over chance below the best of {table.get('start', 'the start')} and the specialist): {student} {forgetting[student]:.1f}, "
+            f"Forgetting ({below}): {student} {forgetting[student]:.1f}, "
             f"{name} {forgetting[name]:.1f} ({'less' if less else 'not less'} than {name})\n"
         )
     return text
