@@ -108,6 +108,10 @@ def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str,
     try:
         messages = env.reset(task)
         tools = env.tool_specs()
+        if task.kind not in {
+            t["function"]["name"] for t in tools
+        }:  # its tool is not offered: the script's call
+            return None  # would get an error turn and its answer would come from nowhere (a guess taught as a skill)
         reward = None
         last_tool: list[dict[str, Any]] = []
         for turn in turns:

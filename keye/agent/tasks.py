@@ -260,9 +260,11 @@ def derive_tasks(
     first_fps: float = 0.5,
     split: str | None = None,
     look_frames: int = 10,
+    kinds: Sequence[str] | None = None,
 ) -> list[AgentTask]:
     """Every task of the annotated videos (a directory, or video paths whose `<stem>.json` sidecars are read),
-    optionally of one split; read-only on the files. `look_frames`: the frames one `frames` call returns."""
+    optionally of one split; read-only on the files. `look_frames`: the frames one `frames` call returns.
+    `kinds`: only the tasks meant for these tools (a run that offers a subset neither trains nor scores the rest)."""
     from keye.data.video import probe
 
     if isinstance(videos, (str, Path)):
@@ -284,7 +286,7 @@ def derive_tasks(
             ann, str(video), size, policy, first_fps, info.fps or None, info.duration, look_frames=look_frames
         )
         out += search_tasks(ann) + python_tasks(ann)
-    return out
+    return out if kinds is None else [t for t in out if t.kind in kinds]
 
 
 def annotations_of(videos: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -53,10 +53,13 @@ def tasks(dataset):
     return tasks
 
 
-def test_every_kind_is_derived(tasks):
+def test_every_kind_is_derived(tasks, dataset):
     kinds = {t.kind for t in tasks}
     assert kinds == {"frames", "search", "python"}, [t.id for t in tasks]
     assert len({t.id for t in tasks}) == len(tasks)
+    # a run that offers a subset of the tools derives only the tasks meant for them, in the same order
+    only = derive_tasks(dataset, POLICY, first_fps=0.5, kinds=["search", "python"])
+    assert [t.id for t in only] == [t.id for t in tasks if t.kind in ("search", "python")] and only
 
 
 def test_a_frames_task_asks_about_what_the_opening_view_never_shows(tasks, dataset):
@@ -234,3 +237,11 @@ def test_teacher_demonstrations_solve_every_kind_through_the_real_tools(tasks, d
         p = chat.build_prompt(demo["messages"], tools=demo["tools"], add_generation_prompt=False)
         if key in ("frames", "moment"):
             assert len(p.patch_grids) > len(chat.build_prompt(t.messages).patch_grids)
+
+    # a task whose tool is not offered has no demonstration: the script's call would meet an error turn and its
+    # answer would come from nowhere (a guess taught as a skill)
+    def search_only():
+        return ToolEnv([SearchTool(index, max_results=1)], get_reward("agent_task"), EnvLimits(3, 1))
+
+    assert demonstration(picked["search"], search_only)["reward"] == 1.0
+    assert all(demonstration(picked[k], search_only) is None for k in ("frames", "moment", "python"))
