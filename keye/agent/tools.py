@@ -65,9 +65,8 @@ class FramesTool:
         self.video: Path | None = None
         self.spec = function_spec(
             "frames",
-            "Look again at part of the video: frames of [start, end] seconds at `fps` frames per second "
-            f"(at most {max_fps:g}, at most {max_frames} frames) and `tokens_per_frame` visual tokens each "
-            "(higher = sharper).",
+            f"Look again: frames of [start, end] seconds at fps (at most {max_frames} frames), "
+            "tokens_per_frame sharper.",
             {
                 "start": {"type": "number", "minimum": 0},
                 "end": {"type": "number", "minimum": 0},
@@ -131,8 +130,7 @@ class SearchTool:
         self.index, self.max_results, self.video = index, max_results, None
         self.spec = function_spec(
             "search",
-            "Full-text search over the video's captions, subtitles and dense captions; returns the best matches "
-            "with their times.",
+            "Search the video's captions and subtitles; returns matches with their times.",
             {
                 "query": {"type": "string"},
                 "k": {"type": "integer", "minimum": 1, "maximum": max_results},
@@ -174,8 +172,7 @@ class PythonTool:
         self.scratch: Path | None = None
         self.spec = function_spec(
             "python",
-            f"Run a Python cell (no network, {self.limits.time_s:g} s, {self.limits.memory_mb} MB; the value of "
-            "the last line is printed; numpy is available).",
+            f"Run Python (numpy, {self.limits.time_s:g} s); prints the last line's value.",
             {"code": {"type": "string"}},
             ["code"],
         )

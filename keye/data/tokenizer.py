@@ -229,16 +229,33 @@ def _tool_call_text(call: dict[str, Any]) -> str:
 
 
 def tools_system_text(tools: Sequence[dict[str, Any]]) -> str:
-    """The tool block appended to the system message when tools are offered (Qwen2.5 / Hermes wording)."""
-    lines = "\n".join(json.dumps(t, ensure_ascii=False, sort_keys=True) for t in tools)
+    """The tool block appended to the system message when tools are offered: Qwen2.5 / Hermes tags, one JSON line
+    per tool, and each tool written compactly (name, description, argument schemas, required).
+
+    Why compact: the OpenAI wrapper ({"type": "function", "function": ...}, the "object" type, additionalProperties)
+    and Hermes' two sentences of instructions carry nothing a call needs, and a tokenizer trained on video text
+    writes them nearly byte by byte: for the three agent tools the block was 1148 tokens, most of every agent
+    prompt, and a tiny model copies from its tool turns far later behind it (bench/RESULTS.md `## agent_rl: the
+    compact tool block`). What the parser checks (keye.agent.tool_calls) is all still there."""
+    lines = "\n".join(json.dumps(_compact_tool(t), ensure_ascii=False) for t in tools)
     return (
-        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-        f"within {TOOL_CALL_START}{TOOL_CALL_END} XML tags:\n{TOOL_CALL_START}\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n'
-        f"{TOOL_CALL_END}"
+        f"# Tools\n<tools>\n{lines}\n</tools>\nTo call one, write {TOOL_CALL_START}\n"
+        f'{{"name": <name>, "arguments": <json object>}}\n{TOOL_CALL_END}'
     )
+
+
+def _compact_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """name, description, the properties' schemas and required, from an OpenAI function spec (or a bare one)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+    params = fn.get("parameters") or {}
+    out: dict[str, Any] = {"name": fn.get("name")}
+    if fn.get("description"):
+        out["description"] = fn["description"]
+    props = params.get("properties") if isinstance(params, dict) else None
+    out["arguments"] = props if isinstance(props, dict) else params
+    if isinstance(params, dict) and params.get("required"):
+        out["required"] = params["required"]
+    return out
 
 
 def _with_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -105,7 +105,13 @@ def test_tool_calls_and_responses_render_in_the_qwen_hermes_form(tok):
     ]
     text = render_chat(conv, tools=TOOLS)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
-    assert json.dumps(FRAMES, sort_keys=True) in text
+    # each tool on one line as name, description, its arguments' schemas and required (no OpenAI wrapper)
+    assert (
+        '\n<tools>\n{"name": "frames", "description": "look again at a time range of the video", "arguments": '
+        '{"start": {"type": "number", "minimum": 0}, "end": {"type": "number", "minimum": 0}, "fps": {"type": '
+        '"number", "minimum": 0.1, "maximum": 8}}, "required": ["start", "end"]}\n</tools>\n'
+    ) in text
+    assert "additionalProperties" not in text and '"type": "function"' not in text
     assert (
         '<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "frames", "arguments": {"start": 1.0, '
         '"end": 2.0}}\n</tool_call><|im_end|>\n'
