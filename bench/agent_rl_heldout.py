@@ -65,8 +65,8 @@ def main() -> None:
     s = type(base).model_validate(s.model_dump())  # validate the overrides
     videos = sorted(str(v) for v in Path(args.videos).iterdir() if v.suffix in SUFFIXES)
     policy = SamplingPolicy.model_validate_json((Path(args.sft) / "sampling_policy.json").read_text())
-    tasks = derive_tasks(videos, policy, s.first_fps, split="train", look_frames=s.frames_max)
-    heldout = derive_tasks(videos, policy, s.first_fps, split="heldout", look_frames=s.frames_max)[
+    tasks = derive_tasks(videos, policy, s.first_fps, "train", s.frames_max, kinds=s.tools)
+    heldout = derive_tasks(videos, policy, s.first_fps, "heldout", s.frames_max, kinds=s.tools)[
         : s.eval_limit
     ]
     docs = corpus(annotations_of(videos))

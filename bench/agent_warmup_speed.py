@@ -45,7 +45,7 @@ def main() -> None:
     s = load_config(REPO / "pipelines.yaml").agent_rl
     videos = sorted(str(v) for v in Path(args.videos).iterdir() if v.suffix in SUFFIXES)
     policy = SamplingPolicy.model_validate_json((Path(args.sft) / "sampling_policy.json").read_text())
-    tasks = derive_tasks(videos, policy, s.first_fps, split="train", look_frames=s.frames_max)
+    tasks = derive_tasks(videos, policy, s.first_fps, "train", s.frames_max, kinds=s.tools)
     _, _, tools = settings(s)
     chat = ChatModel.from_checkpoint(args.sft, device=args.device)
     demos = demonstrations(tasks, env_factory(chat, corpus(annotations_of(videos)), tools))

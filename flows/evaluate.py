@@ -17,11 +17,13 @@ def evaluate(
     config: PipelineConfig,
     checkpoint_dir: str | None = None,
     videoset_id: str | None = None,
+    agent_checkpoint: str | None = None,
     parent: ParentRun | None = None,
 ) -> str:
-    """Returns the eval id; the report is <workspace>/reports/<id>/report.html."""
+    """Returns the eval id; the report is <workspace>/reports/<id>/report.html (with the agent_rl branch's held-out
+    agent tasks when the run made one)."""
     with open_stage(config, "eval", parent, flow_run.id) as run:
-        plan = stage.plan(run, checkpoint_dir, videoset_id)
+        plan = stage.plan(run, checkpoint_dir, videoset_id, agent_checkpoint)
         for (
             todo
         ) in plan.todo():  # a post-trained checkpoint's starting point first, for the paired comparison

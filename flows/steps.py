@@ -14,6 +14,8 @@ STEPS = (  # (stage, its flow, the output it adds, the outputs it reads) in pipe
     ("video_rl", video_rl.video_rl, "checkpoint", ("checkpoint", "videoset")),
     ("specialists", specialists.specialists, "teacherset", ("checkpoint", "videoset", "packset")),
     ("mopd", mopd.mopd, "checkpoint", ("checkpoint", "teacherset", "videoset")),
-    ("agent_rl", agent_rl.agent_rl, "checkpoint", ("checkpoint", "videoset")),
-    ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset")),
+    # a branch: the agent-RL checkpoint does not become the mainline the eval scores on the benchmarks (its own
+    # held-out agent tasks go into the eval's report and the summary)
+    ("agent_rl", agent_rl.agent_rl, "agent_checkpoint", ("checkpoint", "videoset")),
+    ("eval", evaluate.evaluate, "eval", ("checkpoint", "videoset", "agent_checkpoint")),
 )

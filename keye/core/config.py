@@ -20,8 +20,8 @@ from keye.train.settings import StageSettings
 STAGE_ORDER: tuple[str, ...] = (
     "ingest", "caption", "shard", "pack", "train", "video_rl", "specialists", "mopd", "agent_rl", "eval",
 )  # fmt: skip
-# Stages a config runs only when it lists them (`stages:`): not yet part of the default pipeline's budget.
-OPT_IN_STAGES: tuple[str, ...] = ("specialists", "mopd", "agent_rl")
+# Stages a config runs only when it lists them (`stages:`): not part of the default pipeline's budget.
+OPT_IN_STAGES: tuple[str, ...] = ("specialists", "mopd")
 
 
 class ConfigError(ValueError):
@@ -336,8 +336,9 @@ class AgentRLSettings(_Strict):
     save_every: int = Field(25, ge=1, description="steps between step checkpoints")
     warmup_steps: int = Field(
         4500, ge=0, description="supervised steps on tool-use demonstrations before RL (a model that never calls a "
-        "tool gives GRPO nothing to compare; 4500 x 4 demonstrations teach the default SFT model to copy from tool "
-        "turns, bench/RESULTS.md `## agent_rl warm-up`: ~8 min on an H100, ~21 min on a 2-core CPU with the shared prefix)",
+        "tool gives GRPO nothing to compare; 4500 x 4 demonstrations teach the default SFT model to copy from the turns of "
+        "all three tools, bench/RESULTS.md `## agent_rl warm-up`: ~8 min on an H100, ~15-20 min on a 2-core CPU; one "
+        "tool is learnt from 250 x 8, the default pipeline's search recipe, docs/AGENT_RL.md)",
     )  # fmt: skip
     warmup_lr: float = Field(3e-3, gt=0)
     warmup_batch_size: int = Field(4, ge=1, description="demonstrations per warm-up step")

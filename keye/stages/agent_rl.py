@@ -84,10 +84,9 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     members = set(lineage.members(plan.videoset_id))
     videos = [v["path"] for v in lineage.videos("ok") if v["video_id"] in members]
     policy = _policy(plan.init)
-    tasks = derive_tasks(videos, policy, s.first_fps, split="train", look_frames=s.frames_max)
-    heldout = derive_tasks(videos, policy, s.first_fps, split=cfg.eval.split, look_frames=s.frames_max)[
-        : s.eval_limit
-    ]
+    tasks = derive_tasks(videos, policy, s.first_fps, "train", s.frames_max, kinds=s.tools)
+    heldout = derive_tasks(videos, policy, s.first_fps, cfg.eval.split, s.frames_max, kinds=s.tools)
+    heldout = heldout[: s.eval_limit]
     docs = corpus(annotations_of(videos))
     write_tasks(plan.out_dir / "tasks" / "train.jsonl", tasks)
     write_tasks(plan.out_dir / "tasks" / "heldout.jsonl", heldout)

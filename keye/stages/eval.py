@@ -31,6 +31,7 @@ POST_TRAINING_STAGES = (
     "mopd",
 )  # checkpoints compared with the one they started from (eval.compare_parent)
 COMPARISON_FILE = "comparison.json"
+AGENT_EVAL_FILE = "agent_eval.json"  # written by the agent_rl stage beside its final/
 
 
 @dataclass
@@ -42,6 +43,8 @@ class EvalPlan:
     videoset_id: str
     out_dir: Path
     baseline: EvalPlan | None = None  # the checkpoint it was post-trained from, evaluated the same way
+    # the agent_rl branch's held-out agent comparison, reported beside the benchmarks
+    agent_eval: Path | None = None
     # decoded frames, shared with the baseline's eval: both ask the same questions of the same videos
     frames: FrameCache = field(default_factory=lambda: FrameCache(max_bytes=512 << 20))
 
@@ -50,10 +53,13 @@ class EvalPlan:
         return [p for p in (self.baseline, self) if p is not None and p.build]
 
 
-def _one(run: StageRun, checkpoint_dir: str, videoset_id: str) -> EvalPlan:
+def _one(
+    run: StageRun, checkpoint_dir: str, videoset_id: str, agent: tuple[str, str] | None = None
+) -> EvalPlan:
+    """`agent`: (id, sha256) of an agent_rl checkpoint whose comparison this eval's report carries (part of its key)."""
     sha = hash_checkpoint_dir(checkpoint_dir)
     ckpt_id = run.lineage.checkpoint_id_for(checkpoint_dir, sha)
-    eval_id = run.key("e", sha, videoset_id, settings_hash(run.config.eval))
+    eval_id = run.key("e", sha, videoset_id, settings_hash(run.config.eval), *([agent[1]] if agent else []))
     run.inputs += [i for i in (ckpt_id, videoset_id) if i not in run.inputs]
     if eval_id not in run.outputs:
         run.outputs.append(eval_id)
@@ -63,12 +69,22 @@ def _one(run: StageRun, checkpoint_dir: str, videoset_id: str) -> EvalPlan:
     )
 
 
-def plan(run: StageRun, checkpoint_dir: str | None, videoset_id: str | None) -> EvalPlan:
+def plan(
+    run: StageRun, checkpoint_dir: str | None, videoset_id: str | None, agent_checkpoint: str | None = None
+) -> EvalPlan:
     """Run alone: the newest trained checkpoint and the newest VideoSet. A post-trained checkpoint brings the
-    evaluation of the checkpoint it started from (cached like any other) for the paired comparison."""
+    evaluation of the checkpoint it started from (cached like any other) for the paired comparison. An agent_rl
+    checkpoint (the pipeline's branch, or the one evaluated) brings its held-out agent comparison into the report."""
     checkpoint_dir = checkpoint_dir or run.lineage.latest_checkpoint_path()
     videoset_id = run.input("videoset", videoset_id)
-    main = _one(run, checkpoint_dir, videoset_id)
+    agent_eval = Path(agent_checkpoint or checkpoint_dir).parent / AGENT_EVAL_FILE
+    agent = None
+    if agent_checkpoint is not None and agent_eval.is_file():
+        sha = hash_checkpoint_dir(agent_checkpoint)
+        agent = (run.lineage.checkpoint_id_for(agent_checkpoint, sha), sha)
+        run.inputs += [agent[0]] if agent[0] not in run.inputs else []
+    main = _one(run, checkpoint_dir, videoset_id, agent)
+    main.agent_eval = agent_eval if agent_eval.is_file() else None
     parent = run.lineage.parent_checkpoint(main.checkpoint_id, POST_TRAINING_STAGES)
     if run.config.eval.compare_parent and parent is not None:
         main.baseline = _one(run, parent["path"], videoset_id)
@@ -103,9 +119,8 @@ def evaluate(run: StageRun, plan: EvalPlan) -> None:
         control_dir = vision_control_path(out).parent
         control = blank_frame_control(predict, sets, results, control_dir, s.batch_size, s.limit)
         notes["blank-frame control"] = describe_control(control)
-    agent = None
-    agent_eval = Path(plan.checkpoint_dir).parent / "agent_eval.json"
-    if agent_eval.is_file():  # an agent_rl checkpoint: its held-out agent tasks go into the same report
+    agent, agent_eval = None, plan.agent_eval
+    if agent_eval is not None:  # an agent_rl checkpoint: its held-out agent tasks go into the same report
         agent = json.loads(agent_eval.read_text(encoding="utf-8"))
         notes["agent tasks"] = (
             f"success {agent['before']['success_rate']:.3f} -> {agent['after']['success_rate']:.3f} "

@@ -72,23 +72,28 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
         if comparison.is_file():  # a post-trained checkpoint vs the one it started from (keye.eval.compare)
             c = json.loads(comparison.read_text(encoding="utf-8"))
             s["comparison"] = {"baseline": c["baseline"], "scores": c["scores"], "path": str(comparison)}
-    if ck := outputs.get("checkpoint"):
-        s["checkpoint_dir"] = ck
-        agent = Path(ck).parent / "agent_eval.json"
-        if agent.is_file():  # an agent_rl checkpoint: its held-out agent tasks (keye.rl.agent_eval.compare)
-            import json
+    ag, ck = outputs.get("agent_checkpoint"), outputs.get("checkpoint")
+    if ag:
+        s["agent_checkpoint_dir"] = ag
+    agent = Path(ag or ck).parent / "agent_eval.json" if (ag or ck) else None
+    if (
+        agent is not None and agent.is_file()
+    ):  # the agent_rl branch (or an agent checkpoint): held-out agent tasks
+        import json
 
-            a = json.loads(agent.read_text(encoding="utf-8"))
-            s["agent"] = {
-                "before": a["before"],
-                "after": a["after"],
-                "success_gain": a["success_gain"],
-                "p_value": float(a["sign_test"]["p_value"]),
-                "path": str(agent),
-            }
-            if w := a.get("rl_over_warmup"):
-                s["agent"]["warmup"] = w["before"]
-                s["agent"]["rl_over_warmup_p_value"] = float(w["sign_test"]["p_value"])
+        a = json.loads(agent.read_text(encoding="utf-8"))
+        s["agent"] = {
+            "before": a["before"],
+            "after": a["after"],
+            "success_gain": a["success_gain"],
+            "p_value": float(a["sign_test"]["p_value"]),
+            "path": str(agent),
+        }
+        if w := a.get("rl_over_warmup"):
+            s["agent"]["warmup"] = w["before"]
+            s["agent"]["rl_over_warmup_p_value"] = float(w["sign_test"]["p_value"])
+    if ck:
+        s["checkpoint_dir"] = ck
         table = Path(ck).parent / "heldout_table" / "table.json"
         if table.is_file():  # a MOPD student: its per-domain table (keye.eval.domain_table)
             import json

@@ -67,7 +67,7 @@ def test_agent_rl_stage_then_a_rerun_that_makes_nothing(tmp_path):
         del store
         second = pipeline(config_path=str(cfg))
 
-    final = Path(first["artifacts"]["checkpoint"])
+    final = Path(first["artifacts"]["agent_checkpoint"])  # a branch: the eval scored the SFT mainline
     assert (
         final.name == "final" and (final / "tokenizer.json").is_file() and (final / "config.json").is_file()
     )

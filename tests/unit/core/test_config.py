@@ -18,8 +18,9 @@ def test_repo_default_pipeline_validates():
         "pack",
         "train",
         "video_rl",
+        "agent_rl",
         "eval",
-    ]  # specialists, mopd and agent_rl: opt-in
+    ]  # specialists and mopd: opt-in
     assert cfg.eval.grounding_probe_videos > 0  # the probe that lets the eval see video_rl's gain
     assert isinstance(cfg.sources[0], SyntheticSource)
 
