@@ -23,6 +23,8 @@ from keye.core import lineage_snapshot as snapshot
 from keye.core.workspace import Workspace, WorkspaceLock, holds_lock
 
 SCHEMA_VERSION = 1
+# stages whose checkpoints branch off the mainline (flows/steps.py): never the newest checkpoint a later stage reads
+BRANCH_STAGES: tuple[str, ...] = ("agent_rl",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -517,8 +519,13 @@ class Lineage:
         return rows[0] if rows else None
 
     def latest_checkpoint_path(self) -> str:
+        """The newest checkpoint of the mainline: a branch stage's (BRANCH_STAGES) is not what a later stage run
+        alone should build on."""
+        marks = ", ".join("?" for _ in BRANCH_STAGES)
         rows = self.query(
-            "SELECT path FROM checkpoints WHERE stage IS NOT NULL ORDER BY created_at DESC LIMIT 1"
+            "SELECT path FROM checkpoints WHERE stage IS NOT NULL AND stage NOT IN "
+            f"({marks}) ORDER BY created_at DESC LIMIT 1",
+            list(BRANCH_STAGES),
         )
         if not rows:
             raise LineageError(f"no trained checkpoint in {self.path}: run the train stage first")

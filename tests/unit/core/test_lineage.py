@@ -104,3 +104,17 @@ def test_second_writer_gets_clear_error(tmp_path):
 def test_read_only_needs_existing_store(tmp_path):
     with pytest.raises(LineageError, match="no lineage store"):
         Lineage(tmp_path / "empty", read_only=True)
+
+
+def test_the_newest_checkpoint_is_the_mainlines_not_a_branchs(tmp_path):
+    """A stage run alone builds on the newest mainline checkpoint: an agent_rl checkpoint (a branch, made after the
+    video_rl one) is not it."""
+    import time
+
+    store = Lineage(tmp_path)
+    with pytest.raises(LineageError, match="run the train stage first"):
+        store.latest_checkpoint_path()
+    for i, stage in enumerate(("sft", "video_rl", "agent_rl")):
+        store.record_checkpoint(f"ck{i}", str(tmp_path / stage / "final"), f"{i:064x}", stage, 1, None, [])
+        time.sleep(1.05)  # created_at (to the second) orders them
+    assert store.latest_checkpoint_path() == str(tmp_path / "video_rl" / "final")
