@@ -1,5 +1,5 @@
-"""The agent_rl stage is opt-in: the default pipeline does not run it, a config that lists it runs it between
-train and eval, and its settings are validated like every section."""
+"""The agent_rl stage is a default stage after video_rl (a branch the eval reports), a config that lists it runs it
+between train and eval, and its settings are validated like every section."""
 
 import pytest
 
@@ -7,8 +7,9 @@ from keye.core.config import ConfigError, load_config
 from keye.stages.agent_rl import settings
 
 
-def test_agent_rl_is_opt_in_and_ordered_after_train(tmp_path):
-    assert "agent_rl" not in load_config(None).stages
+def test_agent_rl_is_a_default_stage_ordered_after_train(tmp_path):
+    stages = load_config(None).stages
+    assert stages[stages.index("video_rl") + 1 : stages.index("eval")] == ["agent_rl"]
     p = tmp_path / "p.yaml"
     p.write_text(
         "stages: [eval, agent_rl, train]\nagent_rl: {steps: 3, tools: [frames, python], max_turns: 2}\n"
