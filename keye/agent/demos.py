@@ -108,10 +108,9 @@ def demonstration(task: AgentTask, make_env: Callable[[], ToolEnv]) -> dict[str,
     try:
         messages = env.reset(task)
         tools = env.tool_specs()
-        if task.kind not in {
-            t["function"]["name"] for t in tools
-        }:  # its tool is not offered: the script's call
-            return None  # would get an error turn and its answer would come from nowhere (a guess taught as a skill)
+        # its tool not offered: the script's call would meet an error turn and its answer would come from nowhere
+        if task.kind not in {t["function"]["name"] for t in tools}:
+            return None
         reward = None
         last_tool: list[dict[str, Any]] = []
         for turn in turns:

@@ -236,7 +236,7 @@ def tools_system_text(tools: Sequence[dict[str, Any]]) -> str:
     and Hermes' two sentences of instructions carry nothing a call needs, and a tokenizer trained on video text
     writes them nearly byte by byte: for the three agent tools the block was 1148 tokens, most of every agent
     prompt, and a tiny model copies from its tool turns far later behind it (bench/RESULTS.md `## agent_rl: the
-    compact tool block`). What the parser checks (keye.agent.tool_calls) is all still there."""
+    default pipeline's recipe`). What the parser checks (keye.agent.tool_calls) is all still there."""
     lines = "\n".join(json.dumps(_compact_tool(t), ensure_ascii=False) for t in tools)
     return (
         f"# Tools\n<tools>\n{lines}\n</tools>\nTo call one, write {TOOL_CALL_START}\n"

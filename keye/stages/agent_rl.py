@@ -14,6 +14,7 @@ from keye.agent.tasks import annotations_of, corpus, derive_tasks, write_tasks
 from keye.core.atomic import atomic_write_json
 from keye.core.config import AgentRLSettings
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
+from keye.core.lineage import AGENT_EVAL_FILE
 from keye.data.sampling import SamplingPolicy
 from keye.rl.agent_eval import compare, evaluate_agent
 from keye.rl.agent_rl import AgentRLSchedule, AgentToolSettings, env_factory, train_agent_rl
@@ -103,8 +104,8 @@ def train(run: StageRun, plan: AgentRLPlan) -> None:
     for path in result.trajectories:
         run.tracker.log_artifact(path, "trajectories")
     comparison = heldout_comparison(plan.init, str(result.checkpoint_dir), heldout, docs, tools, s, device)
-    atomic_write_json(plan.out_dir / "agent_eval.json", comparison)
-    run.tracker.log_artifact(plan.out_dir / "agent_eval.json")
+    atomic_write_json(plan.out_dir / AGENT_EVAL_FILE, comparison)
+    run.tracker.log_artifact(plan.out_dir / AGENT_EVAL_FILE)
     sha = hash_checkpoint_dir(result.checkpoint_dir)
     meta = {"steps": result.steps, "tasks": len(tasks), "heldout_tasks": len(heldout), **result.metrics}
     meta.update(_headline(comparison))
@@ -165,4 +166,4 @@ def finish(run: StageRun, plan: AgentRLPlan) -> str:
 
 def heldout_report(out_dir: Path) -> dict[str, Any]:
     """The held-out comparison written by `train` (for the report and the CLI)."""
-    return json.loads((Path(out_dir) / "agent_eval.json").read_text())
+    return json.loads((Path(out_dir) / AGENT_EVAL_FILE).read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from keye.core.atomic import atomic_write_json
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
+from keye.core.lineage import AGENT_EVAL_FILE
 from keye.core.tracking import best_version, register_checkpoint, stage_curves
 from keye.data.frame_cache import FrameCache
 from keye.eval import flat_metrics, keye_predict_fn, write_report
@@ -31,7 +32,6 @@ POST_TRAINING_STAGES = (
     "mopd",
 )  # checkpoints compared with the one they started from (eval.compare_parent)
 COMPARISON_FILE = "comparison.json"
-AGENT_EVAL_FILE = "agent_eval.json"  # written by the agent_rl stage beside its final/
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from keye.core.lineage import Lineage
+from keye.core.lineage import AGENT_EVAL_FILE, Lineage
 
 
 def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def pipeline_summary(lineage: Lineage, outputs: dict[str, str]) -> dict[str, Any
     ag, ck = outputs.get("agent_checkpoint"), outputs.get("checkpoint")
     if ag:
         s["agent_checkpoint_dir"] = ag
-    agent = Path(ag or ck).parent / "agent_eval.json" if (ag or ck) else None
+    agent = Path(ag or ck).parent / AGENT_EVAL_FILE if (ag or ck) else None
     if (
         agent is not None and agent.is_file()
     ):  # the agent_rl branch (or an agent checkpoint): held-out agent tasks
