@@ -43,7 +43,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SOLO_FILES)  # stable: the rest keep their order
+    # stable: the rest keep their order
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SOLO_FILES)
 
 
 try:  # the scheduler of `make test` (pytest -n 2 --dist loadfile); plain `pytest` runs without xdist too
