@@ -9,7 +9,7 @@ from pathlib import Path
 
 from keye.core.atomic import atomic_write_json
 from keye.core.hashing import hash_checkpoint_dir, settings_hash
-from keye.core.lineage import AGENT_EVAL_FILE
+from keye.core.lineage import AGENT_EVAL_FILE, BRANCH_STAGES
 from keye.core.tracking import best_version, register_checkpoint, stage_curves
 from keye.data.frame_cache import FrameCache
 from keye.eval import flat_metrics, keye_predict_fn, write_report
@@ -69,13 +69,30 @@ def _one(
     )
 
 
+def _branch_of(run: StageRun, checkpoint_dir: str) -> str | None:
+    """The newest checkpoint a branch stage (BRANCH_STAGES) trained from the recorded one at checkpoint_dir."""
+    rows = run.lineage.query(
+        "SELECT checkpoint_id FROM checkpoints WHERE path = ? ORDER BY created_at DESC LIMIT 1",
+        [str(Path(checkpoint_dir).resolve())],
+    )
+    for stage in BRANCH_STAGES if rows else ():
+        child = run.lineage.child_checkpoint(rows[0]["checkpoint_id"], stage)
+        if child is not None and Path(child["path"]).is_dir():
+            return child["path"]
+    return None
+
+
 def plan(
     run: StageRun, checkpoint_dir: str | None, videoset_id: str | None, agent_checkpoint: str | None = None
 ) -> EvalPlan:
     """Run alone: the newest trained checkpoint and the newest VideoSet. A post-trained checkpoint brings the
     evaluation of the checkpoint it started from (cached like any other) for the paired comparison. An agent_rl
-    checkpoint (the pipeline's branch, or the one evaluated) brings its held-out agent comparison into the report."""
+    checkpoint (the pipeline's branch, or the one evaluated) brings its held-out agent comparison into the report;
+    run alone, the newest agent_rl branch off the evaluated checkpoint does, as in the pipeline (the same eval key)."""
+    alone = checkpoint_dir is None
     checkpoint_dir = checkpoint_dir or run.lineage.latest_checkpoint_path()
+    if alone and agent_checkpoint is None:
+        agent_checkpoint = _branch_of(run, checkpoint_dir)
     videoset_id = run.input("videoset", videoset_id)
     agent_eval = Path(agent_checkpoint or checkpoint_dir).parent / AGENT_EVAL_FILE
     agent = None

@@ -187,6 +187,16 @@ def test_agent_rl_branch_answers_heldout_tasks_with_its_tool(default_run):
     )
     assert runs and runs[0].data.metrics["agent/after/success_rate"] == agent["after"]["success_rate"]
 
+    # `keye run --stages eval` alone finds the branch off the mainline: the pipeline's eval, agent section and all
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        from flows.pipeline import pipeline
+
+        alone = pipeline(config_path=str(ROOT / "pipelines.yaml"), workspace=str(ws), stages=["eval"])
+    assert alone["artifacts"]["eval"] == summary["artifacts"]["eval"]
+    assert Path(alone["report"]).resolve() == Path(summary["report"]).resolve()
+
 
 MOPD_STAGES = ["ingest", "caption", "shard", "pack", "train", "video_rl", "specialists", "mopd", "eval"]
 MOPD_SETS = {  # the README's opt-in MOPD run: an SFT that also captions (what the caption teacher corrects)
