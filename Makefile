@@ -17,12 +17,8 @@ setup: $(BIN)/keye
 run: setup
 	$(BIN)/keye run pipelines.yaml
 
-# Two xdist workers, a file per worker at a time; the default-pipeline module holds one worker, the other runs the
-# rest (tests/conftest.py SOLO_FILES). TEST_WORKERS=0 runs it all in one process.
-TEST_WORKERS ?= 2
-
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

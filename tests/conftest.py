@@ -32,41 +32,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
-# The longest module (the default pipeline, then the MOPD run on its workspace: ~27 of the suite's ~40 serial
-# minutes) is collected first and, under `make test`'s two xdist workers, holds a worker of its own while the other
-# runs every other file; its pipeline is idle on one core ~a third of the time (Python overhead of a tiny model).
-SOLO_FILES = ("tests/e2e/test_default_pipeline.py",)
-
-
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
-    # stable: the rest keep their order
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SOLO_FILES)
-
-
-try:  # the scheduler of `make test` (pytest -n 2 --dist loadfile); plain `pytest` runs without xdist too
-    from xdist.scheduler import LoadFileScheduling
-
-    class _SoloFileScheduling(LoadFileScheduling):
-        """xdist's by-file scheduling, except that a worker running a SOLO_FILES file gets no other file until that
-        one is done (xdist queues the next file on a worker when two of its tests are left: here the MOPD test)."""
-
-        def _reschedule(self, node) -> None:
-            for scope, tests in self.assigned_work.get(node, {}).items():
-                if scope in SOLO_FILES and not all(tests.values()):
-                    return
-            super()._reschedule(node)
-
-    def pytest_xdist_make_scheduler(config, log):
-        if config.getoption("dist") == "loadfile":
-            return _SoloFileScheduling(config, log)
-        return None
-
-except ImportError:  # pragma: no cover
-    pass
 
 
 @pytest.fixture(scope="session")
