@@ -25,9 +25,8 @@ from keye.core.workspace import Workspace, WorkspaceLock, holds_lock
 SCHEMA_VERSION = 1
 # stages whose checkpoints branch off the mainline (flows/steps.py): never the newest checkpoint a later stage reads
 BRANCH_STAGES: tuple[str, ...] = ("agent_rl",)
-AGENT_EVAL_FILE = (
-    "agent_eval.json"  # agent_rl's held-out comparison beside its final/ (the eval and summary read it)
-)
+# agent_rl's held-out comparison beside its final/ (the eval and the summary read it)
+AGENT_EVAL_FILE = "agent_eval.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);

@@ -34,21 +34,27 @@ print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(data).hexdigest())
 
 
 def _probe(first: str, env: dict[str, str]) -> tuple[str, str]:
-    out = _run_probe(first, env)
-    cap, digest = out.stdout.splitlines()[-1].split()
+    cap, digest = _run_probe(first, env).stdout.splitlines()[-1].split()
     return cap, digest
 
 
 def _run_probe(first: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
-    }
+    return _run(PROBE.format(first=first), env)
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter whose environment holds none of the pins but those in `env`."""
+    from keye.determinism import CPU_KERNEL_ENV
+
+    clean = {k: v for k, v in os.environ.items() if k not in CPU_KERNEL_ENV}
     return subprocess.run(
-        [sys.executable, "-c", PROBE.format(first=first)], env={**clean, **env}, capture_output=True, text=True,
-        check=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
 
 
 # MKL picks each GEMM's thread count at run time unless told not to (MKL_DYNAMIC; Intel's reproducibility conditions
@@ -95,12 +101,7 @@ def test_native_gives_torch_its_own_choice_back():
         "import os\nimport keye\nimport torch\n"
         f"print(torch.backends.cpu.get_cpu_capability(), sum(k in os.environ for k in {sorted(CPU_KERNEL_ENV)!r}))\n"
     )
-    clean = {k: v for k, v in os.environ.items() if k not in CPU_KERNEL_ENV}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**clean, "KEYE_CPU_KERNELS": "native"}, capture_output=True, text=True,
-        check=True, timeout=120,
-    )  # fmt: skip
-    cap, pinned = out.stdout.split()
+    cap, pinned = _run(code, {"KEYE_CPU_KERNELS": "native"}).stdout.split()
     assert (cap, pinned) == (_probe("", {})[0], "0")
 
 
